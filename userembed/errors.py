@@ -1,0 +1,62 @@
+"""Errors of the platform. Each knows the gRPC status it maps to, so one place can translate."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class UserEmbedError(Exception):
+    """Base class of every error the platform raises on purpose."""
+
+    grpc_status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def grpc_status_code(self) -> grpc.StatusCode:
+        return self.grpc_status
+
+
+class InvalidInputError(UserEmbedError):
+    """Input data or a request that breaks the documented schema."""
+
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class SchemaError(InvalidInputError):
+    """A table (parquet file, data frame) misses a required column or has a wrong type."""
+
+    def __init__(self, source: str, column: str, problem: str) -> None:
+        super().__init__(f"{source}: column '{column}' {problem}")
+        self.source = source
+        self.column = column
+        self.problem = problem
+
+
+class DataNotFoundError(UserEmbedError):
+    """An input file or data set that should exist is absent."""
+
+    grpc_status = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotFoundError(UserEmbedError):
+    grpc_status = grpc.StatusCode.NOT_FOUND
+
+
+class UserNotFoundError(UserEmbedError):
+    """The user is unknown to the feature store (not an outage)."""
+
+    grpc_status = grpc.StatusCode.NOT_FOUND
+
+
+class CorruptModelError(UserEmbedError):
+    """A registry entry whose manifest or files do not check out."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class BackendUnavailableError(UserEmbedError):
+    """Redis or the feature store cannot be reached."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+class OverloadedError(UserEmbedError):
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED

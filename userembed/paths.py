@@ -1,0 +1,32 @@
+"""Where the platform keeps its local state (data, Feast registry, model registry, runs).
+
+Everything lives under one workspace folder, `$USEREMBED_HOME` (default: `./var`), so a demo
+run is one folder to inspect or delete. Production points the pieces elsewhere with their own
+environment variables (REDIS_URL, USEREMBED_REGISTRY_ROOT, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FEATURE_REPO = Path(os.environ.get("USEREMBED_FEATURE_REPO", REPO_ROOT / "feature_repo"))
+
+
+def home() -> Path:
+    return Path(os.environ.get("USEREMBED_HOME", Path.cwd() / "var")).resolve()
+
+
+def offline_dir() -> Path:
+    """Parquet files of the Feast offline store (profile.parquet, behavior.parquet)."""
+    return Path(os.environ.get("USEREMBED_OFFLINE_DIR", home() / "offline"))
+
+
+def registry_root() -> str:
+    """Model registry root: a local path or any fsspec URL."""
+    return os.environ.get("USEREMBED_REGISTRY_ROOT", str(home() / "models"))
+
+
+def redis_url() -> str:
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

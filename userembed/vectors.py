@@ -1,0 +1,235 @@
+"""The Redis vector store: the layout downstream teams may read directly (README "Vector store").
+
+Keys (Redis Cluster safe: control keys of a model share the hash tag `{<model>}`, so the
+pointer flip is one MULTI in one slot; vector keys are tagged by user, so they spread):
+
+    ue:{<model>}:current             STRING  embedding version id readers follow
+    ue:{<model>}:versions            ZSET    embedding version id -> created_at (ms)
+    ue:{<model>}:ev:<ev>             HASH    model_version, created_at, status, users, note
+    ue:<model>:<ev>:{<user_id>}      HASH    vector, dtype, model_version, computed_at, feature_ts
+
+`vector` is the raw little-endian float32 (dtype "f32") or float16 ("f16") bytes of the user
+vector; `computed_at` and `feature_ts` are epoch milliseconds as decimal strings. Vector keys
+carry a TTL. Batch reads and writes are pipelined per key (no cross-slot multi-key command).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
+VECTOR_FIELDS = ("vector", "dtype", "model_version", "computed_at", "feature_ts")
+
+STATUS_BUILDING = "building"
+STATUS_READY = "ready"
+STATUS_FAILED = "failed"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class StoredVector:
+    user_id: str
+    vector: np.ndarray  # float32, (D,)
+    model_version: str
+    computed_at_ms: int
+    feature_ts_ms: int
+
+
+@dataclass(frozen=True)
+class EmbeddingVersion:
+    id: str
+    model_version: str
+    created_at_ms: int
+    status: str
+    users: int
+
+
+def encode_vector(vector: np.ndarray, dtype: str = "f32") -> bytes:
+    return np.ascontiguousarray(vector, dtype=DTYPES[dtype]).tobytes()
+
+
+def decode_vector(data: bytes, dtype: str = "f32") -> np.ndarray:
+    return np.frombuffer(data, dtype=DTYPES[dtype]).astype(np.float32)
+
+
+class VectorKeys:
+    """Key names of one model; the only place that spells them."""
+
+    def __init__(self, model: str) -> None:
+        if any(c in model for c in "{}: "):
+            raise ValueError(f"model name {model!r} may not contain braces, ':' or spaces")
+        self.model = model
+        self.current = f"ue:{{{model}}}:current"
+        self.versions = f"ue:{{{model}}}:versions"
+
+    def meta(self, ev: str) -> str:
+        return f"ue:{{{self.model}}}:ev:{ev}"
+
+    def vector(self, ev: str, user_id: str) -> str:
+        return f"ue:{self.model}:{ev}:{{{user_id}}}"
+
+    def vector_pattern(self, ev: str) -> str:
+        return f"ue:{self.model}:{ev}:{{*}}"
+
+
+class VectorStore:
+    """Versioned user vectors of one model in Redis (one server or a cluster client)."""
+
+    def __init__(self, client: redis.Redis, model: str, ttl_s: int | None = 7 * 24 * 3600) -> None:
+        self.r = client
+        self.keys = VectorKeys(model)
+        self.ttl_s = ttl_s
+
+    # -- versions ---------------------------------------------------------------------------
+    def current_version(self) -> str | None:
+        v = self.r.get(self.keys.current)
+        return v.decode() if isinstance(v, bytes) else v
+
+    def version_info(self, ev: str) -> EmbeddingVersion | None:
+        h = self.r.hgetall(self.keys.meta(ev))
+        if not h:
+            return None
+        d = {k.decode(): v.decode() for k, v in h.items()}
+        return EmbeddingVersion(
+            id=ev,
+            model_version=d.get("model_version", ""),
+            created_at_ms=int(d.get("created_at", 0)),
+            status=d.get("status", ""),
+            users=int(d.get("users", 0)),
+        )
+
+    def list_versions(self) -> list[EmbeddingVersion]:
+        """Known embedding versions, oldest first."""
+        out = []
+        for ev in self.r.zrange(self.keys.versions, 0, -1):
+            info = self.version_info(ev.decode())
+            if info is not None:
+                out.append(info)
+        return out
+
+    def create_version(self, ev: str, model_version: str) -> None:
+        """Register a version being built; readers do not see it until `publish`."""
+        created = now_ms()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            self.keys.meta(ev),
+            mapping={"model_version": model_version, "created_at": created, "status": STATUS_BUILDING, "users": 0},
+        )
+        pipe.zadd(self.keys.versions, {ev: created}, nx=True)
+        pipe.execute()
+
+    def mark(self, ev: str, status: str, users: int | None = None, note: str = "") -> None:
+        mapping: dict[str, str | int] = {"status": status}
+        if users is not None:
+            mapping["users"] = users
+        if note:
+            mapping["note"] = note
+        self.r.hset(self.keys.meta(ev), mapping=mapping)
+
+    def publish(self, ev: str, users: int | None = None) -> str | None:
+        """Atomically point readers at `ev`; returns the version it replaced."""
+        while True:
+            with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.keys.current)
+                    prev = pipe.get(self.keys.current)
+                    pipe.multi()
+                    pipe.set(self.keys.current, ev)
+                    mapping: dict[str, str | int] = {"status": STATUS_READY}
+                    if users is not None:
+                        mapping["users"] = users
+                    pipe.hset(self.keys.meta(ev), mapping=mapping)
+                    pipe.execute()
+                    return prev.decode() if isinstance(prev, bytes) else prev
+                except redis.WatchError:
+                    continue
+
+    # -- vectors ----------------------------------------------------------------------------
+    def write(
+        self,
+        ev: str,
+        user_ids: Sequence[str],
+        vectors: np.ndarray,
+        model_version: str,
+        feature_ts_ms: Sequence[int] | None = None,
+        dtype: str = "f32",
+        computed_at_ms: int | None = None,
+    ) -> None:
+        """Pipelined write of (N, D) vectors; one HSET (+ EXPIRE) per user."""
+        assert vectors.ndim == 2 and len(user_ids) == vectors.shape[0]
+        at = computed_at_ms if computed_at_ms is not None else now_ms()
+        data = np.ascontiguousarray(vectors, dtype=DTYPES[dtype])
+        pipe = self.r.pipeline(transaction=False)
+        for i, uid in enumerate(user_ids):
+            key = self.keys.vector(ev, str(uid))
+            pipe.hset(
+                key,
+                mapping={
+                    "vector": data[i].tobytes(),
+                    "dtype": dtype,
+                    "model_version": model_version,
+                    "computed_at": at,
+                    "feature_ts": int(feature_ts_ms[i]) if feature_ts_ms is not None else 0,
+                },
+            )
+            if self.ttl_s:
+                pipe.expire(key, self.ttl_s)
+        pipe.execute()
+
+    def read(self, ev: str, user_ids: Sequence[str]) -> list[StoredVector | None]:
+        """Pipelined read; None where a user has no vector in `ev`."""
+        pipe = self.r.pipeline(transaction=False)
+        for uid in user_ids:
+            pipe.hmget(self.keys.vector(ev, str(uid)), VECTOR_FIELDS)
+        out: list[StoredVector | None] = []
+        for uid, vals in zip(user_ids, pipe.execute()):
+            vec, dt, mv, at, fts = vals
+            if vec is None:
+                out.append(None)
+                continue
+            out.append(
+                StoredVector(
+                    user_id=str(uid),
+                    vector=decode_vector(vec, dt.decode() if dt else "f32"),
+                    model_version=mv.decode() if mv else "",
+                    computed_at_ms=int(at or 0),
+                    feature_ts_ms=int(fts or 0),
+                )
+            )
+        return out
+
+    def count(self, ev: str, batch: int = 1000) -> int:
+        """Number of vector keys of `ev` (SCAN; for checks and tests, not the request path)."""
+        return sum(1 for _ in self.r.scan_iter(match=self.keys.vector_pattern(ev), count=batch))
+
+    def delete_version(self, ev: str, batch: int = 1000) -> int:
+        """Remove a version's vectors and metadata; returns the number of vectors removed."""
+        n = 0
+        keys: list[bytes] = []
+        for k in self.r.scan_iter(match=self.keys.vector_pattern(ev), count=batch):
+            keys.append(k)
+            if len(keys) >= batch:
+                n += self._unlink(keys)
+                keys = []
+        n += self._unlink(keys)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self.keys.meta(ev))
+        pipe.zrem(self.keys.versions, ev)
+        pipe.execute()
+        return n
+
+    def _unlink(self, keys: Iterable[bytes]) -> int:
+        pipe = self.r.pipeline(transaction=False)
+        ks = list(keys)
+        for k in ks:  # one key per command: cluster safe
+            pipe.unlink(k)
+        pipe.execute()
+        return len(ks)
