@@ -124,3 +124,54 @@ def encode_inputs(rows: Mapping[str, Sequence[Any]], spec: InputSpec) -> dict[st
         profile[:, j] = hash_ids(col, f.num_embeddings)
     out["profile"] = profile
     return out
+
+
+def _tail_padded(
+    values: np.ndarray, offsets: np.ndarray, valid: np.ndarray, length: int
+) -> np.ndarray:
+    """Flat list storage -> (B, length) int64: the last `length` items of each row, -1 padded.
+
+    `values[offsets[i]:offsets[i+1]]` is row i (Arrow ListArray layout); rows not `valid`
+    (null lists) are all padding.
+    """
+    starts, ends = offsets[:-1], offsets[1:]
+    n = np.where(valid, np.minimum(ends - starts, length), 0)  # (B,)
+    first = ends - n  # (B,) start of the kept tail
+    cols = np.arange(length, dtype=np.int64)  # (L,)
+    keep = cols[None, :] < n[:, None]  # (B, L)
+    if len(values) == 0:
+        return np.full(keep.shape, -1, dtype=np.int64)
+    pos = np.minimum(first[:, None] + cols[None, :], len(values) - 1)  # (B, L)
+    return np.where(keep, values[pos], -1)
+
+
+def encode_arrow(columns: Mapping[str, Any], spec: InputSpec) -> dict[str, np.ndarray]:
+    """Vectorised `encode_inputs` for Arrow data (a pyarrow Table / RecordBatch or a mapping of
+    column name -> pyarrow array): list columns go from their offsets and values straight to
+    the padded, hashed (B, L) arrays without a Python loop per user. Same output as
+    `encode_inputs` on the same rows (tests/embed_server/test_refresh_encode.py checks it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def column(name: str) -> Any:
+        col = columns[name]
+        return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+    out: dict[str, np.ndarray] = {}
+    n_rows = 0
+    for f in spec.sequence_features:
+        arr = column(f.name)
+        n_rows = len(arr)
+        offsets = arr.offsets.to_numpy().astype(np.int64)  # absolute indices into arr.values
+        values = pc.fill_null(arr.values, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        padded = _tail_padded(values, offsets, valid, spec.sequence_length)
+        out[f.name] = hash_ids(padded, f.num_embeddings)
+    if not spec.sequence_features and spec.profile_features:
+        n_rows = len(column(spec.profile_features[0].name))
+    profile = np.zeros((n_rows, len(spec.profile_features)), dtype=np.int64)
+    for j, f in enumerate(spec.profile_features):
+        col = pc.fill_null(column(f.name), -1).to_numpy(zero_copy_only=False)
+        profile[:, j] = hash_ids(col.astype(np.int64), f.num_embeddings)
+    out["profile"] = profile
+    return out

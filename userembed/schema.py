@@ -46,7 +46,7 @@ LABEL_COLUMNS: tuple[Column, ...] = (
 
 def task_columns(labels: pd.DataFrame) -> list[str]:
     """The task label columns of a labels table (`label_<task>`, 1.0/0.0, NaN = no label)."""
-    return [c for c in labels.columns if c.startswith(LABEL_PREFIX)]
+    return [c for c in labels.columns if c.startswith(LABEL_PREFIX) and c != LABEL_TIMESTAMP]
 
 
 def _check_kind(series: pd.Series, kind: str) -> bool:

@@ -233,3 +233,25 @@ class VectorStore:
             pipe.unlink(k)
         pipe.execute()
         return len(ks)
+
+
+def copy_vectors(
+    store: VectorStore, src_ev: str, dst_ev: str, user_ids: Sequence[str]
+) -> list[bool]:
+    """Copy users' vector hashes from `src_ev` into `dst_ev` unchanged (model version, feature
+    and compute timestamps kept), with DUMP/RESTORE per key so it is cluster safe (COPY is
+    multi-key). Returns, per user, whether `src_ev` had a vector to copy.
+
+    Used by the incremental refresh: users whose features did not change keep their vector.
+    """
+    pipe = store.r.pipeline(transaction=False)
+    for uid in user_ids:
+        pipe.dump(store.keys.vector(src_ev, str(uid)))
+    dumps = pipe.execute()
+    ttl_ms = int(store.ttl_s * 1000) if store.ttl_s else 0
+    pipe = store.r.pipeline(transaction=False)
+    for uid, data in zip(user_ids, dumps, strict=True):
+        if data is not None:
+            pipe.restore(store.keys.vector(dst_ev, str(uid)), ttl_ms, data, replace=True)
+    pipe.execute()
+    return [d is not None for d in dumps]

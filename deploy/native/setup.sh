@@ -11,10 +11,15 @@ VENV=${VENV:-.venv}
 STAMP="$VENV/.userembed-installed"
 inputs_hash=$(cat pyproject.toml deploy/native/setup.sh | sha256sum | cut -d' ' -f1)
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "setup: installing redis-server from Debian"
+# System packages from Debian: redis-server (the online store and vector store) and
+# docker-compose 1.29 (validates docker-compose.yml in the tests; no Docker engine needed).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} from Debian"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$inputs_hash" ]; then

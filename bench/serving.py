@@ -1,0 +1,809 @@
+"""Serving benchmark: the embedding server beside its references, measured in one run.
+
+    .venv/bin/python bench/serving.py [--users 20000] [--scale 1.0] [--no-feast-serve]
+
+Starts a private redis-server on a free port, publishes a torch-free synthetic encoder (ONNX:
+embeddings of 4 sequence features + profile, 2 position-wise FFN layers, mean pool,
+projection; hidden 64, length 50) to a temporary registry, loads features into the real Feast
+online store (apply + materialize), writes stored vectors, then runs `userembed serve --port 0`
+and, each in its own process, a grpc.aio load generator (bounded loops). References:
+- a no-op grpc.aio server of the same service returning a constant vector (stored path),
+- `feast serve` (HTTP, 1 worker, --max-requests 0) serving the same vectors as a feature,
+- raw redis-py MGET of the same vectors (batch path), raw onnxruntime at the server's batch
+  size (miss path).
+Prints progress lines, then one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODEL = "bench"
+DIM = 64
+SEQ_LEN = 50
+EV = "bench-ev"
+SERVER_BATCH = 64
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(lat: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(lat) * 1000, q)), 3) if lat else float("nan")
+
+
+# --- synthetic encoder (onnx.helper, no torch) ------------------------------------------------
+
+
+def input_spec() -> Any:
+    from userembed.features import BEHAVIOR_VIEW, PROFILE_VIEW, FeatureSpec, InputSpec
+
+    return InputSpec(
+        sequence_length=SEQ_LEN,
+        sequence_features=(
+            FeatureSpec("item_seq", 20_000, BEHAVIOR_VIEW),
+            FeatureSpec("category_seq", 200, BEHAVIOR_VIEW),
+            FeatureSpec("event_type_seq", 8, BEHAVIOR_VIEW),
+            FeatureSpec("gap_bucket_seq", 16, BEHAVIOR_VIEW),
+        ),
+        profile_features=(
+            FeatureSpec("age_bucket", 16, PROFILE_VIEW),
+            FeatureSpec("gender", 4, PROFILE_VIEW),
+            FeatureSpec("occupation", 32, PROFILE_VIEW),
+            FeatureSpec("region", 64, PROFILE_VIEW),
+        ),
+    )
+
+
+def synthetic_encoder(spec: Any, hidden: int = DIM, ffn: int = 4 * DIM, layers: int = 2) -> Any:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes, inputs = [], [], []
+
+    def w(name: str, *shape: int, scale: float = 0.1) -> str:
+        inits.append(
+            numpy_helper.from_array((rng.normal(size=shape) * scale).astype(np.float32), name)
+        )
+        return name
+
+    seq = []
+    for f in spec.sequence_features:
+        inputs.append(helper.make_tensor_value_info(f.name, TensorProto.INT64, ["B", SEQ_LEN]))
+        nodes.append(
+            helper.make_node(
+                "Gather", [w(f"t_{f.name}", f.num_embeddings, hidden), f.name], [f"e_{f.name}"]
+            )
+        )
+        seq.append(f"e_{f.name}")
+    nodes.append(helper.make_node("Sum", seq, ["h0"]))  # (B, L, H)
+    h = "h0"
+    for i in range(layers):  # position-wise FFN with a residual: (B, L, H)
+        nodes += [
+            helper.make_node("MatMul", [h, w(f"w1_{i}", hidden, ffn)], [f"a{i}"]),
+            helper.make_node("Relu", [f"a{i}"], [f"r{i}"]),
+            helper.make_node("MatMul", [f"r{i}", w(f"w2_{i}", ffn, hidden)], [f"b{i}"]),
+            helper.make_node("Add", [h, f"b{i}"], [f"h{i + 1}"]),
+        ]
+        h = f"h{i + 1}"
+    nodes.append(helper.make_node("ReduceMean", [h], ["pooled"], axes=[1], keepdims=0))  # (B, H)
+    inputs.append(
+        helper.make_tensor_value_info(
+            "profile", TensorProto.INT64, ["B", len(spec.profile_features)]
+        )
+    )
+    nodes.append(helper.make_node("Gather", [w("t_profile", 64, hidden), "profile"], ["e_profile"]))
+    nodes.append(helper.make_node("ReduceMean", ["e_profile"], ["p_profile"], axes=[1], keepdims=0))
+    nodes.append(helper.make_node("Add", ["pooled", "p_profile"], ["z"]))
+    nodes.append(helper.make_node("MatMul", ["z", w("w_out", hidden, DIM)], ["user_vector"]))
+    out = helper.make_tensor_value_info("user_vector", TensorProto.FLOAT, ["B", DIM])
+    model = helper.make_model(
+        helper.make_graph(nodes, "bench", inputs, [out], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def publish_encoder(root: Path, spec: Any) -> tuple[str, Path]:
+    import onnx
+
+    from userembed.manifest import FileEntry, Manifest, OnnxVariant, VectorSpec
+    from userembed.registry import Registry
+
+    staging = root / "staging"
+    staging.mkdir(parents=True)
+    onnx.save(synthetic_encoder(spec), str(staging / "encoder.onnx"))
+    manifest = Manifest(
+        model_name=MODEL,
+        vector=VectorSpec(dim=DIM, normalization="none"),
+        input_spec=spec,
+        variants=(
+            OnnxVariant(
+                name="fp32",
+                file=FileEntry.of(staging, "encoder.onnx"),
+                inputs=tuple(f.name for f in spec.sequence_features) + ("profile",),
+                outputs=("user_vector",),
+            ),
+        ),
+    )
+    version = Registry(root / "models").publish(manifest, staging).version
+    return version, staging / "encoder.onnx"
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def feature_rows(users: int) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    lens = rng.integers(5, SEQ_LEN + 1, size=users)
+    rows: dict[str, Any] = {"user_id": np.arange(users, dtype=np.int64)}
+    for name, hi in (
+        ("item_seq", 50_000),
+        ("category_seq", 300),
+        ("event_type_seq", 4),
+        ("gap_bucket_seq", 16),
+    ):
+        rows[name] = [rng.integers(0, hi, size=n).tolist() for n in lens]
+    rows["seq_len"] = lens.astype(np.int64)
+    for name, hi in (("age_bucket", 7), ("gender", 3), ("occupation", 21), ("region", 50)):
+        rows[name] = rng.integers(0, hi, size=users).astype(np.int64)
+    return rows
+
+
+def write_offline(offline: Path, rows: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from userembed.features import PROFILE_FEATURES, SEQUENCE_FEATURES
+
+    offline.mkdir(parents=True)
+    n = len(rows["user_id"])
+    ts = pa.array([datetime(2026, 11, 1, tzinfo=UTC)] * n, type=pa.timestamp("us", tz="UTC"))
+    b = {"user_id": pa.array(rows["user_id"]), "event_timestamp": ts}
+    for f in SEQUENCE_FEATURES:
+        b[f] = pa.array(rows[f], type=pa.list_(pa.int64()))
+    b["seq_len"] = pa.array(rows["seq_len"])
+    pq.write_table(pa.table(b), offline / "behavior.parquet")
+    p = {"user_id": pa.array(rows["user_id"]), "event_timestamp": ts}
+    for f in PROFILE_FEATURES:
+        p[f] = pa.array(rows[f])
+    pq.write_table(pa.table(p), offline / "profile.parquet")
+
+
+def encode_all(encoder_path: Path, spec: Any, rows: dict[str, Any], batch: int = 512) -> np.ndarray:
+    from embed_server.encoder import OnnxEncoder
+    from userembed.features import encode_inputs
+
+    enc = OnnxEncoder(encoder_path, DIM, intra_op_threads=2)
+    names = [f.name for f in spec.sequence_features + spec.profile_features]
+    out = []
+    n = len(rows["user_id"])
+    for s in range(0, n, batch):
+        cols = {k: list(rows[k][s : s + batch]) for k in names}
+        out.append(enc.run(encode_inputs(cols, spec)))
+    return np.concatenate(out)  # (N, D)
+
+
+def raw_onnxruntime(
+    encoder_path: Path, spec: Any, rows: dict[str, Any], batch: int, seconds: float
+) -> float:
+    """users/s of onnxruntime alone (inputs pre-encoded) at `batch`, 2 intra-op threads."""
+    from embed_server.encoder import OnnxEncoder
+    from userembed.features import encode_inputs
+
+    enc = OnnxEncoder(encoder_path, DIM, intra_op_threads=2)
+    names = [f.name for f in spec.sequence_features + spec.profile_features]
+    inputs = encode_inputs({k: list(rows[k][:batch]) for k in names}, spec)
+    enc.run(inputs)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        enc.run(inputs)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def raw_redis(url: str, users: int, seconds: float) -> dict[str, float]:
+    """users/s of one redis-py client: MGET of 100 string keys holding the same vector bytes,
+    and the pipelined HMGET of 100 vector hashes that the store layout needs."""
+    import redis
+
+    from userembed.vectors import VECTOR_FIELDS, VectorKeys
+
+    r = redis.Redis.from_url(url)
+    keys = VectorKeys(MODEL)
+    rng = random.Random(3)
+    out = {}
+    for mode in ("mget", "pipeline_hmget"):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            ids = [str(rng.randrange(users)) for _ in range(100)]
+            if mode == "mget":
+                vals = r.mget([f"bench:mget:{{{u}}}" for u in ids])
+                [np.frombuffer(v, dtype="<f4") for v in vals]
+            else:
+                pipe = r.pipeline(transaction=False)
+                for u in ids:
+                    pipe.hmget(keys.vector(EV, u), VECTOR_FIELDS)
+                [np.frombuffer(v[0], dtype="<f4") for v in pipe.execute()]
+            n += 100
+        out[mode] = n / (time.perf_counter() - t0)
+    return out
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+class Proc:
+    def __init__(
+        self, args: list[str], env: dict[str, str], ready: str, timeout: float = 120
+    ) -> None:
+        self.p = subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + timeout
+        self.line = ""
+        assert self.p.stdout is not None
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            line = self.p.stdout.readline()
+            seen.append(line)
+            if not line:
+                tail = "".join(seen[-20:])
+                raise RuntimeError(f"{args[:3]} exited before ready (rc={self.p.wait()}):\n{tail}")
+            if ready in line:
+                self.line = line.strip()
+                break
+        else:
+            raise RuntimeError(f"{args[:3]} not ready within {timeout}s")
+        # Keep draining its output so a chatty process never blocks on a full pipe.
+        import threading
+
+        threading.Thread(target=lambda: [None for _ in self.p.stdout], daemon=True).start()  # type: ignore[union-attr]
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+def loadgen(env: dict[str, str], **kw: Any) -> dict[str, Any]:
+    args = [sys.executable, __file__, "--role", "loadgen", "--spec", json.dumps(kw)]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- load generator (separate process) ------------------------------------------------------------
+
+
+async def _grpc_load(spec: dict[str, Any]) -> dict[str, Any]:
+    import grpc
+
+    from embed_server._proto import embedding_service_pb2 as pb
+    from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
+
+    mode, conc, total, users = spec["mode"], spec["concurrency"], spec["requests"], spec["users"]
+    rng = random.Random(spec.get("seed", 0))
+    async with grpc.aio.insecure_channel(spec["target"]) as ch:
+        stub = pb_grpc.UserEmbeddingServiceStub(ch)
+        prefer = pb.FORCE_RECOMPUTE if mode == "force" else pb.ACCEPT_STORED
+        lat: list[float] = []
+        errors: dict[str, int] = {}
+        sources: dict[int, int] = {}
+        count = 0
+        warm = min(200, total // 10)
+
+        async def one() -> None:
+            if mode == "batch":
+                ids = [str(rng.randrange(users)) for _ in range(spec.get("ids", 100))]
+                req = pb.BatchGetUserEmbeddingsRequest(user_ids=ids, packed=True)
+                resp = await stub.BatchGetUserEmbeddings(req, timeout=30)
+                bad = sum(1 for c in resp.packed.codes if c)
+                if bad:
+                    errors["item"] = errors.get("item", 0) + bad
+            else:
+                req = pb.GetUserEmbeddingRequest(user_id=str(rng.randrange(users)), prefer=prefer)
+                resp = await stub.GetUserEmbedding(req, timeout=30)
+                sources[resp.embedding.source] = sources.get(resp.embedding.source, 0) + 1
+
+        async def worker(record: bool, n: int) -> None:
+            nonlocal count
+            while count < n:
+                count += 1
+                t0 = time.perf_counter()
+                try:
+                    await one()
+                except grpc.aio.AioRpcError as e:
+                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                    continue
+                if record:
+                    lat.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(worker(False, warm) for _ in range(conc)))
+        count = 0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(True, total) for _ in range(conc)))
+        wall = time.perf_counter() - t0
+    per_call = spec.get("ids", 100) if mode == "batch" else 1
+    return {
+        "req_s": round(len(lat) / wall, 1),
+        "users_s": round(len(lat) * per_call / wall, 1),
+        "p50_ms": pct(lat, 50),
+        "p99_ms": pct(lat, 99),
+        "errors": errors,
+        "sources": {pb.Source.Name(k): v for k, v in sources.items()},
+    }
+
+
+async def _http_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """Minimal keep-alive HTTP/1.1 client (no aiohttp here): POST /get-online-features."""
+    conc, total, users = spec["concurrency"], spec["requests"], spec["users"]
+    rng = random.Random(0)
+    host, port = spec["host"], spec["port"]
+    lat: list[float] = []
+    errors = 0
+    count = 0
+
+    async def worker(record: bool, n: int) -> None:
+        nonlocal count, errors
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while count < n:
+                count += 1
+                body = json.dumps(
+                    {
+                        "features": ["user_vectors:vector"],
+                        "entities": {"user_id": [rng.randrange(users)]},
+                    }
+                ).encode()
+                t0 = time.perf_counter()
+                writer.write(
+                    b"POST /get-online-features HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                status = (await reader.readline()).split()[1]
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    k, _, v = line.decode().partition(":")
+                    if k.lower() == "content-length":
+                        length = int(v)
+                    if k.lower() == "transfer-encoding":
+                        raise RuntimeError("chunked responses not supported by this client")
+                data = await reader.readexactly(length)
+                if status != b"200" or b'"vector"' not in data:
+                    errors += 1
+                    continue
+                if record:
+                    lat.append(time.perf_counter() - t0)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker(False, min(100, total // 10)) for _ in range(conc)))
+    count = 0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(True, total) for _ in range(conc)))
+    wall = time.perf_counter() - t0
+    return {
+        "req_s": round(len(lat) / wall, 1),
+        "p50_ms": pct(lat, 50),
+        "p99_ms": pct(lat, 99),
+        "errors": errors,
+    }
+
+
+# --- reference servers (separate processes) -------------------------------------------------------
+
+
+async def _echo_server() -> None:
+    """The same service, doing nothing: returns one constant vector."""
+    import grpc
+
+    from embed_server._proto import embedding_service_pb2 as pb
+    from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
+
+    vec = np.arange(DIM, dtype=np.float32).tolist()
+
+    class Echo(pb_grpc.UserEmbeddingServiceServicer):
+        async def GetUserEmbedding(self, request: Any, context: Any) -> Any:
+            resp = pb.GetUserEmbeddingResponse()
+            e = resp.embedding
+            e.user_id = request.user_id
+            e.vector.extend(vec)
+            e.model_name, e.model_version, e.embedding_version = MODEL, "v", EV
+            e.source = pb.STORED
+            return resp
+
+    server = grpc.aio.server()
+    pb_grpc.add_UserEmbeddingServiceServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+def setup_feast_serve(
+    root: Path, redis_url: str, vectors: np.ndarray, env: dict[str, str]
+) -> tuple[Path, float]:
+    """A second Feast repo: the stored vectors as a feature `user_vectors:vector`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from userembed.feast_ops import redis_connection_string
+
+    repo = root / "feast_vectors"
+    repo.mkdir()
+    n = len(vectors)
+    ts = pa.array([datetime(2026, 11, 1, tzinfo=UTC)] * n, type=pa.timestamp("us", tz="UTC"))
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array(np.arange(n, dtype=np.int64)),
+                "event_timestamp": ts,
+                "vector": pa.array(vectors.tolist(), type=pa.list_(pa.float32())),
+            }
+        ),
+        repo / "vectors.parquet",
+    )
+    (repo / "feature_store.yaml").write_text(
+        f"project: benchvectors\nprovider: local\nregistry: {repo / 'registry.db'}\n"
+        f"online_store:\n  type: redis\n  connection_string: {redis_connection_string(redis_url)}\n"
+        "offline_store:\n  type: file\nentity_key_serialization_version: 3\n"
+    )
+    (repo / "vectors.py").write_text(
+        "from datetime import timedelta\n"
+        "from feast import Entity, FeatureView, Field, FileSource\n"
+        "from feast.types import Array, Float32\nfrom feast.value_type import ValueType\n"
+        "user = Entity(name='user', join_keys=['user_id'], value_type=ValueType.INT64)\n"
+        f"src = FileSource(name='vectors_src', path='{repo / 'vectors.parquet'}', timestamp_field='event_timestamp')\n"
+        "user_vectors = FeatureView(name='user_vectors', entities=[user], ttl=timedelta(0),\n"
+        "    schema=[Field(name='vector', dtype=Array(Float32))], source=src, online=True)\n"
+    )
+    feast = str(Path(sys.executable).parent / "feast")
+    t0 = time.perf_counter()
+    subprocess.run(
+        [feast, "apply"], cwd=repo, env=env, check=True, capture_output=True, timeout=300
+    )
+    subprocess.run(
+        [feast, "materialize", "1970-01-02T00:00:00", "2026-11-02T00:00:00"],
+        cwd=repo,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return repo, time.perf_counter() - t0
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    import psutil
+    import redis
+
+    from userembed import feast_ops
+    from userembed.vectors import VectorStore
+
+    root = Path(tempfile.mkdtemp(prefix="userembed-bench-"))
+    procs: list[Proc] = []
+    redis_proc = None
+    s = args.scale
+    result: dict[str, Any] = {
+        "users": args.users,
+        "dim": DIM,
+        "seq_len": SEQ_LEN,
+        "cores": os.cpu_count(),
+    }
+    try:
+        port = free_port()
+        redis_proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(root),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        r = redis.Redis.from_url(url)
+        for _ in range(100):
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        env = {
+            **os.environ,
+            "REDIS_URL": url,
+            "USEREMBED_HOME": str(root / "home"),
+            "USEREMBED_OFFLINE_DIR": str(root / "offline"),
+            "USEREMBED_FEAST_REGISTRY": str(root / "feast" / "registry.db"),
+            "USEREMBED_REGISTRY_ROOT": str(root / "models"),
+            "USEREMBED_METRICS_PORT": "-1",
+            "USEREMBED_BATCH_SIZE": str(SERVER_BATCH),
+            "USEREMBED_COMPUTE_WORKERS": os.environ.get("USEREMBED_COMPUTE_WORKERS", "1"),
+            "USEREMBED_LOG_LEVEL": "WARNING",
+        }
+        os.environ.update(
+            {
+                k: env[k]
+                for k in ("USEREMBED_HOME", "USEREMBED_OFFLINE_DIR", "USEREMBED_FEAST_REGISTRY")
+            }
+        )
+        spec = input_spec()
+        version, onnx_path = publish_encoder(root, spec)
+        rows = feature_rows(args.users)
+        write_offline(root / "offline", rows)
+        t0 = time.perf_counter()
+        store = feast_ops.open_store(url)
+        feast_ops.apply(store)
+        feast_ops.materialize(store)
+        log(f"feast apply + materialize of {args.users} users: {time.perf_counter() - t0:.1f}s")
+        vectors = encode_all(onnx_path, spec, rows)
+        vs = VectorStore(r, MODEL)
+        vs.create_version(EV, version)
+        ids = [str(u) for u in range(args.users)]
+        for i in range(0, args.users, 5000):
+            vs.write(EV, ids[i : i + 5000], vectors[i : i + 5000], version)
+        vs.publish(EV, users=args.users)
+        pipe = r.pipeline(transaction=False)
+        for i, u in enumerate(ids):
+            pipe.set(f"bench:mget:{{{u}}}", vectors[i].astype("<f4").tobytes())
+        pipe.execute()
+        log(f"stored {args.users} vectors in {EV}")
+
+        ort_64 = raw_onnxruntime(onnx_path, spec, rows, SERVER_BATCH, 3.0 * s)
+        log(f"raw onnxruntime batch {SERVER_BATCH}: {ort_64:.0f} users/s")
+        raw = raw_redis(url, args.users, 3.0 * s)
+        log(
+            f"raw redis-py: MGET 100 {raw['mget']:.0f} users/s, pipelined HMGET {raw['pipeline_hmget']:.0f}"
+        )
+
+        exe = str(Path(sys.executable).parent / "userembed")
+        server = Proc([exe, "serve", "--port", "0"], env, "listening on")
+        procs.append(server)
+        target = server.line.split("listening on ")[1].split(",")[0]
+        echo = Proc([sys.executable, __file__, "--role", "echo"], env, "listening on")
+        procs.append(echo)
+        echo_target = echo.line.split("listening on ")[1]
+        ps = psutil.Process(server.pid)
+
+        g = dict(users=args.users, seed=1)
+        loadgen(env, target=target, mode="get", concurrency=4, requests=1000, **g)
+        rss_1k = ps.memory_info().rss
+        total = 1000 + 100
+        stored: dict[str, Any] = {}
+        echo_res: dict[str, Any] = {}
+        for conc, n in ((1, int(2000 * s)), (16, int(6000 * s)), (64, int(6000 * s))):
+            echo_res[str(conc)] = loadgen(
+                env, target=echo_target, mode="get", concurrency=conc, requests=n, **g
+            )
+            stored[str(conc)] = loadgen(
+                env, target=target, mode="get", concurrency=conc, requests=n, **g
+            )
+            total += n + min(200, n // 10)
+            log(
+                f"stored c={conc}: server {stored[str(conc)]['req_s']} req/s "
+                f"(p50 {stored[str(conc)]['p50_ms']} p99 {stored[str(conc)]['p99_ms']} ms) "
+                f"vs echo {echo_res[str(conc)]['req_s']} req/s"
+            )
+        result["stored_path"] = {
+            c: {
+                **{k: stored[c][k] for k in ("req_s", "p50_ms", "p99_ms", "errors", "sources")},
+                "echo_req_s": echo_res[c]["req_s"],
+                "echo_p99_ms": echo_res[c]["p99_ms"],
+                "ratio_vs_echo": round(stored[c]["req_s"] / echo_res[c]["req_s"], 3),
+            }
+            for c in stored
+        }
+        echo.stop()
+
+        batch = loadgen(
+            env, target=target, mode="batch", concurrency=16, requests=int(1500 * s), ids=100, **g
+        )
+        total += int(1500 * s) + min(200, int(1500 * s) // 10)
+        result["batch_100"] = {
+            "users_s": batch["users_s"],
+            "p50_ms": batch["p50_ms"],
+            "p99_ms": batch["p99_ms"],
+            "errors": batch["errors"],
+            "raw_mget_users_s": round(raw["mget"], 1),
+            "raw_pipeline_hmget_users_s": round(raw["pipeline_hmget"], 1),
+            "ratio_vs_mget": round(batch["users_s"] / raw["mget"], 3),
+        }
+        log(f"batch 100 ids, c=16: {batch['users_s']} users/s vs MGET {raw['mget']:.0f}")
+
+        miss = loadgen(
+            env, target=target, mode="force", concurrency=64, requests=int(3000 * s), **g
+        )
+        total += int(3000 * s) + min(200, int(3000 * s) // 10)
+        result["miss_path"] = {
+            "concurrency": 64,
+            "users_s": miss["users_s"],
+            "p50_ms": miss["p50_ms"],
+            "p99_ms": miss["p99_ms"],
+            "errors": miss["errors"],
+            "sources": miss["sources"],
+            "raw_onnxruntime_users_s": round(ort_64, 1),
+            "batch_size": SERVER_BATCH,
+            "ratio_vs_onnxruntime": round(miss["users_s"] / ort_64, 3),
+        }
+        log(
+            f"miss path c=64: {miss['users_s']} users/s (p99 {miss['p99_ms']} ms) vs raw ORT {ort_64:.0f}"
+        )
+
+        left = args.rss_requests - total
+        if args.rss_requests and left > 0:
+            log(f"{left} more stored-path requests for the RSS check")
+            loadgen(env, target=target, mode="get", concurrency=16, requests=left, **g)
+        rss_100k = ps.memory_info().rss
+        result["rss"] = {
+            "after_1k_mb": round(rss_1k / 2**20, 1),
+            "after_100k_mb": round(rss_100k / 2**20, 1),
+            "growth": round(rss_100k / rss_1k - 1, 3),
+            "requests": max(total, args.rss_requests),
+        }
+        log(f"server RSS {result['rss']}")
+        server.stop()
+        procs.remove(server)
+
+        if args.feast_serve:
+            repo, secs = setup_feast_serve(root, url, vectors[: args.feast_users], env)
+            log(f"feast serve repo: apply + materialize {args.feast_users} vectors in {secs:.1f}s")
+            fport = free_port()
+            feast = str(Path(sys.executable).parent / "feast")
+            fs = subprocess.Popen(
+                [
+                    feast,
+                    "serve",
+                    "-p",
+                    str(fport),
+                    "-w",
+                    "1",
+                    "--max-requests",
+                    "0",
+                    "--no-access-log",
+                ],
+                cwd=repo,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                deadline = time.monotonic() + 120
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", fport), timeout=1).close()
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline or fs.poll() is not None:
+                            raise RuntimeError("feast serve did not start") from None
+                        time.sleep(0.5)
+                fr = {}
+                for conc, n in ((1, int(1000 * s)), (16, int(3000 * s))):
+                    fr[str(conc)] = _run_http(
+                        env,
+                        host="127.0.0.1",
+                        port=fport,
+                        concurrency=conc,
+                        requests=n,
+                        users=args.feast_users,
+                    )
+                    log(
+                        f"feast serve c={conc}: {fr[str(conc)]['req_s']} req/s (p99 {fr[str(conc)]['p99_ms']} ms)"
+                    )
+                result["feast_serve"] = {
+                    c: {
+                        **fr[c],
+                        "server_req_s": stored[c]["req_s"],
+                        "server_speedup": round(stored[c]["req_s"] / fr[c]["req_s"], 2),
+                    }
+                    for c in fr
+                }
+            finally:
+                fs.send_signal(signal.SIGTERM)
+                try:
+                    fs.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    fs.kill()
+                    fs.wait()
+        result["aims"] = {
+            "stored_vs_echo>=0.75": all(
+                v["ratio_vs_echo"] >= 0.75 for v in result["stored_path"].values()
+            ),
+            "batch_vs_mget>=0.3": result["batch_100"]["ratio_vs_mget"] >= 0.3,
+            "miss_vs_onnxruntime>=0.6": result["miss_path"]["ratio_vs_onnxruntime"] >= 0.6,
+            "rss_growth<=10%": result["rss"]["growth"] <= 0.10,
+        }
+        if "feast_serve" in result:
+            result["aims"]["stored_vs_feast_serve>=2.5x"] = all(
+                v["server_speedup"] >= 2.5 for v in result["feast_serve"].values()
+            )
+        return result
+    finally:
+        for p in procs:
+            p.stop()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_http(env: dict[str, str], **kw: Any) -> dict[str, Any]:
+    args = [sys.executable, __file__, "--role", "httpload", "--spec", json.dumps(kw)]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"http load failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--role", default="main", choices=["main", "loadgen", "httpload", "echo"])
+    ap.add_argument("--spec", default="{}", help="(internal) load generator settings as JSON")
+    ap.add_argument("--users", type=int, default=20_000)
+    ap.add_argument("--feast-users", type=int, default=2_000, help="vectors served by feast serve")
+    ap.add_argument("--rss-requests", type=int, default=100_000, help="0: skip the RSS run")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies request counts")
+    ap.add_argument("--no-feast-serve", dest="feast_serve", action="store_false")
+    a = ap.parse_args()
+    if a.role == "loadgen":
+        print(json.dumps(asyncio.run(_grpc_load(json.loads(a.spec)))))
+    elif a.role == "httpload":
+        print(json.dumps(asyncio.run(_http_load(json.loads(a.spec)))))
+    elif a.role == "echo":
+        asyncio.run(_echo_server())
+    else:
+        res = main(a)
+        print(json.dumps(res))

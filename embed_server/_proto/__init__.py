@@ -1,0 +1,1 @@
+"""Generated protobuf / gRPC code (protos/generate.sh); do not edit."""

@@ -1,0 +1,84 @@
+"""The ONNX encoder: one onnxruntime session per loaded model version (never torch)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from userembed.errors import CorruptModelError
+from userembed.features import InputSpec, encode_inputs
+from userembed.manifest import USER_VECTOR_OUTPUT
+
+logger = logging.getLogger(__name__)
+
+
+def choose_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it (onnxruntime-gpu), always CPU as the fallback."""
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxEncoder:
+    """Runs encoder inputs (`userembed.features.encode_inputs`) -> user vectors (B, D) float32."""
+
+    def __init__(
+        self, source: bytes | str | Path, dim: int, intra_op_threads: int = 2, name: str = ""
+    ) -> None:
+        """`source`: ONNX bytes or a path (registry `LoadedModel.session_source()`)."""
+        name = name or (str(source) if not isinstance(source, bytes) else "<onnx bytes>")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                source if isinstance(source, bytes) else str(source),
+                sess_options=opts,
+                providers=choose_providers(),
+            )
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise CorruptModelError(f"{name}: onnxruntime cannot load it ({e})") from e
+        self.provider = self.session.get_providers()[0]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if USER_VECTOR_OUTPUT not in outputs:
+            raise CorruptModelError(f"{name}: no '{USER_VECTOR_OUTPUT}' output ({outputs})")
+        self.dim = dim
+        logger.info(
+            "encoder %s on %s (%d intra-op threads), inputs %s",
+            name,
+            self.provider,
+            intra_op_threads,
+            self.input_names,
+        )
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """(B, D) float32 user vectors."""
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise CorruptModelError(f"encoder wants inputs {missing} that the input spec lacks")
+        (vectors,) = self.session.run(
+            [USER_VECTOR_OUTPUT], {n: inputs[n] for n in self.input_names}
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def smoke_test(self, spec: InputSpec) -> None:
+        """Run two all-padding users; refuse a model whose output is not (2, dim) and finite."""
+        rows: dict[str, list] = {f.name: [None, [1, 2, 3]] for f in spec.sequence_features}
+        rows.update({f.name: [None, 1] for f in spec.profile_features})
+        try:
+            out = self.run(encode_inputs(rows, spec))
+        except CorruptModelError:
+            raise
+        except Exception as e:  # any onnxruntime failure means the model cannot serve
+            raise CorruptModelError(f"smoke inference failed: {type(e).__name__}: {e}") from e
+        if out.shape != (2, self.dim):
+            raise CorruptModelError(f"smoke inference gave shape {out.shape}, want (2, {self.dim})")
+        if not np.isfinite(out).all():
+            raise CorruptModelError("smoke inference gave non-finite values")

@@ -1,0 +1,43 @@
+"""Server-side errors beyond userembed.errors, and the one place exceptions become statuses."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import redis
+
+from userembed.errors import BackendUnavailableError, UserEmbedError
+
+logger = logging.getLogger(__name__)
+
+
+class NotReadyError(UserEmbedError):
+    """No model is loaded yet, or the server is draining."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(UserEmbedError):
+    """The client's deadline passed before the work was done; the work was skipped."""
+
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# Redis client errors that mean "cannot reach Redis" (the Feast online store is Redis too).
+REDIS_OUTAGE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError)
+
+
+def as_unavailable(what: str, e: BaseException) -> BackendUnavailableError:
+    return BackendUnavailableError(f"{what} unavailable: {type(e).__name__}: {e}")
+
+
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status of an exception raised while serving. Unexpected ones are logged with
+    their traceback and become INTERNAL without leaking internals to the client."""
+    if isinstance(e, UserEmbedError):
+        return e.grpc_status, str(e)
+    if isinstance(e, REDIS_OUTAGE):
+        return grpc.StatusCode.UNAVAILABLE, str(as_unavailable("redis", e))
+    logger.error("internal error while serving", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})"

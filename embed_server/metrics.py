@@ -1,0 +1,91 @@
+"""Prometheus metrics of one server (own CollectorRegistry, so tests can run several servers)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "userembed_requests", "RPCs by method and status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "userembed_request_seconds",
+            "RPC latency by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.vectors = Counter(
+            "userembed_vectors",
+            "Vectors returned, by model and source (stored / computed)",
+            ["model", "source"],
+            registry=r,
+        )
+        self.item_errors = Counter(
+            "userembed_item_errors",
+            "Per-user failures by model and code",
+            ["model", "code"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "userembed_batch_size",
+            "Users per micro-batch, by stage (stored_read / compute)",
+            ["stage"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.writeback_failures = Counter(
+            "userembed_writeback_failures",
+            "Computed vectors not written back",
+            ["model"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "userembed_model_loaded",
+            "1 for the loaded version of each served model",
+            ["model", "version", "provider"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "userembed_model_reloads",
+            "Hot reload attempts by model and outcome",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.queue_pending = Gauge(
+            "userembed_queue_pending", "Users waiting in the compute queue", ["model"], registry=r
+        )
+        self._http: Any = None
+        self.port: int | None = None
+
+    def set_loaded(self, model: str, version: str, provider: str) -> None:
+        """One series per model: drop the previous version's label set."""
+        for labels in list(self.model_info._metrics):  # (model, version, provider)
+            if labels[0] == model:
+                self.model_info.remove(*labels)
+        self.model_info.labels(model, version, provider).set(1)
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP; returns the bound port."""
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._http.server_address[1])
+        logger.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,87 @@
+"""Online feature reads for the miss path, behind a narrow interface (`OnlineFeatureSource`).
+
+The server only needs "feature columns for these users, which users exist, and how fresh their
+features are"; the Feast implementation reads the model's Feast references (InputSpec) from the
+Redis online store in one call per micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from embed_server.errors import REDIS_OUTAGE, as_unavailable
+from userembed.errors import InvalidInputError
+from userembed.features import InputSpec
+from userembed.schema import USER_ID
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """Feature columns of a batch of users, in request order."""
+
+    columns: dict[str, list[Any]]  # feature name -> one value per user (None: missing)
+    found: list[bool]  # False: the feature store knows nothing of this user
+    feature_ts_ms: list[int]  # newest event time of the user's features (epoch ms; 0 unknown)
+
+
+class OnlineFeatureSource(Protocol):
+    def check_user_id(self, user_id: str) -> None:
+        """Raise InvalidInputError for an id the feature store cannot hold."""
+        ...
+
+    def fetch(self, user_ids: Sequence[str], spec: InputSpec) -> FeatureRows:
+        """Read the features of `spec` for `user_ids`. Raises BackendUnavailableError when the
+        online store cannot be reached, InvalidInputError for ids the store cannot hold."""
+        ...
+
+
+def parse_user_id(user_id: str) -> int:
+    """Feature store entity keys are int64 user ids (userembed.schema)."""
+    try:
+        v = int(user_id)
+    except ValueError as e:
+        raise InvalidInputError(f"user id {user_id!r} is not a decimal integer") from e
+    if v < 0 or v >= 2**63:
+        raise InvalidInputError(f"user id {user_id!r} is outside 0..2^63-1")
+    return v
+
+
+class FeastFeatureSource:
+    """Reads from the Feast repository's online store (Redis). Build once per process: the
+    FeatureStore takes about 10 s to construct (shared/STACK.md)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    @classmethod
+    def open(cls, redis_url: str, repo: str) -> FeastFeatureSource:
+        from userembed.feast_ops import open_store  # heavy (feast): only servers that compute
+
+        return cls(open_store(redis_url, Path(repo)))
+
+    def check_user_id(self, user_id: str) -> None:
+        parse_user_id(user_id)
+
+    def fetch(self, user_ids: Sequence[str], spec: InputSpec) -> FeatureRows:
+        entity_ids = [parse_user_id(u) for u in user_ids]
+        names = [f.name for f in spec.sequence_features + spec.profile_features]
+        try:
+            resp = self.store.get_online_features(
+                features=spec.feast_refs(), entity_rows=[{USER_ID: u} for u in entity_ids]
+            ).to_dict(include_event_timestamps=True)
+        except REDIS_OUTAGE as e:
+            raise as_unavailable("feature store", e) from e
+        columns = {n: list(resp[n]) for n in names}
+        n = len(entity_ids)
+        found = [any(columns[c][i] is not None for c in names) for i in range(n)]
+        ts = [
+            max((int(resp.get(f"{c}__ts", [0] * n)[i] or 0) for c in names), default=0) * 1000
+            for i in range(n)
+        ]
+        return FeatureRows(columns=columns, found=found, feature_ts_ms=ts)

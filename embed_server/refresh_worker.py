@@ -1,0 +1,118 @@
+"""Computes one part of a refresh: read its users, run the encoder, write the vectors.
+
+The same `PartWorker` runs in the local engine (one per process) and in each Ray actor, so both
+engines write identical vectors. It holds one onnxruntime session (embed_server.encoder) and one
+Redis connection. Writes are pipelined and overlap the next encoder batch (one writer thread:
+onnxruntime releases the GIL while it computes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+import pyarrow as pa
+import redis
+
+from embed_server.encoder import OnnxEncoder
+from embed_server.refresh_checkpoint import PartResult
+from embed_server.refresh_source import FEATURE_TS, OfflineSource, Part
+from userembed.features import encode_arrow
+from userembed.registry import Registry
+from userembed.schema import USER_ID
+from userembed.vectors import VectorStore, copy_vectors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartJob:
+    """Everything a worker needs to compute parts of one run (picklable, for Ray actors)."""
+
+    registry_root: str
+    model: str
+    model_version: str  # registry version id (exact, not an alias: every worker loads the same)
+    ev: str  # embedding version being built
+    base_ev: str | None  # incremental: copy unchanged users from here
+    redis_url: str
+    offline_dir: str
+    part_rows: int
+    batch_size: int
+    intra_op_threads: int
+    ttl_s: int | None
+
+
+class PartWorker:
+    def __init__(self, job: PartJob) -> None:
+        self.job = job
+        loaded = Registry(job.registry_root).load_verified(job.model, job.model_version)
+        m = loaded.manifest
+        self.spec = m.input_spec
+        self.encoder = OnnxEncoder(
+            loaded.session_source(), m.vector.dim, job.intra_op_threads, name=m.ref
+        )
+        self.source = OfflineSource(job.offline_dir, self.spec)
+        self.store = VectorStore(redis.Redis.from_url(job.redis_url), job.model, job.ttl_s)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refresh-write")
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self.store.r.close()
+
+    def process(self, part: Part) -> PartResult:
+        """Compute (or, for unchanged users, copy) the part's vectors into the new version."""
+        table = self.source.read_part(part, self.job.part_rows)
+        user_ids = [str(u) for u in table.column(USER_ID).to_pylist()]
+        feature_ts = np.asarray(table.column(FEATURE_TS).to_numpy(), dtype=np.int64)
+        compute = np.asarray(part.changed, dtype=bool).copy()
+        copied = 0
+        if self.job.base_ev is not None and not compute.all():
+            idle = np.nonzero(~compute)[0]
+            had = copy_vectors(
+                self.store, self.job.base_ev, self.job.ev, [user_ids[i] for i in idle]
+            )
+            missing = idle[~np.asarray(had, dtype=bool)]
+            compute[missing] = True  # not in the base version: compute it after all
+            copied = len(idle) - len(missing)
+        else:
+            compute[:] = True
+        rows = np.nonzero(compute)[0]
+        nonfinite = 0
+        norms_min, norms_max = np.inf, 0.0
+        pending: Future[None] | None = None
+        for a in range(0, len(rows), self.job.batch_size):
+            idx = rows[a : a + self.job.batch_size]
+            batch = table.take(pa.array(idx))
+            vectors = self.encoder.run(encode_arrow(batch, self.spec))  # (B, D)
+            finite = np.isfinite(vectors).all(axis=1)
+            nonfinite += int((~finite).sum())
+            if finite.any():
+                norms = np.linalg.norm(vectors[finite], axis=1)
+                norms_min = min(norms_min, float(norms.min()))
+                norms_max = max(norms_max, float(norms.max()))
+            if pending is not None:
+                pending.result()
+            pending = self._writer.submit(
+                self.store.write,
+                self.job.ev,
+                [user_ids[i] for i in idx],
+                vectors,
+                self.job.model_version,
+                cast(Sequence[int], feature_ts[idx]),
+            )
+        if pending is not None:
+            pending.result()
+        return PartResult(
+            part_id=part.id,
+            users=len(rows) + copied,
+            computed=len(rows),
+            copied=copied,
+            nonfinite=nonfinite,
+            min_norm=float(norms_min) if np.isfinite(norms_min) else 0.0,
+            max_norm=float(norms_max),
+            max_feature_ts_ms=int(feature_ts.max()) if len(feature_ts) else 0,
+        )

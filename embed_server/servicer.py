@@ -1,0 +1,190 @@
+"""The gRPC servicer: proto <-> lookup, and the one place exceptions become gRPC statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from embed_server._proto import embedding_service_pb2 as pb
+from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
+from embed_server.errors import NotReadyError, status_of
+from embed_server.lookup import STORED, Embedding, EmbeddingLookup
+from embed_server.metrics import ServerMetrics
+from embed_server.model_manager import ModelManager
+from userembed.errors import UserEmbedError
+
+logger = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+_SOURCE = {STORED: pb.STORED}
+
+
+def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Count and time the call; turn any exception into its gRPC status (errors.status_of).
+    No request can crash the server: unexpected errors become INTERNAL with a log line."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: UserEmbeddingServicer, request: Req, context: grpc.aio.ServicerContext
+    ) -> Resp:
+        t0 = time.perf_counter()
+        try:
+            response = await method(self, request, context)
+        except asyncio.CancelledError:  # client cancelled or its deadline passed
+            self.metrics.requests.labels(name, grpc.StatusCode.CANCELLED.name).inc()
+            raise
+        except Exception as e:
+            code, message = status_of(e)
+            self.metrics.requests.labels(name, code.name).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            await context.abort(code, message)
+        self.metrics.requests.labels(name, "OK").inc()
+        self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+        return response
+
+    return wrapper
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else asyncio.get_running_loop().time() + left
+
+
+def _fill(msg: pb.UserEmbedding, e: Embedding, with_vector: bool = True) -> None:
+    msg.user_id = e.user_id
+    if with_vector:
+        msg.vector.extend(e.vector.tolist())
+    msg.model_name = e.model_name
+    msg.model_version = e.model_version
+    msg.embedding_version = e.embedding_version
+    msg.computed_at_ms = e.computed_at_ms
+    msg.feature_timestamp_ms = e.feature_ts_ms
+    msg.source = _SOURCE.get(e.source, pb.COMPUTED)
+
+
+class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
+    def __init__(
+        self,
+        lookup: EmbeddingLookup,
+        manager: ModelManager,
+        metrics: ServerMetrics,
+        is_draining: Callable[[], bool],
+    ) -> None:
+        self.lookup = lookup
+        self.manager = manager
+        self.metrics = metrics
+        self._is_draining = is_draining
+
+    def _check_serving(self) -> None:
+        if self._is_draining():
+            raise NotReadyError("server is shutting down")
+
+    @rpc
+    async def GetUserEmbedding(
+        self, request: pb.GetUserEmbeddingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetUserEmbeddingResponse:
+        self._check_serving()
+        emb = await self.lookup.get(
+            request.model_name,
+            request.user_id,
+            request.prefer == pb.FORCE_RECOMPUTE,
+            _deadline(context),
+        )
+        resp = pb.GetUserEmbeddingResponse()
+        _fill(resp.embedding, emb)
+        return resp
+
+    @rpc
+    async def BatchGetUserEmbeddings(
+        self, request: pb.BatchGetUserEmbeddingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchGetUserEmbeddingsResponse:
+        self._check_serving()
+        model, results = await self.lookup.get_many(
+            request.model_name,
+            list(request.user_ids),
+            request.prefer == pb.FORCE_RECOMPUTE,
+            _deadline(context),
+        )
+        resp = pb.BatchGetUserEmbeddingsResponse(
+            model_name=model.name, model_version=model.version, dim=model.dim
+        )
+        for r in results:
+            if isinstance(r, UserEmbedError):
+                self.metrics.item_errors.labels(model.name, r.grpc_status.name).inc()
+        if request.packed:
+            self._pack(resp.packed, results, model.dim)
+            return resp
+        for r in results:
+            item = resp.items.add()
+            if isinstance(r, Embedding):
+                _fill(item.embedding, r)
+            else:
+                item.status.code = r.grpc_status.value[0]
+                item.status.message = str(r)
+        return resp
+
+    @staticmethod
+    def _pack(p: pb.PackedEmbeddings, results: list[Embedding | UserEmbedError], dim: int) -> None:
+        """Columnar response: one float array (N * D) and one list per field."""
+        zero = bytes(4 * dim)
+        hits = [r for r in results if isinstance(r, Embedding)]
+        if len(hits) == len(results):  # the common case: no per-id error
+            rows = [r.vector.astype("<f4", copy=False).tobytes() for r in hits]
+            p.vectors.extend(np.frombuffer(b"".join(rows), dtype="<f4").tolist())  # (N * D,)
+            p.codes.extend([0] * len(hits))
+            p.messages.extend([""] * len(hits))
+            p.sources.extend([_SOURCE.get(r.source, pb.COMPUTED) for r in hits])
+            p.embedding_versions.extend([r.embedding_version for r in hits])
+            p.computed_at_ms.extend([r.computed_at_ms for r in hits])
+            p.feature_timestamp_ms.extend([r.feature_ts_ms for r in hits])
+            return
+        rows = []
+        for r in results:
+            if isinstance(r, Embedding):
+                rows.append(r.vector.astype("<f4", copy=False).tobytes())
+                p.codes.append(0)
+                p.messages.append("")
+                p.sources.append(_SOURCE.get(r.source, pb.COMPUTED))
+                p.embedding_versions.append(r.embedding_version)
+                p.computed_at_ms.append(r.computed_at_ms)
+                p.feature_timestamp_ms.append(r.feature_ts_ms)
+            else:
+                rows.append(zero)
+                p.codes.append(r.grpc_status.value[0])
+                p.messages.append(str(r))
+                p.sources.append(pb.SOURCE_UNSPECIFIED)
+                p.embedding_versions.append("")
+                p.computed_at_ms.append(0)
+                p.feature_timestamp_ms.append(0)
+        p.vectors.extend(np.frombuffer(b"".join(rows), dtype="<f4").tolist())  # (N * D,)
+
+    @rpc
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        default = self.manager.default_model
+        resp = pb.ListModelsResponse(default_model=default)
+        for name, m in sorted(self.manager.models.items()):
+            resp.models.add(
+                name=name,
+                version=m.version,
+                alias=self.manager.settings.model_alias,
+                dim=m.dim,
+                is_default=name == default,
+                current_embedding_version=self.lookup.pointer(name) or "",
+                serving_embedding_version=self.lookup.serving_version(m),
+                loaded_at_ms=m.loaded_at_ms,
+                execution_provider=m.encoder.provider,
+            )
+        return resp

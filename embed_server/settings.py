@@ -1,0 +1,134 @@
+"""Server settings: one typed, frozen object from defaults < YAML file < `USEREMBED_*` env.
+
+Every field can be set in a YAML file (unknown keys are rejected) or by the environment variable
+`USEREMBED_<FIELD>` (upper case; tuples are comma separated). Redis auth and TLS go through the
+URL: `rediss://user:password@host:6380/0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from userembed import paths
+from userembed.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "USEREMBED_"
+
+
+class SettingsError(InvalidInputError):
+    """A settings file or variable that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # network
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051  # 0: any free port (the bound port is printed and logged)
+    metrics_port: int = 9464  # Prometheus HTTP; 0: any free port; -1: disabled
+    tls_cert: str = ""  # PEM paths; both set -> the gRPC port serves TLS
+    tls_key: str = ""
+    # models
+    registry_root: str = field(default_factory=paths.registry_root)
+    models: tuple[str, ...] = ()  # served models; empty: every model in the registry
+    default_model: str = ""  # empty: the first served model
+    model_alias: str = "latest"  # registry alias followed by hot reload
+    reload_interval_s: float = 5.0  # registry alias and Redis pointer poll period
+    intra_op_threads: int = 2  # onnxruntime threads per session
+    # backends
+    redis_url: str = field(default_factory=paths.redis_url)
+    feature_repo: str = field(default_factory=lambda: str(paths.FEATURE_REPO))
+    vector_ttl_s: int = 7 * 24 * 3600  # TTL of vectors written back after a miss
+    redis_script_reads: int = 1  # 1: one Lua call per read batch; 0: pipeline (Redis Cluster)
+    # request limits and batching
+    max_batch_ids: int = 1000  # ids per BatchGetUserEmbeddings call
+    max_user_id_length: int = 128
+    batch_size: int = 64  # micro-batch: most users per feature read + encoder run
+    batch_wait_ms: float = 2.0  # micro-batch: longest wait for a batch to fill
+    compute_workers: int = 1  # micro-batches computed at once (each: features + encoder)
+    queue_size: int = 4096  # pending users per model before RESOURCE_EXHAUSTED
+    drain_grace_s: float = 10.0  # on SIGTERM: NOT_SERVING, finish in-flight calls, then stop
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append("batch_size must be >= 1")
+        if self.queue_size < 1:
+            problems.append("queue_size must be >= 1")
+        if self.max_batch_ids < 1:
+            problems.append("max_batch_ids must be >= 1")
+        if self.max_user_id_length < 1:
+            problems.append("max_user_id_length must be >= 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key must be set together")
+        if self.default_model and self.models and self.default_model not in self.models:
+            problems.append(f"default_model {self.default_model!r} is not in models")
+        if problems:
+            raise SettingsError("invalid settings: " + "; ".join(problems))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerSettings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """YAML / env value -> the field's type (env values are strings)."""
+    typ = _FIELDS[name].type
+    try:
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not a number")
+            return int(value)
+        if typ == "float":
+            return float(value)
+        if typ == "str":
+            return str(value)
+        if typ == "tuple[str, ...]":
+            if isinstance(value, str):
+                return tuple(s.strip() for s in value.split(",") if s.strip())
+            if isinstance(value, list | tuple):
+                return tuple(str(s) for s in value)
+            raise ValueError("expected a list or a comma separated string")
+    except (TypeError, ValueError) as e:
+        raise SettingsError(f"setting {name}: {value!r} is not a valid {typ} ({e})") from e
+    raise AssertionError(f"unhandled settings type {typ}")
+
+
+def load_settings(
+    config: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> ServerSettings:
+    """Defaults < YAML file `config` < environment `USEREMBED_*` < keyword overrides."""
+    values: dict[str, Any] = {}
+    if config:
+        try:
+            data = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SettingsError(f"settings file {config}: {e}") from e
+        if not isinstance(data, dict):
+            raise SettingsError(f"settings file {config}: expected a mapping at the top level")
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise SettingsError(
+                f"settings file {config}: unknown keys {unknown} (known: {sorted(_FIELDS)})"
+            )
+        values.update({k: _coerce(k, v) for k, v in data.items()})
+    env = os.environ if env is None else env
+    for name in _FIELDS:
+        if (raw := env.get(ENV_PREFIX + name.upper())) is not None:
+            values[name] = _coerce(name, raw)
+    for name, v in overrides.items():
+        if name not in _FIELDS:
+            raise SettingsError(f"unknown setting {name!r}")
+        if v is not None:
+            values[name] = _coerce(name, v) if not isinstance(v, tuple) else v
+    return ServerSettings(**values)

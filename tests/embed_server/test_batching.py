@@ -1,0 +1,120 @@
+"""The micro-batcher: batching, bounded queue, and skipping work nobody waits for."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from embed_server.batching import MicroBatcher
+from embed_server.errors import DeadlineExceededError
+from userembed.errors import OverloadedError
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_concurrent_submissions_share_one_batch_in_order():
+    batches: list[list[int]] = []
+
+    async def process(values):
+        batches.append(values)
+        return [v * 10 for v in values]
+
+    async def main():
+        b = MicroBatcher("t", process, max_batch_size=8, max_wait_s=0.05, queue_size=100)
+        b.start()
+        out = await asyncio.gather(*(b.submit(i) for i in range(5)))
+        await b.close()
+        return out
+
+    assert run(main()) == [0, 10, 20, 30, 40]
+    assert batches == [[0, 1, 2, 3, 4]]
+
+
+def test_batches_never_exceed_max_size():
+    sizes: list[int] = []
+
+    async def process(values):
+        sizes.append(len(values))
+        return values
+
+    async def main():
+        b = MicroBatcher("t", process, max_batch_size=3, max_wait_s=0.0, queue_size=100)
+        b.start()
+        await asyncio.gather(*(b.submit(i) for i in range(10)))
+        await b.close()
+
+    run(main())
+    assert max(sizes) <= 3 and sum(sizes) == 10
+
+
+def test_full_queue_refuses_whole_submission():
+    async def process(values):
+        return values
+
+    async def main():
+        b = MicroBatcher("t", process, max_batch_size=4, max_wait_s=0.0, queue_size=3)
+        # not started: nothing drains the queue
+        b.submit_many([1, 2])
+        with pytest.raises(OverloadedError, match="queue full"):
+            b.submit_many([3, 4])
+        assert b.pending == 2
+        b.submit_many([3])
+        await b.close()
+
+    run(main())
+
+
+def test_cancelled_and_expired_items_are_not_processed():
+    seen: list[int] = []
+
+    async def main():
+        release = asyncio.Event()
+
+        async def process(values):
+            seen.extend(values)
+            await release.wait()
+            return values
+
+        b = MicroBatcher("t", process, max_batch_size=1, max_wait_s=0.0, queue_size=10)
+        b.start()
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(b.submit(1))  # occupies the only worker
+        await asyncio.sleep(0.01)
+        cancelled = asyncio.create_task(b.submit(2))
+        expired = asyncio.create_task(b.submit(3, deadline=loop.time() + 0.01))
+        live = asyncio.create_task(b.submit(4, deadline=loop.time() + 30))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        release.set()
+        assert await first == 1
+        with pytest.raises(DeadlineExceededError):
+            await expired
+        assert await live == 4
+        await b.close()
+
+    run(main())
+    assert seen == [1, 4]
+
+
+def test_process_failure_reaches_every_caller_and_worker_survives():
+    calls = 0
+
+    async def process(values):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return values
+
+    async def main():
+        b = MicroBatcher("t", process, max_batch_size=4, max_wait_s=0.0, queue_size=10)
+        b.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit(1)
+        assert await b.submit(2) == 2
+        await b.close()
+
+    run(main())

@@ -1,0 +1,155 @@
+"""The miss path through the real Feast online store (Redis), including a Redis restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embed_server.client import EmbeddingClient
+from embed_server.online_features import FeastFeatureSource
+from embed_server.server import EmbeddingServer
+from tests.embed_server.conftest import MODEL, SPEC, LoopThread, publish_tiny
+from userembed import feast_ops
+from userembed.features import PROFILE_FEATURES, SEQUENCE_FEATURES, encode_inputs
+from userembed.registry import Registry
+
+FEATURE_TIME = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+USERS = {
+    11: {"item_seq": [3, 4, 5], "category_seq": [1, 2, 1], "age_bucket": 2},
+    12: {"item_seq": [40, 41], "category_seq": [6, 6], "age_bucket": 5},
+}
+
+
+def write_offline(offline: Path) -> None:
+    offline.mkdir(parents=True)
+    ids = list(USERS)
+    ts = pa.array([FEATURE_TIME] * len(ids), type=pa.timestamp("us", tz="UTC"))
+    behavior = {"user_id": pa.array(ids, pa.int64()), "event_timestamp": ts}
+    for f in SEQUENCE_FEATURES:
+        behavior[f] = pa.array([USERS[u].get(f, [0, 0]) for u in ids], pa.list_(pa.int64()))
+    behavior["seq_len"] = pa.array([len(USERS[u]["item_seq"]) for u in ids], pa.int64())
+    pq.write_table(pa.table(behavior), offline / "behavior.parquet")
+    profile = {"user_id": pa.array(ids, pa.int64()), "event_timestamp": ts}
+    for f in PROFILE_FEATURES:
+        profile[f] = pa.array([USERS[u].get(f, 0) for u in ids], pa.int64())
+    pq.write_table(pa.table(profile), offline / "profile.parquet")
+
+
+@pytest.fixture
+def feast_store(tmp_path, monkeypatch, redis_url):
+    monkeypatch.setenv("USEREMBED_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("USEREMBED_OFFLINE_DIR", str(tmp_path / "offline"))
+    monkeypatch.setenv("USEREMBED_FEAST_REGISTRY", str(tmp_path / "feast" / "registry.db"))
+    write_offline(tmp_path / "offline")
+    store = feast_ops.open_store(redis_url)
+    feast_ops.apply(store)
+    feast_ops.materialize(store)
+    return store
+
+
+@pytest.mark.timeout(180)
+def test_miss_path_reads_real_feast_and_survives_redis_restart(
+    feast_store, settings_for, registry: Registry, tmp_path, redis_server
+):
+    publish_tiny(registry, tmp_path / "staging", seed=1)
+    loop = LoopThread()
+    srv = EmbeddingServer(settings_for(), features=FeastFeatureSource(feast_store))
+    try:
+        loop.run(srv.start())
+        with EmbeddingClient(f"127.0.0.1:{srv.port}", timeout_s=30) as c:
+            e = c.get("11")
+            assert e.source == "computed"
+            assert e.feature_ts_ms == int(FEATURE_TIME.timestamp() * 1000)
+            cols = {
+                f.name: [USERS[11][f.name]] for f in SPEC.sequence_features + SPEC.profile_features
+            }
+            want = srv.manager.get(MODEL).encoder.run(encode_inputs(cols, SPEC))[0]
+            np.testing.assert_allclose(e.vector, want, rtol=1e-6)
+            assert c.get("11").source == "stored"
+
+            res = c.batch_get(["12", "13"])
+            assert res[0].source == "computed"
+            assert res[1].code == grpc.StatusCode.NOT_FOUND and "unknown user" in res[1].message
+
+            redis_server.stop()
+            try:
+                with pytest.raises(grpc.RpcError) as ei:
+                    c.get("12", force=True)
+                assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+            finally:
+                redis_server.start()
+            # Redis is back but empty: the user is unknown (NOT_FOUND), not an outage ...
+            with pytest.raises(grpc.RpcError) as ei:
+                c.get("12")
+            assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+            # ... until the features are materialised again; the same server serves them.
+            feast_ops.materialize(feast_store)
+            assert c.get("12").source == "computed"
+    finally:
+        loop.run(srv.stop(grace=0.5))
+        loop.close()
+
+
+@pytest.mark.timeout(180)
+def test_cli_serve_embed_models_and_sigterm_drain(feast_store, registry, tmp_path, redis_url):
+    """`userembed serve --port 0` prints its port; `embed` and `models` talk to it; SIGTERM
+    drains and exits 0. Real Feast (the environment of the fixture), real Redis."""
+    version = publish_tiny(registry, tmp_path / "staging", seed=1)
+    env = {
+        **os.environ,
+        "USEREMBED_REGISTRY_ROOT": registry.root,
+        "REDIS_URL": redis_url,
+        "USEREMBED_DRAIN_GRACE_S": "1",
+    }
+    exe = str(Path(sys.executable).parent / "userembed")
+    proc = subprocess.Popen(
+        [exe, "serve", "--port", "0", "--metrics-port", "-1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # blocks until bound and loaded (or the process dies)
+        m = re.match(r"listening on 127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        target = f"127.0.0.1:{m.group(1)}"
+        run = [exe, "embed", "--user-id", "11", "--target", target]
+        out = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "user 11: computed vector dim=8" in out.stdout and version in out.stdout
+        out = subprocess.run(
+            [exe, "embed", "--user-id", "999", "--target", target],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2 and "NOT_FOUND: unknown user" in out.stderr
+        out = subprocess.run(
+            [exe, "models", "--target", target], env=env, capture_output=True, text=True, timeout=60
+        )
+        listed = json.loads(out.stdout)
+        assert listed["default_model"] == MODEL and listed["models"][0]["version"] == version
+        out = subprocess.run(
+            [exe, "health", "--target", target], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert (out.returncode, out.stdout.strip()) == (0, "SERVING")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

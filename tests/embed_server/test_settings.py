@@ -1,0 +1,30 @@
+"""Server settings: YAML + USEREMBED_* environment, unknown keys rejected."""
+
+from __future__ import annotations
+
+import pytest
+
+from embed_server.settings import SettingsError, load_settings
+
+
+def test_yaml_then_env_then_overrides(tmp_path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("grpc_port: 7000\nmodels: [a, b]\nbatch_size: 16\nbatch_wait_ms: 3\n")
+    s = load_settings(cfg, env={"USEREMBED_BATCH_SIZE": "32", "USEREMBED_MODELS": "c"}, grpc_port=0)
+    assert (s.grpc_port, s.models, s.batch_size, s.batch_wait_ms) == (0, ("c",), 32, 3.0)
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("grpc_port: 1\nbatchsize: 3\n")
+    with pytest.raises(SettingsError, match="unknown keys \\['batchsize'\\]"):
+        load_settings(cfg, env={})
+
+
+def test_bad_values_are_rejected():
+    with pytest.raises(SettingsError, match="USEREMBED|grpc_port"):
+        load_settings(env={"USEREMBED_GRPC_PORT": "http"})
+    with pytest.raises(SettingsError, match="tls_cert and tls_key"):
+        load_settings(env={}, tls_cert="/x.pem")
+    with pytest.raises(SettingsError, match="default_model"):
+        load_settings(env={}, models=("a",), default_model="b")

@@ -1,0 +1,179 @@
+"""ONNX export: parity with PyTorch on every expert, registry entry, external data, refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from tests.trainer.frames import tiny_frame
+from trainer import export as export_mod
+from trainer.batches import build_input_spec, task_names_of
+from trainer.config import ModelConfig, MoEConfig, TrainConfig
+from trainer.export import (
+    ExportableEncoder,
+    ExportParityError,
+    expert_covering_inputs,
+    export_model,
+    moe_layers,
+)
+from trainer.model import FINAL_CHECKPOINT, load_final
+from trainer.train import train
+from userembed import cli
+from userembed.errors import CorruptModelError, DataNotFoundError
+from userembed.features import encode_inputs
+from userembed.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small SUPERMOE model trained for a few steps (2 MoE layers x 4 experts, top-2)."""
+    frame = tiny_frame(200)
+    spec = build_input_spec(frame, ("gender", "region"), sequence_length=12)
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(
+        run_dir=str(out),
+        model=ModelConfig(
+            input_spec=spec,
+            task_names=task_names_of(frame),
+            embedding_dim=16,
+            num_heads=2,
+            user_dim=8,
+            tower_hidden=8,
+            moe=MoEConfig(num_experts=4, expert_hidden=16),
+        ),
+        batch_size=32,
+        max_steps=20,
+        eval_every=10,
+        checkpoint_every=10,
+        plots=True,
+    )
+    train(cfg, frame)
+    frame.to_parquet(out / "frame.parquet")
+    return out
+
+
+def test_export_publishes_entry_with_parity_figures_and_variants(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    result = export_model(
+        run_dir,
+        str(tmp_path / "reg"),
+        "supermoe",
+        ("fp32", "fp16", "int8"),
+        heldout=run_dir / "frame.parquet",
+    )
+    reg = Registry(tmp_path / "reg")
+    assert reg.resolve("supermoe", "latest") == result.version
+    m = reg.read_manifest("supermoe")
+    p = m.parity
+    assert p["heldout_source"].endswith("frame.parquet") and p["heldout_rows"] == 40  # test split
+    assert all(all(row) for row in p["expert_coverage"]) and len(p["expert_coverage"]) == 2
+    assert all(all(row) for row in p["experts_in_graph"])
+    for case in ("heldout", "crafted", "batch1", "half_length"):
+        assert p["fp32"][case]["user_vector_max_abs_diff"] <= 1e-4
+    assert p["fp32"]["torchrec_vs_export_max_abs_diff"] <= 1e-4
+    assert p["fp16"]["cosine_to_fp32_min"] >= 0.999
+    assert 0.0 < p["int8"]["cosine_to_fp32_mean"] <= 1.0 + 1e-6
+    assert [v.name for v in m.variants] == ["fp32", "fp16", "int8"]
+    assert m.variant("fp32").outputs == ("user_vector", "task_scores")
+    assert m.task_names == ("click", "buy") and "test" in m.metrics
+    assert m.input_spec.feature_service == "user_serving_v1"
+    assert m.training_config["model"]["embedding_dim"] == 16
+    assert {a.path for a in m.attachments} >= {"report.json", "plots/auc.png"}
+
+    # The served path: verified bytes -> onnxruntime -> same vectors as the trained model.
+    loaded = reg.load_verified("supermoe", result.version)
+    sess = ort.InferenceSession(loaded.session_source(), providers=["CPUExecutionProvider"])
+    frame = tiny_frame(200)
+    cols = [f.name for f in m.input_spec.sequence_features + m.input_spec.profile_features]
+    inputs = encode_inputs({c: frame[c].tolist()[:16] for c in cols}, m.input_spec)
+    vec, scores = sess.run(None, inputs)
+    cfg, tables, dense = load_final(run_dir / FINAL_CHECKPOINT)
+    enc = ExportableEncoder(cfg, tables, dense).eval()
+    with torch.no_grad():
+        ref = enc(*(torch.from_numpy(inputs[n]) for n in enc.input_names))
+    np.testing.assert_allclose(vec, ref[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
+    assert scores.shape == (16, 2) and ((scores > 0) & (scores < 1)).all()
+
+
+def test_cli_export_with_external_data_is_hashed_verified_and_loaded(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["export", "--run", str(run_dir), "--registry-root", str(tmp_path / "reg")]
+    rc = cli.main([*argv, "--model-name", "m", "--external-data-threshold-mb", "0"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["user_vector_max_abs_diff"] <= 1e-4
+    reg = Registry(tmp_path / "reg")
+    loaded = reg.load_verified("m")
+    result = export_mod.ExportResult(loaded.manifest, reg.root, dict(loaded.manifest.parity))
+    assert result.version == summary["version"]
+    v = result.manifest.variant("fp32")
+    assert [e.path for e in v.external_data] == ["onnx/encoder_fp32.onnx.data"]
+    assert loaded.session_source() == str(loaded.onnx_path)  # data file found beside it
+    sess = ort.InferenceSession(loaded.session_source(), providers=["CPUExecutionProvider"])
+    spec = result.manifest.input_spec
+    x = export_mod.random_inputs(spec, 3, np.random.default_rng(1))
+    assert sess.run(None, x)[0].shape == (3, result.manifest.vector.dim)
+
+    data = tmp_path / "reg" / "m" / result.version / "onnx" / "encoder_fp32.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CorruptModelError, match=r"encoder_fp32\.onnx\.data sha256"):
+        reg.load_verified("m")
+
+
+def _break_expert(how: str):  # type: ignore[no-untyped-def]
+    """An export_onnx that writes a graph whose expert 1 of MoE layer 0 is not the trained one,
+    as a trace that lost or mangled an expert would."""
+    real = export_mod.export_onnx
+
+    def broken(enc: ExportableEncoder, path: Path, example) -> None:  # type: ignore[no-untyped-def]
+        bad = copy.deepcopy(enc)
+        expert = moe_layers(bad)[0].experts[1]
+        with torch.no_grad():
+            if how == "output":
+                expert.w2.weight.mul_(3.0)  # w1 intact: only inputs reaching it can tell
+            else:
+                expert.w1.weight.zero_()
+        real(bad, path, example)
+
+    return broken
+
+
+@pytest.mark.parametrize("how", ["output", "weights"])
+def test_export_that_mangles_an_expert_fails_and_publishes_nothing(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.setattr(export_mod, "export_onnx", _break_expert(how))
+    with pytest.raises(ExportParityError) as e:
+        export_model(run_dir, str(tmp_path / "reg"), "m")
+    assert "crafted: user vector" in str(e.value)
+    if how == "weights":
+        assert "expert 1 of MoE layer 0 is missing from the ONNX graph" in str(e.value)
+    assert Registry(tmp_path / "reg").list_models() == []
+
+
+def test_crafted_inputs_route_tokens_to_every_expert(run_dir: Path) -> None:
+    cfg, tables, dense = load_final(run_dir / FINAL_CHECKPOINT)
+    enc = ExportableEncoder(cfg, tables, dense).eval()
+    rows, coverage = expert_covering_inputs(enc, seed=3)
+    assert coverage == [[True] * 4, [True] * 4]
+    # Independent check with the trainer's own router statistics on those rows.
+    with torch.no_grad():
+        out = enc.dense_forward(*(torch.from_numpy(rows[n]) for n in enc.input_names))
+    for stats in out.router_stats:
+        assert (stats.expert_load > 0).all()
+
+
+def test_export_of_missing_run_is_data_not_found(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError):
+        export_model(tmp_path / "nope", str(tmp_path / "reg"), "m")

@@ -1,0 +1,54 @@
+"""The task-indicator loss: per-task means over labelled samples, no gradient from absent tasks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from trainer.loss import TaskLoss, per_task_losses
+
+NAN = float("nan")
+
+
+def test_task_without_labels_in_batch_contributes_exactly_zero_gradient() -> None:
+    logits = torch.randn(6, 2, requires_grad=True)
+    labels = torch.tensor([[1.0, NAN], [0.0, NAN], [1.0, NAN], [0.0, NAN], [1.0, NAN], [1, NAN]])
+    out = TaskLoss(2)(logits, labels)
+    out.total.backward()
+    assert logits.grad is not None
+    assert out.per_task[1].item() == 0.0
+    assert torch.all(logits.grad[:, 1] == 0.0)  # exactly zero, not just small
+    assert torch.all(logits.grad[:, 0] != 0.0)
+
+
+def test_uncertainty_weighting_gives_zero_gradient_to_absent_task() -> None:
+    loss = TaskLoss(2, weighting="uncertainty")
+    logits = torch.randn(4, 2, requires_grad=True)
+    labels = torch.tensor([[1.0, NAN], [0.0, NAN], [1.0, NAN], [0.0, NAN]])
+    loss(logits, labels).total.backward()
+    assert loss.log_vars is not None and loss.log_vars.grad is not None
+    assert loss.log_vars.grad[1].item() == 0.0 and torch.all(logits.grad[:, 1] == 0.0)
+
+
+def test_indicator_loss_averages_each_task_over_its_own_labelled_samples() -> None:
+    logits = torch.tensor([[0.5, 2.0], [-1.0, -3.0], [0.0, 1.0], [2.0, 0.0]])
+    labels = torch.tensor([[1.0, 1.0], [0.0, NAN], [1.0, NAN], [0.0, NAN]])
+    per_task, counts = per_task_losses(logits, labels, "indicator")
+    assert counts.tolist() == [4.0, 1.0]
+    expected_t1 = F.binary_cross_entropy_with_logits(torch.tensor(2.0), torch.tensor(1.0))
+    assert math.isclose(per_task[1].item(), expected_t1.item(), rel_tol=1e-6)
+    # The plain loss counts unlabelled samples as negatives over the whole batch.
+    plain, _ = per_task_losses(logits, labels, "plain")
+    expected_plain = F.binary_cross_entropy_with_logits(
+        logits[:, 1], torch.tensor([1.0, 0.0, 0.0, 0.0])
+    )
+    assert math.isclose(plain[1].item(), expected_plain.item(), rel_tol=1e-6)
+
+
+def test_fixed_task_weights_scale_each_task() -> None:
+    logits = torch.zeros(2, 2)
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    total = TaskLoss(2, weights=(1.0, 3.0))(logits, labels).total
+    assert math.isclose(total.item(), 4 * math.log(2), rel_tol=1e-6)

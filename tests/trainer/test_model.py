@@ -1,0 +1,106 @@
+"""Model structure: the sparse/dense split the export relies on, empty histories, ONNX export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.trainer.dist_worker import tiny_config
+from tests.trainer.frames import tiny_frame
+from trainer.batches import encode_split, make_batch
+from trainer.model import DenseArch, SuperMoEModel
+
+
+@pytest.fixture(scope="module")
+def setup():  # type: ignore[no-untyped-def]
+    frame = tiny_frame(200)
+    cfg = tiny_config("/tmp/unused", frame).model
+    torch.manual_seed(0)
+    model = SuperMoEModel(cfg).eval()
+    split = encode_split(frame, cfg.input_spec, cfg.task_names)
+    return frame, cfg, model, split
+
+
+def test_dense_arch_is_plain_torch(setup) -> None:  # type: ignore[no-untyped-def]
+    _, _, model, _ = setup
+    assert isinstance(model.dense_arch, DenseArch)
+    assert not any(type(m).__module__.startswith("torchrec") for m in model.dense_arch.modules())
+
+
+def test_users_with_empty_history_get_finite_unit_vectors(setup) -> None:  # type: ignore[no-untyped-def]
+    frame, cfg, model, split = setup
+    empty = np.flatnonzero(frame["seq_len"].to_numpy() == 0)
+    assert len(empty) > 0
+    batch = make_batch(split, empty, cfg.input_spec)
+    for train_mode in (False, True):
+        model.train(train_mode)
+        out, _ = model(batch.seq_kjt, batch.profile_kjt, None)
+        assert torch.isfinite(out.user_vector).all() and torch.isfinite(out.task_logits).all()
+        torch.testing.assert_close(out.user_vector.norm(dim=-1), torch.ones(len(empty)))
+    model.eval()
+
+
+def test_table_weights_feed_plain_embeddings_to_the_same_outputs(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The export path: nn.Embedding tables + DenseArch == SuperMoEModel, and ONNX agrees."""
+    ort = pytest.importorskip("onnxruntime")
+    _, cfg, model, split = setup
+    tables = model.table_weights()
+    spec = cfg.input_spec
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seq = nn.ModuleDict(
+                {
+                    f.name: nn.Embedding.from_pretrained(tables[f"t_{f.name}"])
+                    for f in spec.sequence_features
+                }
+            )
+            self.prof = nn.ModuleList(
+                nn.Embedding.from_pretrained(tables[f"t_{f.name}"]) for f in spec.profile_features
+            )
+            self.dense = model.dense_arch
+
+        def forward(self, item, cat, ev, gap, profile):  # type: ignore[no-untyped-def]
+            ids = dict(
+                zip([f.name for f in spec.sequence_features], [item, cat, ev, gap], strict=True)
+            )
+            seq_emb = {n: self.seq[n](ids[n]) for n in ids}
+            prof = torch.stack([e(profile[:, j]) for j, e in enumerate(self.prof)], dim=1)
+            out = self.dense(seq_emb, item != 0, prof)
+            return out.user_vector, out.task_logits
+
+    idx = np.arange(64)
+    batch = make_batch(split, idx, spec)
+    with torch.no_grad():
+        ref, _ = model(batch.seq_kjt, batch.profile_kjt, None)
+    args = tuple(torch.from_numpy(split.sequences[f.name][idx]) for f in spec.sequence_features)
+    args += (torch.from_numpy(split.profile[idx]),)
+    plain = Plain().eval()
+    with torch.no_grad():
+        vec, logits = plain(*args)
+    torch.testing.assert_close(vec, ref.user_vector, atol=1e-6, rtol=1e-5)
+    # Every expert of every MoE layer must be reached by this batch for the export check.
+    assert all((s.expert_load > 0).all() for s in ref.router_stats)
+
+    path = tmp_path / "enc.onnx"
+    names = ["item_seq", "category_seq", "event_type_seq", "gap_bucket_seq", "profile"]
+    torch.onnx.export(
+        plain,
+        args,
+        str(path),
+        input_names=names,
+        output_names=["user_vector", "task_scores"],
+        dynamic_axes={n: {0: "batch"} for n in names},
+        dynamo=False,
+    )
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})
+    np.testing.assert_allclose(got[0], vec.numpy(), atol=1e-5)
+    # A single user (most experts get no token) runs too.
+    one = sess.run(None, {n: a[:1].numpy() for n, a in zip(names, args, strict=True)})
+    np.testing.assert_allclose(one[0], vec[:1].numpy(), atol=1e-5)

@@ -1,0 +1,154 @@
+"""Training frame (pandas) -> encoded tensors -> KeyedJaggedTensor batches.
+
+The frame is what `userembed.feast_ops.training_frame` returns: user_id, label_timestamp,
+split, label_<task>, the sequence features (lists of raw ids, oldest first), seq_len and the
+profile ints. Encoding follows userembed.features (hash_ids, padding) exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torchrec import KeyedJaggedTensor
+
+from userembed.errors import SchemaError
+from userembed.features import (
+    BEHAVIOR_VIEW,
+    DEFAULT_SEQUENCE_LENGTH,
+    PROFILE_VIEW,
+    SEQUENCE_FEATURES,
+    TRAINING_FEATURE_SERVICE,
+    FeatureSpec,
+    InputSpec,
+    encode_inputs,
+)
+
+DEFAULT_TABLE_CAP = 100_000
+
+
+def _max_id(values: pd.Series) -> int:
+    m = -1
+    for v in values:
+        if isinstance(v, list | tuple | np.ndarray):
+            if len(v):
+                m = max(m, int(np.max(v)))
+        elif v is not None and v == v:
+            m = max(m, int(v))
+    return m
+
+
+def build_input_spec(
+    frame: pd.DataFrame,
+    profile_features: Sequence[str],
+    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+    table_cap: int = DEFAULT_TABLE_CAP,
+) -> InputSpec:
+    """Table sizes from the data: num_embeddings = min(max raw id + 2, cap)."""
+    for col in (*SEQUENCE_FEATURES, *profile_features):
+        if col not in frame.columns:
+            raise SchemaError("training frame", col, "is missing")
+
+    def size(col: str) -> int:
+        return max(2, min(_max_id(frame[col]) + 2, table_cap))
+
+    return InputSpec(
+        sequence_length=sequence_length,
+        sequence_features=tuple(
+            FeatureSpec(name=f, num_embeddings=size(f), view=BEHAVIOR_VIEW)
+            for f in SEQUENCE_FEATURES
+        ),
+        profile_features=tuple(
+            FeatureSpec(name=f, num_embeddings=size(f), view=PROFILE_VIEW) for f in profile_features
+        ),
+        feature_service=TRAINING_FEATURE_SERVICE,
+    )
+
+
+def task_names_of(frame: pd.DataFrame) -> tuple[str, ...]:
+    """Task names from the label_<task> columns (label_timestamp is the cut time, not a task)."""
+    return tuple(
+        c[len("label_") :]
+        for c in frame.columns
+        if c.startswith("label_") and c != "label_timestamp"
+    )
+
+
+@dataclass
+class EncodedSplit:
+    """One split, encoded once: (N, L) table indices per sequence feature, (N, P), (N, T)."""
+
+    sequences: dict[str, np.ndarray]
+    profile: np.ndarray
+    labels: np.ndarray  # float32, NaN = unlabelled
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def encode_split(frame: pd.DataFrame, spec: InputSpec, task_names: Sequence[str]) -> EncodedSplit:
+    rows = {f.name: frame[f.name].tolist() for f in spec.sequence_features + spec.profile_features}
+    enc = encode_inputs(rows, spec)
+    labels = (
+        np.stack([frame[f"label_{t}"].to_numpy(dtype=np.float32) for t in task_names], axis=1)
+        if len(task_names)
+        else np.zeros((len(frame), 0), dtype=np.float32)
+    )
+    profile = enc.pop("profile")
+    return EncodedSplit(sequences=enc, profile=profile, labels=labels)
+
+
+@dataclass
+class Batch:
+    seq_kjt: KeyedJaggedTensor
+    profile_kjt: KeyedJaggedTensor
+    labels: Tensor  # (B, T)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.seq_kjt.to(device), self.profile_kjt.to(device), self.labels.to(device))
+
+
+def make_batch(split: EncodedSplit, idx: np.ndarray, spec: InputSpec) -> Batch:
+    """Rows idx -> KJTs: every sample has L ids per sequence feature and 1 per profile feature."""
+    b = len(idx)
+    names = [f.name for f in spec.sequence_features]
+    seq_values = np.concatenate([split.sequences[n][idx].reshape(-1) for n in names])
+    seq_kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=names,
+        values=torch.from_numpy(seq_values),
+        lengths=torch.full((b * len(names),), spec.sequence_length, dtype=torch.int64),
+    )
+    pnames = [f.name for f in spec.profile_features]
+    prof = split.profile[idx]  # (B, P)
+    profile_kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=pnames,
+        values=torch.from_numpy(np.ascontiguousarray(prof.T).reshape(-1)),
+        lengths=torch.ones(b * len(pnames), dtype=torch.int64),
+    )
+    return Batch(seq_kjt, profile_kjt, torch.from_numpy(split.labels[idx]))
+
+
+def iterate_batches(
+    split: EncodedSplit,
+    spec: InputSpec,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> Iterator[Batch]:
+    """Batches of this rank's share: rank r takes every world_size-th batch."""
+    order = np.arange(len(split))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(split))
+    starts = list(range(0, len(split), batch_size))
+    if drop_last or world_size > 1:  # equal batch counts on every rank
+        starts = [s for s in starts if s + batch_size <= len(split)] or starts[:1]
+        starts = starts[: len(starts) - len(starts) % world_size] or starts[:world_size]
+    for i, s in enumerate(starts):
+        if i % world_size == rank:
+            yield make_batch(split, order[s : s + batch_size], spec)

@@ -1,0 +1,95 @@
+"""Frozen configs of the SUPERMOE model and its training run; checkpoints carry them as dicts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from userembed.features import InputSpec
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse mixture-of-experts FFN (Mixtral naming)."""
+
+    num_experts: int = 4
+    num_experts_per_tok: int = 2  # top-k: 1 or 2
+    expert_hidden: int = 64
+    # Training-time capacity per expert = ceil(capacity_factor * tokens * k / num_experts);
+    # tokens over capacity skip the FFN (residual only). None = dropless. Eval is always dropless.
+    capacity_factor: float | None = 1.25
+    router_aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    router_z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
+    moe_every: int = 1  # 1 = every block is MoE; 2 = dense FFN, MoE, dense FFN, ...
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the SUPERMOE model. `input_spec` fixes the tables (sizes, hashing, order)."""
+
+    input_spec: InputSpec
+    task_names: tuple[str, ...]
+    embedding_dim: int = 32  # D: every table, the transformer width
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.1
+    user_dim: int = 64  # V: the universal user vector
+    tower_hidden: int = 32
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    # Which dense arch follows the tables: 'supermoe' (DenseArch) or a trainer/baselines.py arch
+    # ('shared_bottom', 'mmoe', 'ple'), for the quality benchmark. See model.build_dense_arch.
+    dense_arch: str = "supermoe"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_spec"] = self.input_spec.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        d["input_spec"] = InputSpec.from_dict(d["input_spec"])
+        d["task_names"] = tuple(d["task_names"])
+        d["moe"] = MoEConfig(**d["moe"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. `loss`: 'indicator' (per-task mean over labelled samples) or 'plain'."""
+
+    run_dir: str
+    model: ModelConfig
+    seed: int = 0
+    batch_size: int = 256
+    max_steps: int = 600
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    patience: int = 3  # evaluations without validation mean-AUC gain before stopping; 0 = off
+    lr: float = 2e-3  # AdamW, dense parameters
+    weight_decay: float = 0.01
+    sparse_lr: float = 0.05  # Adagrad fused in backward, embedding tables
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    loss: str = "indicator"
+    task_weighting: str = "fixed"  # 'fixed' or 'uncertainty' (Kendall et al. 2018)
+    task_weights: tuple[float, ...] | None = None  # fixed weights; None = all 1
+    plots: bool = True
+    log_every: int = 50
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["model"] = ModelConfig.from_dict(d["model"])
+        if d.get("task_weights") is not None:
+            d["task_weights"] = tuple(d["task_weights"])
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)

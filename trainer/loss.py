@@ -1,0 +1,74 @@
+"""Multi-task loss with task indicators, and the naive summed loss kept for comparison.
+
+indicator: L_t = sum_{i: y_it labelled} BCE(z_it, y_it) / #{i: y_it labelled}; 0 (with exactly
+zero gradient) when no sample in the batch is labelled for t. Each task is averaged over its
+own labelled samples, so a sparsely labelled task is not drowned by the dense ones and
+unlabelled samples are never pushed towards "negative" (the seesaw of the plain loss).
+plain: unlabelled = negative, every task averaged over the whole batch.
+Total = sum_t w_t L_t (fixed) or sum_t exp(-s_t) L_t + s_t (uncertainty, Kendall et al. 2018),
+plus the MoE auxiliary losses (added by the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOSS_KINDS = ("indicator", "plain")
+WEIGHTINGS = ("fixed", "uncertainty")
+
+
+@dataclass
+class LossOutput:
+    total: Tensor  # () task loss after weighting (aux losses not included)
+    per_task: Tensor  # (T,) unweighted L_t
+    labelled: Tensor  # (T,) number of labelled samples per task
+
+
+def per_task_losses(logits: Tensor, labels: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """logits (B, T), labels (B, T) with NaN = unlabelled -> (L_t (T,), labelled counts (T,))."""
+    indicator = ~torch.isnan(labels)  # (B, T)
+    counts = indicator.sum(dim=0).to(logits.dtype)  # (T,)
+    targets = torch.where(indicator, labels, torch.zeros_like(labels))
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # (B, T)
+    if kind == "indicator":
+        # where() instead of a multiply: an unlabelled row gets exactly 0 and no gradient path.
+        masked = torch.where(indicator, bce, torch.zeros_like(bce))
+        return masked.sum(dim=0) / counts.clamp(min=1.0), counts
+    if kind == "plain":
+        return bce.mean(dim=0), counts
+    raise ValueError(f"unknown loss {kind!r}; expected one of {LOSS_KINDS}")
+
+
+class TaskLoss(nn.Module):
+    def __init__(
+        self,
+        num_tasks: int,
+        kind: str = "indicator",
+        weighting: str = "fixed",
+        weights: tuple[float, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in LOSS_KINDS:
+            raise ValueError(f"unknown loss {kind!r}; expected one of {LOSS_KINDS}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown task weighting {weighting!r}; expected one of {WEIGHTINGS}")
+        self.kind = kind
+        self.weighting = weighting
+        w = torch.ones(num_tasks) if weights is None else torch.tensor(weights, dtype=torch.float)
+        if w.shape != (num_tasks,):
+            raise ValueError(f"task_weights needs {num_tasks} values")
+        self.register_buffer("weights", w)
+        self.log_vars = nn.Parameter(torch.zeros(num_tasks)) if weighting == "uncertainty" else None
+
+    def forward(self, logits: Tensor, labels: Tensor) -> LossOutput:
+        per_task, counts = per_task_losses(logits, labels, self.kind)
+        if self.log_vars is not None:
+            present = (counts > 0).to(logits.dtype)  # no label: no loss, no push on s_t
+            total = (present * (torch.exp(-self.log_vars) * per_task + self.log_vars)).sum()
+        else:
+            total = (self.weights * per_task).sum()
+        return LossOutput(total=total, per_task=per_task, labelled=counts)

@@ -1,0 +1,196 @@
+"""Point-in-time feature tables: the Feast offline parquet files built from the input tables.
+
+`behavior.parquet` holds one row per user per snapshot time (every cut, plus the final snapshot
+at the data end that serving materialises). A snapshot at time s holds only events with
+timestamp strictly before s, the last N of them, oldest first, so a label at cut s joined to it
+by Feast's point-in-time join (feature time <= label time) can never see an event at or after
+its label time. `profile.parquet` holds one row per user stamped at the data start.
+Everything is vectorised: one lexsort, then offsets and one gather per snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from userembed.datasets.spec import DatasetSpec, to_utc
+from userembed.features import (
+    DEFAULT_SEQUENCE_LENGTH,
+    PROFILE_FEATURES,
+    SEQ_LEN_FEATURE,
+    SEQUENCE_FEATURES,
+    gap_buckets,
+)
+
+logger = logging.getLogger(__name__)
+
+BEHAVIOR_FILE = "behavior.parquet"
+PROFILE_FILE = "profile.parquet"
+# Raw event column behind each sequence feature (gap_bucket_seq is derived from timestamps).
+_SEQ_SOURCE = {"item_seq": "item_id", "category_seq": "category_id", "event_type_seq": "event_type"}
+_TS_TYPE = pa.timestamp("us", tz="UTC")
+_CHUNK = 4_000_000
+
+
+@dataclass(frozen=True)
+class SortedEvents:
+    """Events sorted by (user, time) with per-user row ranges; built once, sliced per snapshot."""
+
+    user_ids: np.ndarray  # (U,) every user that gets feature rows, sorted
+    first: np.ndarray  # (U,) first event row of each user
+    last: np.ndarray  # (U,) one past the last event row
+    ts_ns: np.ndarray  # (E,) int64 event time
+    columns: dict[str, np.ndarray]  # sequence feature name -> (E,) int64 values
+
+
+def timestamps_ns(col: pd.Series) -> np.ndarray:
+    """A timestamp column (naive = UTC, or tz-aware) -> int64 nanoseconds since the epoch."""
+    ts = pd.to_datetime(col, utc=True)
+    if ts.dt.unit == "ns":  # the common case: a view, no copy
+        return np.asarray(ts.array.asi8)
+    return ts.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().view(np.int64)
+
+
+def sort_events(events: pd.DataFrame, user_ids: np.ndarray) -> SortedEvents:
+    uid = events["user_id"].to_numpy(dtype=np.int64)
+    ts_ns = timestamps_ns(events["event_timestamp"])
+    same_user = uid[1:] == uid[:-1]
+    if np.all((uid[1:] > uid[:-1]) | (same_user & (ts_ns[1:] >= ts_ns[:-1]))):
+        # Already sorted by (user, time), as the generators write it: no sort, no copies.
+        cols = {f: events[src].to_numpy(dtype=np.int64) for f, src in _SEQ_SOURCE.items()}
+    else:
+        order = np.lexsort((ts_ns, uid))
+        uid, ts_ns = uid[order], ts_ns[order]
+        cols = {f: events[src].to_numpy(dtype=np.int64)[order] for f, src in _SEQ_SOURCE.items()}
+    del same_user
+    # Gap to the previous event of the same user, over the full history (-1: none -> bucket 0).
+    # Chunked: gap_buckets makes several float temporaries per element.
+    buckets = np.zeros(len(uid), dtype=np.int64)
+    for lo in range(1, len(uid), _CHUNK):
+        hi = min(lo + _CHUNK, len(uid))
+        same = uid[lo:hi] == uid[lo - 1 : hi - 1]
+        gaps = np.where(same, (ts_ns[lo:hi] - ts_ns[lo - 1 : hi - 1]) / 1e9, -1.0)
+        buckets[lo:hi] = gap_buckets(gaps)
+    cols["gap_bucket_seq"] = buckets
+    all_ids = np.union1d(np.asarray(user_ids, dtype=np.int64), uid)
+    first = np.searchsorted(uid, all_ids, side="left")
+    last = np.searchsorted(uid, all_ids, side="right")
+    return SortedEvents(all_ids, first, last, ts_ns, cols)
+
+
+def snapshot(ev: SortedEvents, at: pd.Timestamp, sequence_length: int) -> pa.Table:
+    """Behaviour rows of every user at time `at`: the last N events strictly before it."""
+    at_ns = to_utc(at).value
+    before = np.concatenate([[0], np.cumsum(ev.ts_ns < at_ns)])  # prefix counts
+    end = ev.first + (before[ev.last] - before[ev.first])  # events < at are a per-user prefix
+    start = np.maximum(ev.first, end - sequence_length)
+    lengths = end - start  # (U,)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    gather = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])  # (sum lengths,)
+    n = len(ev.user_ids)
+    arrays: dict[str, pa.Array] = {
+        "user_id": pa.array(ev.user_ids),
+        "event_timestamp": pa.array(np.full(n, at_ns // 1000, dtype=np.int64), type=_TS_TYPE),
+    }
+    pa_offsets = pa.array(offsets.astype(np.int32 if offsets[-1] < 2**31 else np.int64))
+    list_cls = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray
+    for name in SEQUENCE_FEATURES:
+        arrays[name] = list_cls.from_arrays(pa_offsets, pa.array(ev.columns[name][gather]))
+    arrays[SEQ_LEN_FEATURE] = pa.array(lengths.astype(np.int64))
+    return pa.table(arrays)
+
+
+def profile_table(users: pd.DataFrame, user_ids: np.ndarray, at: pd.Timestamp) -> pa.Table:
+    """One profile row per user stamped `at`; absent attributes (or users) are -1 (padding)."""
+    u = users.drop_duplicates("user_id", keep="last").set_index("user_id")
+    u = u.reindex(user_ids)
+    arrays: dict[str, pa.Array] = {
+        "user_id": pa.array(np.asarray(user_ids, dtype=np.int64)),
+        "event_timestamp": pa.array(
+            np.full(len(user_ids), to_utc(at).value // 1000, dtype=np.int64), type=_TS_TYPE
+        ),
+    }
+    for f in PROFILE_FEATURES:
+        col = u[f].to_numpy(dtype=np.float64) if f in u.columns else np.full(len(u), np.nan)
+        arrays[f] = pa.array(np.where(np.isnan(col), -1, col).astype(np.int64))
+    return pa.table(arrays)
+
+
+def write_feature_tables(
+    events: pd.DataFrame,
+    users: pd.DataFrame,
+    spec: DatasetSpec,
+    out_dir: Path,
+    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+) -> dict[str, object]:
+    """Write profile.parquet and behavior.parquet (one row group per snapshot) into out_dir.
+
+    Files are written under temporary names and renamed at the end, so a failure leaves the
+    previous tables in place. Returns a summary of figures.
+    """
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ev = sort_events(events, users["user_id"].to_numpy(dtype=np.int64))
+    times = spec.snapshot_times
+    tmp_behavior = out_dir / (BEHAVIOR_FILE + ".tmp")
+    tmp_profile = out_dir / (PROFILE_FILE + ".tmp")
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for i, at in enumerate(times):
+            table = snapshot(ev, at, sequence_length)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp_behavior, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+            logger.info(
+                "snapshot %d/%d at %s: %d users, %d events (%.1fs)",
+                i + 1,
+                len(times),
+                at.isoformat(),
+                table.num_rows,
+                len(table["item_seq"].combine_chunks().values),
+                time.perf_counter() - t0,
+            )
+    finally:
+        if writer is not None:
+            writer.close()
+    pq.write_table(profile_table(users, ev.user_ids, to_utc(spec.data_start)), tmp_profile)
+    tmp_behavior.replace(out_dir / BEHAVIOR_FILE)
+    tmp_profile.replace(out_dir / PROFILE_FILE)
+    summary = {
+        "users": int(len(ev.user_ids)),
+        "snapshots": len(times),
+        "behavior_rows": rows,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "offline_dir": str(out_dir),
+    }
+    logger.info("feature tables: %s", summary)
+    return summary
+
+
+def offline_latest(offline_dir: Path, user_ids: Sequence[int] | None = None) -> pd.DataFrame:
+    """The latest behaviour + profile row per user, read in bulk from the offline parquet files.
+
+    For the nightly refresh: one row per user (its newest snapshot), columns user_id,
+    event_timestamp, the sequence features, seq_len and the profile ints.
+    """
+    behavior = pads.dataset(offline_dir / BEHAVIOR_FILE)
+    latest = pa.compute.max(behavior.to_table(columns=["event_timestamp"])["event_timestamp"])
+    flt = pads.field("event_timestamp") == latest
+    if user_ids is not None:
+        flt = flt & pads.field("user_id").isin(pa.array(np.asarray(user_ids, dtype=np.int64)))
+    b = behavior.to_table(filter=flt).to_pandas()
+    p = pq.read_table(offline_dir / PROFILE_FILE, columns=["user_id", *PROFILE_FEATURES])
+    p_df = p.to_pandas().drop_duplicates("user_id", keep="last")
+    return b.merge(p_df, on="user_id", how="left").sort_values("user_id", ignore_index=True)
