@@ -139,10 +139,19 @@ def encoder_figures(r: dict[str, Any], refs: dict[str, Any]) -> list[Figure]:
 
 
 def data_figures(r: dict[str, Any], refs: dict[str, Any]) -> list[Figure]:
+    """bench/data_gen.py: generation + point-in-time tables; no external reference exists, so
+    the figures stand alone (events/s and peak memory)."""
     out = []
-    for k, v in r.items():
-        if isinstance(v, int | float) and ("seconds" in k or "per_s" in k or "rss" in k):
-            out.append(Figure("data", k, float(v), "", "-", None))
+    events, total = _num(r, "events"), _num(r, "total_s")
+    if events and total:
+        out.append(
+            Figure(
+                "data", f"synthetic events/s to feature tables ({r.get('users')} users)",
+                events / total, "events/s", "-", None,
+            )
+        )  # fmt: skip
+    if _num(r, "peak_rss_gib") is not None:
+        out.append(Figure("data", "peak RSS", _num(r, "peak_rss_gib"), "GiB", "-", None))
     return out
 
 
@@ -182,36 +191,67 @@ def moe_scaling_figures(r: dict[str, Any], refs: dict[str, Any]) -> list[Figure]
 class Suite:
     name: str
     script: str
-    args: tuple[str, ...]
-    smoke_args: tuple[str, ...]
+    presets: dict[str, tuple[str, ...]]  # full / quick / smoke -> the script's arguments
     timeout_s: int
     figures: Callable[[dict[str, Any], dict[str, Any]], list[Figure]]
 
 
+PRESETS: tuple[str, ...] = ("full", "quick", "smoke")
 SUITES: tuple[Suite, ...] = (
     Suite(
-        "serving", "serving.py", ("--users", "20000"),
-        ("--users", "200", "--feast-users", "100", "--scale", "0.02", "--no-feast-serve"),
+        "serving", "serving.py",
+        {
+            "full": ("--users", "20000"),
+            "quick": ("--users", "20000", "--scale", "0.25", "--rss-requests", "20000"),
+            "smoke": ("--users", "200", "--feast-users", "100", "--scale", "0.02",
+                      "--no-feast-serve", "--rss-requests", "0"),
+        },
         1800, serving_figures,
     ),
     Suite(
-        "refresh", "refresh.py", ("--users", "200000"),
-        ("--users", "2000", "--ort-seconds", "0.3", "--part-rows", "1000", "--batch-size", "256"),
-        1800, refresh_figures,
+        "refresh", "refresh.py",
+        {
+            "full": ("--users", "1000000"),
+            "quick": ("--users", "50000", "--ort-seconds", "2"),
+            "smoke": ("--users", "2000", "--ort-seconds", "0.3", "--part-rows", "1000",
+                      "--batch-size", "256"),
+        },
+        3600, refresh_figures,
     ),
     Suite(
         # 1 thread: under load 2 torch threads collapse (OpenMP spin-waits), ORT much less.
-        "encoder", "encoder.py", ("--batches", "1,64,512", "--threads", "1"),
-        ("--batches", "1,16", "--seconds", "0.2", "--sequence-length", "12", "--threads", "1"),
+        "encoder", "encoder.py",
+        {
+            "full": ("--batches", "1,64,512", "--threads", "1"),
+            "quick": ("--batches", "1,64,512", "--threads", "1", "--seconds", "1"),
+            "smoke": ("--batches", "1,16", "--seconds", "0.2", "--sequence-length", "12",
+                      "--threads", "1"),
+        },
         900, encoder_figures,
     ),
-    Suite("data", "data_gen.py", ("--users", "100000"), ("--users", "2000"), 900, data_figures),
     Suite(
-        "training", "train_speed.py", ("--users", "5000"),
-        ("--users", "500", "--steps", "3", "--batch-size", "32"), 1200, training_figures,
+        "data", "data_gen.py",
+        {"full": ("--users", "1000000"), "quick": ("--users", "100000"), "smoke": ("--users", "2000")},
+        1800, data_figures,
     ),
-    Suite("moe_scaling", "perf.py", ("--role", "train-speed"), ("--role", "train-speed", "--smoke"),
-          900, moe_scaling_figures),
+    Suite(
+        "training", "train_speed.py",
+        {
+            "full": ("--users", "5000"),
+            "quick": ("--users", "2000", "--steps", "10"),
+            "smoke": ("--users", "500", "--steps", "3", "--batch-size", "32"),
+        },
+        1800, training_figures,
+    ),
+    Suite(
+        "moe_scaling", "perf.py",
+        {
+            "full": ("--role", "train-speed"),
+            "quick": ("--role", "train-speed"),
+            "smoke": ("--role", "train-speed", "--smoke"),
+        },
+        900, moe_scaling_figures,
+    ),
 )  # fmt: skip
 
 
@@ -223,10 +263,10 @@ def last_json(stdout: str) -> dict[str, Any]:
     raise ValueError("no JSON object line in the output")
 
 
-def run_suite(suite: Suite, smoke: bool) -> dict[str, Any]:
+def run_suite(suite: Suite, preset: str) -> dict[str, Any]:
     """Run one area script; -> {"ok", "seconds", "result" | "error"}."""
     script = BENCH / suite.script
-    args = list(suite.smoke_args if smoke else suite.args)
+    args = list(suite.presets[preset])
     if not script.exists():
         return {"ok": False, "error": f"bench/{suite.script} not found", "seconds": 0.0}
     cmd = [sys.executable, str(script), *args]
@@ -405,6 +445,10 @@ def train_speed(smoke: bool, threads: int) -> dict[str, Any]:
 # --- report ------------------------------------------------------------------------------------
 
 
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         BEGIN,
@@ -417,8 +461,8 @@ def markdown(report: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for f in report["figures"]:
-        v = "n/a" if f["value"] is None else f"{f['value']:,.0f}"
-        rv = "" if f["reference_value"] is None else f"{f['reference_value']:,.0f}"
+        v = "n/a" if f["value"] is None else _fmt(f["value"])
+        rv = "" if f["reference_value"] is None else _fmt(f["reference_value"])
         ratio = "" if f["ratio"] is None else f"{f['ratio']:.3f}"
         lines.append(
             f"| {f['suite']} | {f['name']} | {v} {f['unit']} | {f['reference']} | {rv} | {ratio} |"
@@ -446,7 +490,8 @@ def write_section(md: str, path: Path = BENCHMARKS_MD) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--role", default="suite", choices=["suite", "train-speed"])
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, plumbing only")
+    ap.add_argument("--smoke", action="store_true", help="= --preset smoke: plumbing only")
+    ap.add_argument("--preset", default="full", choices=PRESETS, help="sizes (see SUITES)")
     ap.add_argument(
         "--only", default=None, help="comma list of suites: " + ",".join(s.name for s in SUITES)
     )
@@ -456,12 +501,26 @@ def main(argv: list[str] | None = None) -> int:
         "--write-md", action="store_true", help="replace the perf section of BENCHMARKS.md"
     )
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    ap.add_argument("--render", type=Path, default=None, help="only rewrite the md from a report")
     args = ap.parse_args(argv)
+    if args.render:  # re-render a saved report (figures recomputed from the raw results)
+        saved = json.loads(args.render.read_text())
+        figs = [
+            f
+            for s in SUITES
+            if saved["suites"].get(s.name, {}).get("ok")
+            for f in s.figures(saved["suites"][s.name]["result"], saved["references"])
+        ]
+        saved["figures"] = [f.to_dict() for f in figs]
+        args.render.write_text(json.dumps(saved, indent=2) + "\n")
+        write_section(markdown(saved))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.role == "train-speed":
         print(json.dumps(train_speed(args.smoke, args.threads)))
         return 0
 
+    preset = "smoke" if args.smoke else args.preset
     wanted = set(args.only.split(",")) if args.only else {s.name for s in SUITES}
     unknown = wanted - {s.name for s in SUITES}
     if unknown:
@@ -469,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     load = round(os.getloadavg()[0], 2)
     refs: dict[str, Any] = {}
     if "serving" in wanted:
-        n = 2_000 if args.smoke else args.redis_requests
+        n = 2_000 if preset == "smoke" else args.redis_requests
         refs["redis_benchmark"] = redis_benchmark((1, 16, 64), n)
         logger.info("redis-benchmark GET req/s: %s", refs["redis_benchmark"])
     suites: dict[str, Any] = {}
@@ -477,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     for suite in SUITES:
         if suite.name not in wanted:
             continue
-        res = run_suite(suite, args.smoke)
+        res = run_suite(suite, preset)
         suites[suite.name] = res
         if res["ok"]:
             figs = suite.figures(res["result"], refs)
@@ -494,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(
             ["python bench/perf.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "smoke": args.smoke,
+        "preset": preset,
         "load_average_1m": load,
         "references": refs,
         "figures": [f.to_dict() for f in figures],
@@ -502,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.write_md and not args.smoke:
+    if args.write_md and preset != "smoke":
         write_section(markdown(report))
     print(json.dumps(report))
     return 0

@@ -283,9 +283,10 @@ def run_dataset(
     log_path: Path,
     resume: bool,
     seed_list: tuple[int, ...] | None = None,
+    model_list: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Train every (model, seed) of one data set; seed_list: only these seeds (the others
-    must come from the log), so several processes can share one benchmark."""
+    """Train every (model, seed) of one data set; seed_list / model_list: only these seeds /
+    models (the rest must come from the log), so several processes can share one benchmark."""
     from trainer.train import train
 
     t0 = time.perf_counter()
@@ -296,10 +297,12 @@ def run_dataset(
     heldout = [f for f in spec.heldout_profile_features if f in probe_part.columns]
     done = load_done(log_path, name, qc) if resume else {}
     seeds = tuple(range(qc.seeds))
-    runs = [r for r in plan(tuple(spec.tasks), seeds) if seed_list is None or r[1] in seed_list]
-    records = [
-        rec for key, rec in done.items() if seed_list is not None and key[1] not in seed_list
+    runs = [
+        r
+        for r in plan(tuple(spec.tasks), seeds)
+        if (seed_list is None or r[1] in seed_list) and (model_list is None or r[0] in model_list)
     ]
+    records = [rec for key, rec in done.items() if key not in runs and (seed_list or model_list)]
     started = time.perf_counter()
     n_new = 0
     for i, (model, seed) in enumerate(runs):
@@ -463,10 +466,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         BEGIN,
         "",
-        f"Generated {report['generated']} by `{report['command']}`; training and evaluating "
-        f"all runs took {sum(d['train_seconds_total'] for d in report['datasets']) / 60:.0f} "
-        f"min of wall time on this shared 2-core machine ({qc['threads']} torch thread per "
-        "process).",
+        f"Generated {report['generated']} by `{report['command']}`. The per-run wall times "
+        f"(train + evaluate + probe) add up to "
+        f"{sum(d['train_seconds_total'] for d in report['datasets']) / 60:.0f} min on this "
+        f"shared 2-core machine ({qc['threads']} torch thread per process; runs may have gone "
+        "in parallel processes).",
         "",
         f"Budget, identical for every model: {qc['steps']} steps max, batch {qc['batch_size']}, "
         f"AdamW lr {qc['lr']}, validation every {qc['eval_every']} steps, early stop after "
@@ -592,6 +596,7 @@ def run(
     resume: bool,
     write_md: bool,
     seed_list: tuple[int, ...] | None = None,
+    model_list: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Run (or, with resume and a complete log, just render) the benchmark."""
     import torch
@@ -603,8 +608,12 @@ def run(
     datasets = []
     with tempfile.TemporaryDirectory(prefix="userembed-quality-") as tmp:
         for name in qc.datasets:
-            datasets.append(run_dataset(name, qc, Path(tmp), log_path, resume, seed_list))
-    if seed_list is not None:  # a share of the seeds: the full render comes later (--resume)
+            datasets.append(
+                run_dataset(name, qc, Path(tmp), log_path, resume, seed_list, model_list)
+            )
+    if (
+        seed_list is not None or model_list is not None
+    ):  # a share of the seeds: the full render comes later (--resume)
         return {"total_seconds": round(time.perf_counter() - t0, 1), "datasets": datasets}
     suffix = "_smoke" if qc.smoke else ""
     report = {
@@ -655,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--val-users", type=int, default=3_000)
     ap.add_argument("--seed-list", default=None, help="comma list: train only these seeds")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--models", default=None, help="comma list: train only these (single:<task>)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default bench/results (smoke: a temp dir)"
+    )
     ap.add_argument("--resume", action="store_true", help="skip runs in the JSONL log")
     ap.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; never writes BENCHMARKS.md")
@@ -681,10 +693,21 @@ def main(argv: list[str] | None = None) -> int:
             qc, seeds=1, users=300, steps=4, batch_size=32, eval_every=2,
             sequence_length=12, embedding_dim=16, user_dim=16, smoke=True,
         )  # fmt: skip
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="quality-smoke-")) if args.smoke else RESULTS
     seed_list = None if args.seed_list is None else tuple(int(x) for x in args.seed_list.split(","))
-    report = run(qc, args.out, args.resume, not (args.smoke or args.no_md), seed_list)
-    if seed_list is not None:
-        print(json.dumps({"total_seconds": report["total_seconds"], "seeds": list(seed_list)}))
+    model_list = None if args.models is None else tuple(args.models.split(","))
+    report = run(qc, args.out, args.resume, not (args.smoke or args.no_md), seed_list, model_list)
+    if seed_list is not None or model_list is not None:
+        print(
+            json.dumps(
+                {
+                    "total_seconds": report["total_seconds"],
+                    "seeds": args.seed_list,
+                    "models": args.models,
+                }
+            )
+        )
         return 0
     print(json.dumps(headline(report)))
     return 0

@@ -64,9 +64,15 @@ def measure(users: int, steps: int, batch_size: int, num_experts: int, top_k: in
         model = shard_model(model, ctx)
     inner = unwrap(model)
     opt = torch.optim.AdamW(inner.dense_arch.parameters(), lr=1e-3)
-    batches = iterate_batches(split, cfg.model.input_spec, batch_size, 0, ctx.rank, ctx.world_size)
+
+    def batches():  # type: ignore[no-untyped-def]
+        for epoch in range(10**6):  # as many epochs as the steps need
+            yield from iterate_batches(
+                split, cfg.model.input_spec, batch_size, epoch, ctx.rank, ctx.world_size
+            )
+
     times = []
-    for i, b in enumerate(batches):
+    for i, b in enumerate(batches()):
         if i >= steps + 5:
             break
         t0 = time.perf_counter()
@@ -93,18 +99,24 @@ def main() -> None:
     p.add_argument("--users", type=int, default=5000)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, force=True)
     if args.worker:  # one process of the torchrun run
+        import torch
+
+        torch.set_num_threads(1)
         r = measure(args.users, args.steps, args.batch_size, 4, 2)
         if int(os.environ.get("RANK", "0")) == 0:
             Path(args.out).write_text(json.dumps(r))
         return
     import torch
 
-    torch.set_num_threads(2)
+    # One thread per process: on a shared 2-core box more threads oversubscribe (spin-waits),
+    # and world size 2 then compares 2 processes x 1 thread with 1 process x 1 thread.
+    torch.set_num_threads(args.threads)
     ws1 = measure(args.users, args.steps, args.batch_size, 4, 2)
     e16 = measure(args.users, args.steps, args.batch_size, 16, 2)
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ from embed_server.errors import REDIS_OUTAGE, as_unavailable
 from embed_server.metrics import ServerMetrics
 from embed_server.model_manager import ModelManager, ServingModel
 from embed_server.online_features import OnlineFeatureSource
+from embed_server.redis_reads import READ_SCRIPT, PipelinedRedis, ReadCoalescer
 from embed_server.settings import ServerSettings
 from userembed.errors import (
     BackendUnavailableError,
@@ -45,17 +46,6 @@ from userembed.vectors import (
 )
 
 logger = logging.getLogger(__name__)
-
-# One round trip for a micro-batch of stored reads on a single Redis server: the script reads
-# each vector hash. Redis Cluster rejects multi-key scripts across slots: set
-# `redis_script_reads: 0` there, which falls back to a pipeline of one HMGET per key.
-_READ_SCRIPT = """
-local out = {}
-for i, k in ipairs(KEYS) do
-  out[i] = redis.call('HMGET', k, unpack(ARGV))
-end
-return out
-"""
 
 STORED = "stored"
 COMPUTED = "computed"
@@ -102,7 +92,20 @@ class EmbeddingLookup:
         opts = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
         self.redis = aioredis.from_url(settings.redis_url, **opts)
         self.redis_sync = redis.Redis.from_url(settings.redis_url, **opts)
-        self._read_script = self.redis.register_script(_READ_SCRIPT)
+        self._read_script = self.redis.register_script(READ_SCRIPT)
+        # Stored reads (the hot path) go through a lean pipelined connection when the URL allows
+        # it (redis_reads.py); otherwise, and on Redis Cluster, through redis.asyncio.
+        self._fast: PipelinedRedis | None = None
+        self._coalescer: ReadCoalescer | None = None
+        if settings.redis_script_reads and PipelinedRedis.supports(settings.redis_url):
+            self._fast = PipelinedRedis(settings.redis_url, 2.0, 5.0)
+            self._coalescer = ReadCoalescer(
+                self._fast,
+                VECTOR_FIELDS,
+                max_keys=max(settings.batch_size, 256),
+                on_batch=self.metrics.batch_size.labels("stored_read").observe,
+            )
+        self._counters: dict[tuple[str, str], Any] = {}  # prometheus children, looked up once
         self._keys: dict[str, VectorKeys] = {}
         self._pointers: dict[str, _Pointer] = {}
         self._registered: set[tuple[str, str]] = set()
@@ -122,13 +125,16 @@ class EmbeddingLookup:
         self._compute: dict[str, MicroBatcher[tuple[ServingModel, str, str], Embedding]] = {}
 
     async def start(self) -> None:
-        self._stored.start()
+        if self._coalescer is None:
+            self._stored.start()
 
     async def close(self) -> None:
         await self._stored.close()
         for b in self._compute.values():
             await b.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._fast is not None:
+            self._fast.close()
         await self.redis.aclose()
         self.redis_sync.close()
 
@@ -173,6 +179,8 @@ class EmbeddingLookup:
         keys = self.keys(model)
         names = [keys.vector(ev, uid) for uid in user_ids]
         try:
+            if self._coalescer is not None:
+                return await self._coalescer.read_many([n.encode() for n in names])
             if self.settings.redis_script_reads:
                 return list(await self._read_script(keys=names, args=VECTOR_FIELDS))
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -332,14 +340,27 @@ class EmbeddingLookup:
         self.check_user_id(user_id)
         ev = self.serving_version(model)
         if not force:
-            row = await self._stored.submit((model.name, ev, user_id), deadline)
+            if self._coalescer is not None:
+                try:
+                    key = self.keys(model.name).vector(ev, user_id).encode()
+                    row = await self._coalescer.read(key)
+                except REDIS_OUTAGE as e:
+                    raise as_unavailable("redis", e) from e
+            else:
+                row = await self._stored.submit((model.name, ev, user_id), deadline)
             emb = self._stored_embedding(model, ev, user_id, row)
             if emb is not None:
-                self.metrics.vectors.labels(model.name, STORED).inc()
+                self._counter(model.name, STORED).inc()
                 return emb
         emb = await self._compute_batcher(model.name).submit((model, ev, user_id), deadline)
-        self.metrics.vectors.labels(model.name, COMPUTED).inc()
+        self._counter(model.name, COMPUTED).inc()
         return emb
+
+    def _counter(self, model: str, source: str) -> Any:
+        c = self._counters.get((model, source))
+        if c is None:
+            c = self._counters[model, source] = self.metrics.vectors.labels(model, source)
+        return c
 
     async def get_many(
         self, model_name: str, user_ids: Sequence[str], force: bool, deadline: float | None
@@ -368,7 +389,7 @@ class EmbeddingLookup:
                     misses.append(i)
                 else:
                     out[i] = emb
-            self.metrics.vectors.labels(model.name, STORED).inc(len(todo) - len(misses))
+            self._counter(model.name, STORED).inc(len(todo) - len(misses))
             todo = misses
         if todo:
             try:
@@ -388,5 +409,5 @@ class EmbeddingLookup:
                     elif isinstance(r, BaseException):
                         raise r
                 n_ok = sum(isinstance(r, Embedding) for r in results)
-                self.metrics.vectors.labels(model.name, COMPUTED).inc(n_ok)
+                self._counter(model.name, COMPUTED).inc(n_ok)
         return model, out  # type: ignore[return-value]

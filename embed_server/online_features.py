@@ -79,9 +79,13 @@ class FeastFeatureSource:
             raise as_unavailable("feature store", e) from e
         columns = {n: list(resp[n]) for n in names}
         n = len(entity_ids)
-        found = [any(columns[c][i] is not None for c in names) for i in range(n)]
-        ts = [
-            max((int(resp.get(f"{c}__ts", [0] * n)[i] or 0) for c in names), default=0) * 1000
-            for i in range(n)
-        ]
-        return FeatureRows(columns=columns, found=found, feature_ts_ms=ts)
+        # column-wise (one pass per feature, not per user x feature): this runs per micro-batch
+        found = [False] * n
+        for c in names:
+            found = [f or v is not None for f, v in zip(found, columns[c], strict=True)]
+        ts = [0] * n
+        for c in names:
+            col = resp.get(f"{c}__ts")
+            if col is not None:
+                ts = [max(t, int(v or 0)) for t, v in zip(ts, col, strict=True)]
+        return FeatureRows(columns=columns, found=found, feature_ts_ms=[t * 1000 for t in ts])

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 
 from embed_server._proto import embedding_service_pb2 as pb
 from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
@@ -42,18 +41,38 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             response = await method(self, request, context)
         except asyncio.CancelledError:  # client cancelled or its deadline passed
-            self.metrics.requests.labels(name, grpc.StatusCode.CANCELLED.name).inc()
+            self._count(name, grpc.StatusCode.CANCELLED.name).inc()
             raise
         except Exception as e:
             code, message = status_of(e)
-            self.metrics.requests.labels(name, code.name).inc()
-            self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            self._count(name, code.name).inc()
+            self._timer(name).observe(time.perf_counter() - t0)
             await context.abort(code, message)
-        self.metrics.requests.labels(name, "OK").inc()
-        self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+        self._count(name, "OK").inc()
+        self._timer(name).observe(time.perf_counter() - t0)
         return response
 
     return wrapper
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _packed_floats(field_number: int, raw: bytes) -> bytes:
+    """The wire form of a packed `repeated float` field holding `raw` (little-endian f32
+    bytes): tag, length, the bytes. Merging it into a message fills the field in C, about 100x
+    faster than extend(list of floats) for 100 x 64 floats."""
+    return _varint(field_number << 3 | 2) + _varint(len(raw)) + raw
+
+
+_VECTOR = pb.UserEmbedding.DESCRIPTOR.fields_by_name["vector"].number
+_VECTORS = pb.PackedEmbeddings.DESCRIPTOR.fields_by_name["vectors"].number
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -64,7 +83,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 def _fill(msg: pb.UserEmbedding, e: Embedding, with_vector: bool = True) -> None:
     msg.user_id = e.user_id
     if with_vector:
-        msg.vector.extend(e.vector.tolist())
+        msg.MergeFromString(_packed_floats(_VECTOR, e.vector.astype("<f4", copy=False).tobytes()))
     msg.model_name = e.model_name
     msg.model_version = e.model_version
     msg.embedding_version = e.embedding_version
@@ -85,6 +104,21 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
         self.manager = manager
         self.metrics = metrics
         self._is_draining = is_draining
+        # prometheus children looked up once (labels() costs a lock and a dict per call)
+        self._counts: dict[tuple[str, str], Any] = {}
+        self._timers: dict[str, Any] = {}
+
+    def _count(self, method: str, code: str) -> Any:
+        c = self._counts.get((method, code))
+        if c is None:
+            c = self._counts[method, code] = self.metrics.requests.labels(method, code)
+        return c
+
+    def _timer(self, method: str) -> Any:
+        t = self._timers.get(method)
+        if t is None:
+            t = self._timers[method] = self.metrics.latency.labels(method)
+        return t
 
     def _check_serving(self) -> None:
         if self._is_draining():
@@ -141,7 +175,7 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
         hits = [r for r in results if isinstance(r, Embedding)]
         if len(hits) == len(results):  # the common case: no per-id error
             rows = [r.vector.astype("<f4", copy=False).tobytes() for r in hits]
-            p.vectors.extend(np.frombuffer(b"".join(rows), dtype="<f4").tolist())  # (N * D,)
+            p.MergeFromString(_packed_floats(_VECTORS, b"".join(rows)))  # (N * D,)
             p.codes.extend([0] * len(hits))
             p.messages.extend([""] * len(hits))
             p.sources.extend([_SOURCE.get(r.source, pb.COMPUTED) for r in hits])
@@ -167,7 +201,7 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
                 p.embedding_versions.append("")
                 p.computed_at_ms.append(0)
                 p.feature_timestamp_ms.append(0)
-        p.vectors.extend(np.frombuffer(b"".join(rows), dtype="<f4").tolist())  # (N * D,)
+        p.MergeFromString(_packed_floats(_VECTORS, b"".join(rows)))  # (N * D,)
 
     @rpc
     async def ListModels(

@@ -54,7 +54,7 @@ class ServerSettings:
     max_user_id_length: int = 128
     batch_size: int = 64  # micro-batch: most users per feature read + encoder run
     batch_wait_ms: float = 2.0  # micro-batch: longest wait for a batch to fill
-    compute_workers: int = 1  # micro-batches computed at once (each: features + encoder)
+    compute_workers: int = 2  # micro-batches computed at once (features overlap the encoder)
     queue_size: int = 4096  # pending users per model before RESOURCE_EXHAUSTED
     drain_grace_s: float = 10.0  # on SIGTERM: NOT_SERVING, finish in-flight calls, then stop
 

@@ -19,14 +19,13 @@ from trainer.moe import DenseFFN, RouterStats, SparseMoeBlock
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a key padding mask, written out for clean ONNX export."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError("embedding_dim must be divisible by num_heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         b, s, d = x.shape
@@ -36,7 +35,9 @@ class SelfAttention(nn.Module):
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / (d // h) ** 0.5
         # -1e9 rather than -inf: fully padded rows stay finite (CLS keeps one key valid anyway).
         scores = scores.masked_fill(~valid[:, None, None, :], -1e9)
-        attn = self.dropout(torch.softmax(scores, dim=-1))
+        # No dropout on the (B, H, S, S) probabilities: it was the costliest op of a CPU step;
+        # the residual branches keep theirs.
+        attn = torch.softmax(scores, dim=-1)
         y = torch.einsum("bhqk,bhkd->bhqd", attn, v).permute(0, 2, 1, 3).reshape(b, s, d)
         return self.out(y)
 
@@ -46,7 +47,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         d = cfg.embedding_dim
         self.norm1 = nn.LayerNorm(d)
-        self.attn = SelfAttention(d, cfg.num_heads, cfg.dropout)
+        self.attn = SelfAttention(d, cfg.num_heads)
         self.norm2 = nn.LayerNorm(d)
         self.use_moe = use_moe
         self.ffn: nn.Module = (

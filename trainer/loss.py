@@ -61,6 +61,7 @@ class TaskLoss(nn.Module):
         w = torch.ones(num_tasks) if weights is None else torch.tensor(weights, dtype=torch.float)
         if w.shape != (num_tasks,):
             raise ValueError(f"task_weights needs {num_tasks} values")
+        self.weights: Tensor
         self.register_buffer("weights", w)
         self.log_vars = nn.Parameter(torch.zeros(num_tasks)) if weighting == "uncertainty" else None
 

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from userembed.errors import UserEmbedError
@@ -44,13 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries that log routine chatter at INFO (Feast's registry cache, TorchRec's plans and
+# fbgemm's library loads, which come through the root logger): WARNING unless --verbose.
+_CHATTY_LOGGERS = ("feast", "torchrec", "fbgemm_gpu", "ray", "urllib3")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else os.environ.get("USEREMBED_LOG_LEVEL", "INFO")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
+    # torch / fbgemm deprecation notices say nothing a user of the CLI can act on.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else os.environ.get("USEREMBED_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         rc = args.func(args)
     except UserEmbedError as e:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
 
-DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
+DTYPES: dict[str, np.dtype[Any]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
 VECTOR_FIELDS = ("vector", "dtype", "model_version", "computed_at", "feature_ts")
 
 STATUS_BUILDING = "building"
@@ -84,7 +85,8 @@ class VectorStore:
     """Versioned user vectors of one model in Redis (one server or a cluster client)."""
 
     def __init__(self, client: redis.Redis, model: str, ttl_s: int | None = 7 * 24 * 3600) -> None:
-        self.r = client
+        # Any: redis-py types every command as "result | Awaitable[result]" (sync and asyncio).
+        self.r: Any = client
         self.keys = VectorKeys(model)
         self.ttl_s = ttl_s
 
@@ -188,9 +190,9 @@ class VectorStore:
         """Pipelined read; None where a user has no vector in `ev`."""
         pipe = self.r.pipeline(transaction=False)
         for uid in user_ids:
-            pipe.hmget(self.keys.vector(ev, str(uid)), VECTOR_FIELDS)
+            pipe.hmget(self.keys.vector(ev, str(uid)), list(VECTOR_FIELDS))
         out: list[StoredVector | None] = []
-        for uid, vals in zip(user_ids, pipe.execute()):
+        for uid, vals in zip(user_ids, pipe.execute(), strict=True):
             vec, dt, mv, at, fts = vals
             if vec is None:
                 out.append(None)

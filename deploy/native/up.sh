@@ -9,6 +9,7 @@
 #
 # Environment (defaults): USEREMBED_HOME (./var), REDIS_URL (redis://127.0.0.1:6379/0),
 # USEREMBED_SOURCE (synthetic), USEREMBED_USERS (5000), TRAIN_NPROC (1), TRAIN_MAX_STEPS (300),
+# TRAIN_ARGS (more `userembed train` flags, e.g. "--batch-size 64"), TRAIN_RUN_ID (native),
 # USEREMBED_GRPC_PORT (50051; 0 = any free port), USEREMBED_METRICS_PORT (9464; -1 = off),
 # EMBED_USER_ID (42), USEREMBED_BIN (.venv/bin/userembed).
 set -euo pipefail
@@ -22,6 +23,7 @@ SOURCE=${USEREMBED_SOURCE:-synthetic}
 USERS=${USEREMBED_USERS:-5000}
 NPROC=${TRAIN_NPROC:-1}
 MAX_STEPS=${TRAIN_MAX_STEPS:-300}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 GRPC_PORT=${USEREMBED_GRPC_PORT:-50051}
 METRICS_PORT=${USEREMBED_METRICS_PORT:-9464}
 EMBED_USER_ID=${EMBED_USER_ID:-42}
@@ -71,7 +73,8 @@ ue feast materialize
 # 3. Train (torchrun when TRAIN_NPROC > 1), then export + publish (alias latest).
 say "train ($NPROC process(es), $MAX_STEPS steps) and export"
 # `train` writes $USEREMBED_HOME/runs/<run id>/, which `export` reads.
-ue train --run-id "$RUN_ID" --nproc "$NPROC" --max-steps "$MAX_STEPS"
+# shellcheck disable=SC2086  # TRAIN_ARGS: more `userembed train` flags, split on spaces
+ue train --run-id "$RUN_ID" --nproc "$NPROC" --max-steps "$MAX_STEPS" $TRAIN_ARGS
 ue export --run "$USEREMBED_HOME/runs/$RUN_ID" --model-name supermoe
 
 # 4. Server in the background; healthy once the model is loaded.

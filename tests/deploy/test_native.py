@@ -165,7 +165,8 @@ def test_up_serves_an_embedding_then_down_leaves_nothing_running(tmp_path: Path)
         f"redis://127.0.0.1:{_free_port()}/0",
         USEREMBED_USERS="400",
         TRAIN_NPROC="1",
-        TRAIN_MAX_STEPS="30",
+        TRAIN_MAX_STEPS="4",
+        TRAIN_ARGS="--batch-size 32 --eval-every 4 --num-layers 1 --embedding-dim 8",
         EMBED_USER_ID="7",
     )
     state = home / "native"

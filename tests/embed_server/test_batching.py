@@ -1,13 +1,16 @@
-"""The micro-batcher: batching, bounded queue, and skipping work nobody waits for."""
+"""The micro-batcher (batching, bounded queue, skipping work nobody waits for) and the stored-read
+coalescer (one Redis round trip per event-loop turn)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+import redis
 
 from embed_server.batching import MicroBatcher
-from embed_server.errors import DeadlineExceededError
+from embed_server.errors import REDIS_OUTAGE, DeadlineExceededError
+from embed_server.redis_reads import PipelinedRedis, ReadCoalescer
 from userembed.errors import OverloadedError
 
 
@@ -116,5 +119,42 @@ def test_process_failure_reaches_every_caller_and_worker_survives():
             await b.submit(1)
         assert await b.submit(2) == 2
         await b.close()
+
+    run(main())
+
+
+def test_concurrent_stored_reads_share_one_redis_round_trip_in_order(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    for k in ("a", "b", "c"):
+        r.hset(f"k:{k}", mapping={"vector": f"v-{k}", "dtype": "f32"})
+    batches: list[int] = []
+
+    async def main():
+        conn = PipelinedRedis(redis_url)
+        reads = ReadCoalescer(conn, ("vector", "dtype"), on_batch=batches.append)
+        together = await asyncio.gather(*(reads.read(f"k:{k}".encode()) for k in "abxc"))
+        alone = await reads.read(b"k:b")
+        conn.close()
+        return together, alone
+
+    together, alone = run(main())
+    assert together == [[b"v-a", b"f32"], [b"v-b", b"f32"], [None, None], [b"v-c", b"f32"]]
+    assert alone == [b"v-b", b"f32"]
+    assert batches == [4, 1]
+
+
+def test_stored_reads_fail_as_connection_errors_while_redis_is_down(redis_url, redis_server):
+    async def main():
+        conn = PipelinedRedis(redis_url, connect_timeout_s=1.0, timeout_s=2.0)
+        reads = ReadCoalescer(conn, ("vector",))
+        assert await reads.read(b"nope") == [None]
+        redis_server.stop()
+        try:
+            with pytest.raises(REDIS_OUTAGE):
+                await reads.read(b"nope")
+        finally:
+            redis_server.start()
+        assert await reads.read(b"nope") == [None]  # reconnected by itself
+        conn.close()
 
     run(main())

@@ -75,6 +75,21 @@ def test_stored_vector_of_loaded_model_version_is_returned(
     np.testing.assert_array_equal(e.vector, vec)
 
 
+def test_packed_batch_of_stored_vectors_returns_exact_floats_in_request_order(
+    start_server, v1, redis_url
+):
+    store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
+    vecs = np.random.default_rng(0).normal(size=(3, DIM)).astype(np.float32)
+    store.create_version("ev1", v1)
+    store.write("ev1", ["1", "2", "3"], vecs, v1)
+    store.publish("ev1")
+    srv = start_server()
+    with EmbeddingClient(f"127.0.0.1:{srv.port}") as c:
+        res = c.batch_get(["3", "1", "2", "3"], packed=True)
+    assert [r.source for r in res] == ["stored"] * 4
+    np.testing.assert_array_equal(np.stack([r.vector for r in res]), vecs[[2, 0, 1, 2]])
+
+
 def test_vectors_of_another_model_version_are_never_served(start_server, v1, redis_url, features):
     store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
     store.create_version("old", "some-older-version")

@@ -1,0 +1,111 @@
+"""Tiny runs of the benchmark commands, so they cannot rot. Not in CI (minutes on 2 busy cores):
+
+    USEREMBED_BENCH_SMOKE=1 .venv/bin/pytest tests/bench -q
+
+Each command runs as a subprocess exactly as documented and must end with one JSON line.
+No assertion is on speed: only that every figure and its reference were measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("USEREMBED_BENCH_SMOKE") != "1",
+    reason="benchmark smoke runs: set USEREMBED_BENCH_SMOKE=1",
+)
+
+
+def _bench_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args: list[str], timeout: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_quality_smoke_reports_every_model_with_seesaw_and_probes(tmp_path: Path) -> None:
+    md = ROOT / "BENCHMARKS.md"
+    before = md.read_text() if md.exists() else None
+    out = _run(
+        ["bench/quality.py", "--smoke", "--dataset", "synthetic", "--out", str(tmp_path)], 600
+    )
+    quality = _bench_module("quality")
+    models = out["synthetic"]
+    assert set(models) == {"single_task", *quality.MULTI_TASK_MODELS}
+    for name in quality.MULTI_TASK_MODELS:
+        assert 0.0 <= models[name]["avg_auc"] <= 1.0
+        assert 0 <= models[name]["seesaw"] <= 4  # four synthetic tasks
+        assert set(models[name]["probe"]) == {"gender", "occupation"}
+    report = json.loads((tmp_path / "quality_smoke.json").read_text())
+    assert report["datasets"][0]["bayes_auc"].keys() == {"click", "purchase", "churn", "explore"}
+    assert (tmp_path / "quality_smoke.png").stat().st_size > 0
+    assert (md.read_text() if md.exists() else None) == before  # smoke never edits the doc
+
+
+def test_quality_section_is_replaced_on_rerun_and_the_rest_kept(tmp_path: Path) -> None:
+    quality = _bench_module("quality")
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\nhand-written intro\n")
+    quality.write_section(quality.BEGIN + "\nfirst\n" + quality.END, doc)
+    quality.write_section(quality.BEGIN + "\nsecond\n" + quality.END, doc)
+    text = doc.read_text()
+    assert "hand-written intro" in text and "second" in text and "first" not in text
+    assert text.count(quality.END) == 1
+
+
+def test_probe_finds_an_attribute_written_into_the_vectors_and_not_a_random_one() -> None:
+    quality = _bench_module("quality")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 2000)
+    x = rng.normal(size=(2000, 8))
+    x[:, 0] += 2.0 * (y == 1)
+    x[:, 1] += 2.0 * (y == 2)
+    fit = np.arange(2000) % 2 == 0
+    assert quality.probe_auc(x, y, fit) > 0.85
+    assert abs(quality.probe_auc(x, rng.integers(0, 2, 2000), fit) - 0.5) < 0.06
+
+
+def test_seesaw_counts_tasks_below_single_task_by_more_than_the_margin() -> None:
+    quality = _bench_module("quality")
+    single = [
+        {"model": f"single:{t}", "seed": 0, "test_auc": {t: 0.8}, "seconds": 1, "steps": 1}
+        for t in ("a", "b", "c")
+    ]
+    multi = {"model": "mmoe", "seed": 0, "seconds": 1, "steps": 1, "probe_auc": {}}
+    multi["test_auc"] = {"a": 0.81, "b": 0.796, "c": 0.79}  # c is 0.01 below, b only 0.004
+    summary = quality.summarise([*single, multi], ("a", "b", "c"), [])
+    assert summary["mmoe"]["seesaw"] == {"count": 1, "tasks": ["c"]}
+
+
+def test_perf_smoke_reports_each_figure_beside_its_reference(tmp_path: Path) -> None:
+    suites = "encoder,moe_scaling,refresh,data"
+    out = _run(["bench/perf.py", "--smoke", "--only", suites], 900)
+    assert all(s["ok"] for s in out["suites"].values()), out["suites"]
+    by_suite: dict[str, list[dict]] = {}
+    for f in out["figures"]:
+        by_suite.setdefault(f["suite"], []).append(f)
+    for suite in ("encoder", "moe_scaling", "refresh"):
+        assert by_suite[suite], suite
+        for f in by_suite[suite]:
+            assert f["value"] > 0 and f["reference_value"] > 0 and f["ratio"] > 0, f

@@ -1,0 +1,45 @@
+"""`userembed train` end to end: data build -> feast apply -> Feast training frame -> run dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from userembed import cli
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> Path:
+    monkeypatch.setenv("USEREMBED_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.delenv("USEREMBED_OFFLINE_DIR", raising=False)
+    monkeypatch.delenv("USEREMBED_FEAST_REGISTRY", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.mark.slow
+def test_train_command_reads_the_feast_frame_and_writes_the_run_dir(home: Path, capsys) -> None:
+    assert cli.main(["data", "build", "--source", "synthetic", "--users", "300"]) == 0
+    assert cli.main(["feast", "apply"]) == 0
+    argv = ["train", "--run-id", "r1", "--engine", "feast", "--max-steps", "20",
+            "--batch-size", "64", "--eval-every", "10", "--embedding-dim", "16",
+            "--num-experts", "4", "--num-experts-per-tok", "1"]  # fmt: skip
+    assert cli.main(argv) == 0
+    run = home / "runs" / "r1"
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["test"]) == {"click", "purchase", "churn", "explore"}
+    cfg = json.loads((run / "train_config.json").read_text())
+    assert cfg["model"]["moe"]["num_experts_per_tok"] == 1
+    assert [f["name"] for f in cfg["model"]["input_spec"]["profile_features"]] == [
+        "age_bucket",
+        "region",
+    ]
+    assert (run / "model.pt").is_file()
+    assert "run r1: 20 steps" in capsys.readouterr().out
+
+
+def test_resume_without_run_id_is_one_line_error(home: Path, capsys) -> None:
+    assert cli.main(["train", "--resume"]) == 2
+    assert "--resume needs --run-id" in capsys.readouterr().err
