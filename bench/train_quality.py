@@ -69,13 +69,23 @@ def run_one(
 
 
 def bench_dataset(
-    name: str, frame: pd.DataFrame, spec: Any, workdir: Path, single_task: bool, **options: Any
+    name: str,
+    frame: pd.DataFrame,
+    spec: Any,
+    workdir: Path,
+    single_task: bool,
+    plain_loss: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
     tasks = tuple(spec.tasks)
     profile = tuple(spec.model_profile_features)
     L = spec.sequence_length
     multi = run_one(frame, tasks, profile, L, workdir / f"{name}-multi", **options)
-    plain = run_one(frame, tasks, profile, L, workdir / f"{name}-plain", loss="plain", **options)
+    plain: dict[str, float] = {}
+    if plain_loss:
+        plain = run_one(
+            frame, tasks, profile, L, workdir / f"{name}-plain", loss="plain", **options
+        )
     single: dict[str, float] = {}
     if single_task:
         for t in tasks:
@@ -84,7 +94,7 @@ def bench_dataset(
             ]
     rows = {}
     for t in tasks:
-        row = {"multi": multi[t], "plain": plain[t], "single": single.get(t)}
+        row = {"multi": multi[t], "plain": plain.get(t), "single": single.get(t)}
         if spec.bayes_auc:
             row["bayes"] = float(spec.bayes_auc[t])
             row["gap_to_bayes"] = row["bayes"] - multi[t]
@@ -98,8 +108,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--users", type=int, default=100_000)
     p.add_argument("--max-steps", type=int, default=1500)
+    p.add_argument("--eval-every", type=int, help="default: max(50, max_steps // 6)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-single-task", action="store_true")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain-loss comparison run")
     p.add_argument("--skip-movielens", action="store_true")
     p.add_argument("--threads", type=int, default=1)  # 2 oversubscribes a shared 2-core box
     args = p.parse_args()
@@ -115,7 +127,7 @@ def main() -> None:
     options = dict(
         max_steps=args.max_steps,
         batch_size=args.batch_size,
-        eval_every=max(50, args.max_steps // 6),
+        eval_every=args.eval_every or max(50, args.max_steps // 6),
         checkpoint_every=10**9,
         patience=3,
     )
@@ -128,13 +140,25 @@ def main() -> None:
         events, users, labels, spec = generate_synthetic(args.users, seed=0)
         frame = frame_from_tables(events, users, labels, spec)
         out["synthetic"] = bench_dataset(
-            "synthetic", frame, spec, Path(tmp), not args.no_single_task, **options
+            "synthetic",
+            frame,
+            spec,
+            Path(tmp),
+            not args.no_single_task,
+            not args.no_plain,
+            **options,
         )
         if not args.skip_movielens:
             events, users, labels, spec = load_movielens()
             frame = frame_from_tables(events, users, labels, spec)
             out["movielens"] = bench_dataset(
-                "movielens", frame, spec, Path(tmp), not args.no_single_task, **options
+                "movielens",
+                frame,
+                spec,
+                Path(tmp),
+                not args.no_single_task,
+                not args.no_plain,
+                **options,
             )
     bars: dict[str, Any] = {}
     syn = out["synthetic"]["tasks"]

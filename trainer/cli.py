@@ -7,6 +7,7 @@ function called from it. Heavy imports (torch, torchrec, feast) stay inside the 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -109,5 +110,74 @@ def _add_train(subparsers: Any) -> None:
     p.set_defaults(func=_train)
 
 
+def _add_export(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a trained run to ONNX, check parity, publish to the model registry",
+    )
+    p.add_argument("--run", required=True, help="run dir holding model.pt (or the model.pt)")
+    p.add_argument("--model-name", default="supermoe", help="registry model name")
+    p.add_argument("--registry-root", default=None, help="default: $USEREMBED_REGISTRY_ROOT")
+    p.add_argument("--fp16", action="store_true", help="add an fp16 variant (cosine >= 0.999)")
+    p.add_argument("--int8", action="store_true", help="add an int8 dynamic-quantised variant")
+    p.add_argument(
+        "--external-data-threshold-mb",
+        type=float,
+        default=1536.0,
+        help="store tensors as ONNX external data when the weights exceed this (default 1536)",
+    )
+    p.add_argument(
+        "--heldout",
+        default=None,
+        help="held-out rows for parity: .npz of encoded inputs or a training-frame .parquet "
+        "(default: <run>/heldout_inputs.npz, else random rows)",
+    )
+    p.add_argument("--max-abs-diff", type=float, default=1e-4, help="parity bar (user vector)")
+    p.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        help="also point this alias (e.g. prod) at the new version; repeatable",
+    )
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from trainer.export import export_model
+
+    variants = ("fp32",) + (("fp16",) if args.fp16 else ()) + (("int8",) if args.int8 else ())
+    result = export_model(
+        args.run,
+        args.registry_root,
+        args.model_name,
+        variants,
+        heldout=args.heldout,
+        external_data_threshold_mb=args.external_data_threshold_mb,
+        max_abs_diff=args.max_abs_diff,
+        aliases=("latest", *args.alias),
+    )
+    fp32 = result.parity["fp32"]
+    print(f"published {result.manifest.model_name}/{result.version} to {result.registry_root}")
+    for case in ("heldout", "crafted", "batch1", "half_length"):
+        print(
+            f"  fp32 {case}: max |onnxruntime - torch| {fp32[case]['user_vector_max_abs_diff']:.2e}"
+        )
+    print(f"  torchrec vs exported encoder: {fp32['torchrec_vs_export_max_abs_diff']:.2e}")
+    for name in variants[1:]:
+        print(f"  {name}: min cosine to fp32 {result.parity[name]['cosine_to_fp32_min']:.6f}")
+    summary = {
+        "model": result.manifest.model_name,
+        "version": result.version,
+        "variants": list(variants),
+        "user_vector_max_abs_diff": max(
+            fp32[c]["user_vector_max_abs_diff"] for c in ("heldout", "crafted", "batch1")
+        ),
+    }
+    print(json.dumps(summary))  # last line: one JSON object, for scripts
+    return 0
+
+
 def register(subparsers: Any) -> None:
     _add_train(subparsers)
+    _add_export(subparsers)

@@ -34,7 +34,7 @@ class ModelConfig:
     num_heads: int = 4
     dropout: float = 0.1
     user_dim: int = 64  # V: the universal user vector
-    tower_hidden: int = 32
+    tower_hidden: int = 64
     moe: MoEConfig = field(default_factory=MoEConfig)
     # Which dense arch follows the tables: 'supermoe' (DenseArch) or a trainer/baselines.py arch
     # ('shared_bottom', 'mmoe', 'ple'), for the quality benchmark. See model.build_dense_arch.
@@ -62,8 +62,8 @@ class TrainConfig:
     model: ModelConfig
     seed: int = 0
     batch_size: int = 256
-    max_steps: int = 600
-    eval_every: int = 100
+    max_steps: int = 1500
+    eval_every: int = 150
     checkpoint_every: int = 100
     patience: int = 3  # evaluations without validation mean-AUC gain before stopping; 0 = off
     lr: float = 2e-3  # AdamW, dense parameters

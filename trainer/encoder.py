@@ -2,11 +2,15 @@
 
 Sum of the sequence feature embeddings + learned recency position -> a learned CLS token in
 front (always a real key, so users with empty histories get a finite vector) -> pre-norm
-transformer blocks with a MoE FFN -> masked mean over CLS + events, concatenated with the
-profile embeddings -> projection to V dims -> L2 normalisation.
+transformer blocks with a MoE FFN -> read-out: masked mean over CLS + events, the CLS output,
+the log event count and each sequence feature's own bag (mean raw embedding + its squared
+norm), concatenated with the profile embeddings -> projection to V dims ->
+L2 normalisation.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +36,11 @@ class SelfAttention(nn.Module):
         h = self.num_heads
         qkv = self.qkv(x).reshape(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, B, H, S, dh)
         q, k, v = qkv.unbind(0)
-        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / (d // h) ** 0.5
-        # -1e9 rather than -inf: fully padded rows stay finite (CLS keeps one key valid anyway).
-        scores = scores.masked_fill(~valid[:, None, None, :], -1e9)
-        # No dropout on the (B, H, S, S) probabilities: it was the costliest op of a CPU step;
-        # the residual branches keep theirs.
-        attn = torch.softmax(scores, dim=-1)
-        y = torch.einsum("bhqk,bhkd->bhqd", attn, v).permute(0, 2, 1, 3).reshape(b, s, d)
+        # Fused SDPA: on CPU the written-out einsum/softmax/masked_fill was ~60% of a training
+        # step. Boolean mask, True = may attend; CLS keeps one key valid per row, so no row is
+        # fully masked (which would give NaN). No dropout on the attention probabilities.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        y = y.permute(0, 2, 1, 3).reshape(b, s, d)  # (B, S, D)
         return self.out(y)
 
 
@@ -84,8 +86,11 @@ class EncoderArch(nn.Module):
         )
         self.final_norm = nn.LayerNorm(d)
         n_profile = len(spec.profile_features)
+        self.log_max_events = math.log1p(spec.sequence_length)
+        n_seq = len(self.sequence_names)
+        # Read-out: masked mean + CLS output + log event count + per-feature bags, then profile.
         self.project = nn.Sequential(
-            nn.Linear(d * (1 + n_profile), 2 * cfg.user_dim),
+            nn.Linear(2 * d + 1 + n_seq * (d + 1) + d * n_profile, 2 * cfg.user_dim),
             nn.GELU(),
             nn.Linear(2 * cfg.user_dim, cfg.user_dim),
         )
@@ -98,6 +103,15 @@ class EncoderArch(nn.Module):
         for name in self.sequence_names[1:]:
             x = x + seq_emb[name]
         b, length, d = x.shape
+        # Wide path: each sequence feature's own bag (masked mean of its raw embeddings) and the
+        # bag's squared norm. With near-orthogonal category rows the norm is sum_c p_c^2, the
+        # concentration of the category shares: diversity (explore) the summed tokens blur.
+        m = mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1)
+        n_events = m.sum(dim=1).clamp(min=1.0)  # (B, 1)
+        bags = []
+        for name in self.sequence_names:
+            bag = (seq_emb[name] * m).sum(dim=1) / n_events  # (B, D)
+            bags += [bag, (bag * bag).sum(dim=-1, keepdim=True)]  # (B, D), (B, 1)
         x = x + self.position.weight[:length].unsqueeze(0)  # (B, L, D)
         x = torch.cat([self.cls.expand(b, 1, d), x], dim=1)  # (B, 1+L, D)
         valid = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, 1+L)
@@ -108,6 +122,12 @@ class EncoderArch(nn.Module):
                 stats.append(s)
         x = self.final_norm(x)
         w = valid.to(x.dtype).unsqueeze(-1)  # (B, 1+L, 1)
-        pooled = (x * w).sum(dim=1) / w.sum(dim=1)  # (B, D); >= 1 valid (CLS)
-        features = torch.cat([pooled, profile_emb.reshape(b, -1)], dim=-1)  # (B, D*(1+P))
+        count = w.sum(dim=1)  # (B, 1) events + CLS, >= 1
+        pooled = (x * w).sum(dim=1) / count  # (B, D)
+        # The mean hides how many events there were (activity drives click/churn/explore) and
+        # the CLS output carries what attention gathered (e.g. category spread), so both go in.
+        log_events = torch.log(count) / self.log_max_events  # (B, 1) log(1 + n events), ~[0, 1]
+        features = torch.cat(
+            [pooled, x[:, 0], log_events, *bags, profile_emb.reshape(b, -1)], dim=-1
+        )  # (B, 2D + 1 + S*(D+1) + P*D)
         return F.normalize(self.project(features), dim=-1), stats

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # area not built yet in this checkout
+            # The area's package is absent (e.g. an image without trainer/): skip its commands.
+            # Anything else missing is a real error and propagates.
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
                 continue
             raise
         module.register(sub)
