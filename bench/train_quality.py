@@ -80,6 +80,10 @@ def bench_dataset(
     tasks = tuple(spec.tasks)
     profile = tuple(spec.model_profile_features)
     L = spec.sequence_length
+    # Small data (MovieLens: ~5 steps an epoch) overfits within one max_steps // 6 interval:
+    # evaluate at least once an epoch so early stopping and best-model selection can act.
+    epoch_steps = max(1, int((frame["split"] == "train").sum()) // options["batch_size"])
+    options = {**options, "eval_every": max(5, min(options["eval_every"], epoch_steps))}
     multi = run_one(frame, tasks, profile, L, workdir / f"{name}-multi", **options)
     plain: dict[str, float] = {}
     if plain_loss:

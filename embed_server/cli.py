@@ -155,6 +155,7 @@ def _health(args: argparse.Namespace) -> int:
         with EmbeddingClient(args.target, timeout_s=5.0) as c:
             status = c.health(args.service)
     except grpc.RpcError as e:
-        return _rpc_error(e)
+        _rpc_error(e)
+        return 1  # health-check convention (Docker, Kubernetes exec probes): 1 = unhealthy
     print(status)
     return 0 if status == "SERVING" else 1

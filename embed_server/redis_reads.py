@@ -133,6 +133,10 @@ class PipelinedRedis:
                     await self._send(proto, encode_command(*auth, kw["password"].encode()))
                 if kw.get("db"):
                     await self._send(proto, encode_command(b"SELECT", str(kw["db"]).encode()))
+            except redis.ResponseError as e:
+                # Wrong password or db: for the caller this Redis is unusable, i.e. UNAVAILABLE.
+                self._drop(proto)
+                raise redis.ConnectionError(f"redis refused AUTH/SELECT: {e}") from e
             except BaseException:
                 self._drop(proto)
                 raise

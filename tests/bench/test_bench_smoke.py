@@ -1,6 +1,6 @@
-"""Tiny runs of the benchmark commands, so they cannot rot. Not in CI (minutes on 2 busy cores):
+"""Tiny runs of the benchmark commands, so they cannot rot (part of the suite and of CI):
 
-    USEREMBED_BENCH_SMOKE=1 .venv/bin/pytest tests/bench -q
+    .venv/bin/pytest tests/bench -q
 
 Each command runs as a subprocess exactly as documented and must end with one JSON line.
 No assertion is on speed: only that every figure and its reference were measured.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("USEREMBED_BENCH_SMOKE") != "1",
-    reason="benchmark smoke runs: set USEREMBED_BENCH_SMOKE=1",
-)
+pytestmark = pytest.mark.slow
 
 
 def _bench_module(name: str) -> Any:
