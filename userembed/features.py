@@ -22,7 +22,12 @@ BEHAVIOR_VIEW = "user_behavior"
 PROFILE_VIEW = "user_profile"
 
 # Behaviour sequence features (Feast Array(Int64)), oldest event first.
-SEQUENCE_FEATURES: tuple[str, ...] = ("item_seq", "category_seq", "event_type_seq", "gap_bucket_seq")
+SEQUENCE_FEATURES: tuple[str, ...] = (
+    "item_seq",
+    "category_seq",
+    "event_type_seq",
+    "gap_bucket_seq",
+)
 # Profile attributes (Feast Int64). A model declares which of them it uses.
 PROFILE_FEATURES: tuple[str, ...] = ("age_bucket", "gender", "occupation", "region")
 SEQ_LEN_FEATURE = "seq_len"
@@ -120,7 +125,9 @@ def encode_inputs(rows: Mapping[str, Sequence[Any]], spec: InputSpec) -> dict[st
     n = len(next(iter(rows.values()))) if rows else 0
     profile = np.zeros((n, len(spec.profile_features)), dtype=np.int64)
     for j, f in enumerate(spec.profile_features):
-        col = np.array([-1 if v is None or v != v else int(v) for v in rows[f.name]], dtype=np.int64)
+        col = np.array(
+            [-1 if v is None or v != v else int(v) for v in rows[f.name]], dtype=np.int64
+        )
         profile[:, j] = hash_ids(col, f.num_embeddings)
     out["profile"] = profile
     return out

@@ -75,7 +75,9 @@ def validate_table(df: pd.DataFrame, columns: tuple[Column, ...], source: str) -
 
 
 def validate_users(df: pd.DataFrame, profile_features: tuple[str, ...], source: str) -> None:
-    validate_table(df, USER_COLUMNS + tuple(Column(f, "int", "profile") for f in profile_features), source)
+    validate_table(
+        df, USER_COLUMNS + tuple(Column(f, "int", "profile") for f in profile_features), source
+    )
 
 
 def validate_labels(df: pd.DataFrame, source: str) -> None:

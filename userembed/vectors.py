@@ -123,7 +123,12 @@ class VectorStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(
             self.keys.meta(ev),
-            mapping={"model_version": model_version, "created_at": created, "status": STATUS_BUILDING, "users": 0},
+            mapping={
+                "model_version": model_version,
+                "created_at": created,
+                "status": STATUS_BUILDING,
+                "users": 0,
+            },
         )
         pipe.zadd(self.keys.versions, {ev: created}, nx=True)
         pipe.execute()

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Runs the test suite: lint, then pytest. Tests start their own Redis servers on free ports
-# (tests/conftest.py), so nothing here depends on a Redis already running.
+# Runs the test suite: lint (ruff check, ruff format --check), types (mypy on the packages), then
+# pytest. Tests start their own Redis servers on free ports (tests/conftest.py), so nothing here
+# depends on a Redis already running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy userembed embed_server trainer
+# One math thread per process: the suite runs several torch / onnxruntime processes at once on
+# small machines, and oversubscribed thread pools slow them by orders of magnitude.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest -q -ra "$@"
