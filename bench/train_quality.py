@@ -83,7 +83,14 @@ def bench_dataset(
     # Small data (MovieLens: ~5 steps an epoch) overfits within one max_steps // 6 interval:
     # evaluate at least once an epoch so early stopping and best-model selection can act.
     epoch_steps = max(1, int((frame["split"] == "train").sum()) // options["batch_size"])
-    options = {**options, "eval_every": max(5, min(options["eval_every"], epoch_steps))}
+    if epoch_steps < options["eval_every"]:
+        # ... and let warm-up and patience be counted in epochs too, not in the large-data steps.
+        options = {
+            **options,
+            "eval_every": max(5, epoch_steps),
+            "warmup_steps": 2 * max(5, epoch_steps),
+            "patience": 6,
+        }
     multi = run_one(frame, tasks, profile, L, workdir / f"{name}-multi", **options)
     plain: dict[str, float] = {}
     if plain_loss:
@@ -98,10 +105,15 @@ def bench_dataset(
             ]
     rows = {}
     for t in tasks:
-        row = {"multi": multi[t], "plain": plain.get(t), "single": single.get(t)}
+        row: dict[str, float | None] = {
+            "multi": multi[t],
+            "plain": plain.get(t),
+            "single": single.get(t),
+        }
         if spec.bayes_auc:
-            row["bayes"] = float(spec.bayes_auc[t])
-            row["gap_to_bayes"] = row["bayes"] - multi[t]
+            bayes = float(spec.bayes_auc[t])
+            row["bayes"] = bayes
+            row["gap_to_bayes"] = bayes - multi[t]
         if t in single:
             row["multi_minus_single"] = multi[t] - single[t]
         rows[t] = row

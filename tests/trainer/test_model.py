@@ -44,6 +44,24 @@ def test_users_with_empty_history_get_finite_unit_vectors(setup) -> None:  # typ
     model.eval()
 
 
+def test_padding_positions_never_reach_the_user_vector(setup) -> None:  # type: ignore[no-untyped-def]
+    # Attention mask, pooled mean, CLS read-out and per-feature bags must all ignore padding:
+    # garbage in padded slots (e.g. a non-zero padding row) must not move any user's vector.
+    _, cfg, model, _ = setup
+    g = torch.Generator().manual_seed(0)
+    b, length, d = 6, cfg.input_spec.sequence_length, cfg.embedding_dim
+    mask = torch.arange(length)[None, :] < torch.tensor([0, 1, 3, 5, 8, length])[:, None]
+    names = [f.name for f in cfg.input_spec.sequence_features]
+    seq = {n: torch.randn(b, length, d, generator=g) for n in names}
+    profile = torch.randn(b, len(cfg.input_spec.profile_features), d, generator=g)
+    noisy = {n: torch.where(mask[..., None], t, 100 * torch.randn_like(t)) for n, t in seq.items()}
+    dense = model.dense_arch.eval()
+    with torch.no_grad():
+        clean_out = dense(seq, mask, profile)
+        noisy_out = dense(noisy, mask, profile)
+    torch.testing.assert_close(noisy_out.user_vector, clean_out.user_vector, atol=1e-5, rtol=0)
+
+
 def test_table_weights_feed_plain_embeddings_to_the_same_outputs(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The export path: nn.Embedding tables + DenseArch == SuperMoEModel, and ONNX agrees."""
     ort = pytest.importorskip("onnxruntime")
