@@ -591,6 +591,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import redis
 
     from userembed import feast_ops
+    from userembed.local_redis import redis_server_argv
     from userembed.vectors import VectorStore
 
     root = Path(tempfile.mkdtemp(prefix="userembed-bench-"))
@@ -605,22 +606,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         port = free_port()
-        redis_proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(root),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        redis_proc = subprocess.Popen(redis_server_argv(port, root), stdout=subprocess.DEVNULL)
         url = f"redis://127.0.0.1:{port}/0"
         r = redis.Redis.from_url(url)
         for _ in range(100):

@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -53,42 +52,22 @@ def ensure_redis(url: str, start: bool) -> str:
     """Ping Redis at `url`; when nothing answers on a local address, start redis-server there."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    from userembed.local_redis import redis_server_argv, wait_until_up
+
     try:
-        client.ping()
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
         return "already running"
     except redis.ConnectionError as e:
         parsed = urlparse(url)
         host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
-        exe = shutil.which("redis-server")
-        if not start or host not in ("127.0.0.1", "localhost") or exe is None:
+        if not start or host not in ("127.0.0.1", "localhost"):
             raise BackendUnavailableError(
                 f"no Redis answers at {url} (start one, or set REDIS_URL)"
             ) from e
-        subprocess.run(
-            [
-                exe,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "yes",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        for _ in range(50):
-            try:
-                client.ping()
-                return f"started redis-server on port {port}"
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        raise BackendUnavailableError(f"redis-server did not come up on port {port}") from e
+        argv = redis_server_argv(port, None, "--daemonize", "yes")
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        wait_until_up(url)
+        return f"started redis-server on port {port}"
 
 
 def _start_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy import sources
+from userembed.local_redis import redis_server_argv
 
 UP = sources.NATIVE / "up.sh"
 DOWN = sources.NATIVE / "down.sh"
@@ -86,27 +87,10 @@ def test_down_stops_the_server_and_the_redis_that_up_started(tmp_path: Path) -> 
     state = home / "native"
     state.mkdir(parents=True)
     port = _free_port()
-    subprocess.run(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "yes",
-            "--pidfile",
-            str(state / "redis.pid"),
-            "--dir",
-            str(state),
-        ],
-        check=True,
-        timeout=30,
+    argv = redis_server_argv(
+        port, state, "--daemonize", "yes", "--pidfile", str(state / "redis.pid")
     )
+    subprocess.run(argv, check=True, timeout=30)
     # A stand-in server, detached like up.sh's (its parent shell exits at once), so that this
     # test process does not keep it as a zombie.
     out = subprocess.run(
