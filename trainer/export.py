@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
-from trainer.model import FINAL_CHECKPOINT, DenseOutput, load_final
+from trainer.model import FINAL_CHECKPOINT, HELDOUT_INPUTS, DenseOutput, load_final
 from trainer.moe import ExpertFFN, SparseMoeBlock
 from trainer.tables import table_name
 from userembed.errors import DataNotFoundError, InvalidInputError, UserEmbedError
@@ -52,7 +52,7 @@ MAX_ABS_DIFF = 1e-4  # user vector, onnxruntime vs PyTorch
 FP16_MIN_COSINE = 0.999
 OPSET = 17
 DEFAULT_EXTERNAL_DATA_THRESHOLD_MB = 1536.0  # protobuf refuses files over 2 GB
-HELDOUT_FILE = "heldout_inputs.npz"  # optional in a run dir: encoded held-out rows
+HELDOUT_FILE = HELDOUT_INPUTS  # optional in a run dir: encoded held-out rows (train writes it)
 REPORT_FILE = "report.json"
 CONFIG_FILES = ("train_config.json", "config.json")
 REPORT_METRIC_KEYS = ("test", "expert_load", "steps", "best_step", "stopped_early")

@@ -25,6 +25,7 @@ from trainer.tables import SparseArch, table_name
 logger = logging.getLogger(__name__)
 
 FINAL_CHECKPOINT = "model.pt"
+HELDOUT_INPUTS = "heldout_inputs.npz"  # encoded test rows: the export's parity inputs
 
 
 @dataclass

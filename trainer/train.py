@@ -42,7 +42,13 @@ from trainer.distributed import (
     unwrap,
 )
 from trainer.loss import TaskLoss
-from trainer.model import FINAL_CHECKPOINT, SuperMoEModel, load_unsharded, save_final
+from trainer.model import (
+    FINAL_CHECKPOINT,
+    HELDOUT_INPUTS,
+    SuperMoEModel,
+    load_unsharded,
+    save_final,
+)
 from trainer.report import task_metrics, write_report
 from userembed.errors import InvalidInputError
 
@@ -339,6 +345,11 @@ def train(
     if ctx.is_main:
         final = run_dir / FINAL_CHECKPOINT
         save_final(final, mcfg, state["best_tables"], state["best_dense"])
+        # Real held-out rows for the export's onnxruntime-vs-torch parity check.
+        keep = np.arange(min(len(test_split), 512))
+        heldout = {name: seq[keep] for name, seq in test_split.sequences.items()}
+        heldout["profile"] = test_split.profile[keep]
+        np.savez(run_dir / HELDOUT_INPUTS, **heldout)  # type: ignore[arg-type]
         best = load_unsharded(final)
         best_ctx = DistContext()
         probs, loads = predict(best, test_split, cfg, best_ctx)
