@@ -28,13 +28,22 @@ class OnnxEncoder:
     """Runs encoder inputs (`userembed.features.encode_inputs`) -> user vectors (B, D) float32."""
 
     def __init__(
-        self, source: bytes | str | Path, dim: int, intra_op_threads: int = 2, name: str = ""
+        self,
+        source: bytes | str | Path,
+        dim: int,
+        intra_op_threads: int = 2,
+        name: str = "",
+        allow_spinning: bool = True,
     ) -> None:
-        """`source`: ONNX bytes or a path (registry `LoadedModel.session_source()`)."""
+        """`source`: ONNX bytes or a path (registry `LoadedModel.session_source()`).
+        `allow_spinning=False`: idle intra-op threads sleep instead of busy-waiting, for callers
+        that share the cores with their own Python work between runs (the batch refresh)."""
         name = name or (str(source) if not isinstance(source, bytes) else "<onnx bytes>")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+        if not allow_spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self.session = ort.InferenceSession(

@@ -53,7 +53,12 @@ class PartWorker:
         m = loaded.manifest
         self.spec = m.input_spec
         self.encoder = OnnxEncoder(
-            loaded.session_source(), m.vector.dim, job.intra_op_threads, name=m.ref
+            loaded.session_source(),
+            m.vector.dim,
+            job.intra_op_threads,
+            name=m.ref,
+            # spinning threads would take the cores from encode_arrow, the writer and Redis
+            allow_spinning=False,
         )
         self.source = OfflineSource(job.offline_dir, self.spec)
         self.store = VectorStore(redis.Redis.from_url(job.redis_url), job.model, job.ttl_s)
@@ -86,7 +91,10 @@ class PartWorker:
         pending: Future[None] | None = None
         for a in range(0, len(rows), self.job.batch_size):
             idx = rows[a : a + self.job.batch_size]
-            batch = table.take(pa.array(idx))
+            if idx[-1] - idx[0] == len(idx) - 1:  # contiguous rows (a full refresh): no copy
+                batch = table.slice(int(idx[0]), len(idx))
+            else:
+                batch = table.take(pa.array(idx))
             vectors = self.encoder.run(encode_arrow(batch, self.spec))  # (B, D)
             finite = np.isfinite(vectors).all(axis=1)
             nonfinite += int((~finite).sum())

@@ -133,23 +133,35 @@ def encode_inputs(rows: Mapping[str, Sequence[Any]], spec: InputSpec) -> dict[st
     return out
 
 
+def _hash_flat(values: np.ndarray, num_embeddings: int) -> np.ndarray:
+    """`hash_ids` of a flat id array; ids already inside the table (the usual case: tables are
+    sized from the data) take the cheap `id + 1` path instead of an int64 modulo."""
+    if len(values) and values.min() >= 0 and values.max() < num_embeddings - 1:
+        return values + 1
+    return hash_ids(values, num_embeddings)
+
+
 def _tail_padded(
     values: np.ndarray, offsets: np.ndarray, valid: np.ndarray, length: int
 ) -> np.ndarray:
-    """Flat list storage -> (B, length) int64: the last `length` items of each row, -1 padded.
+    """Flat list storage -> (B, length) int64: the last `length` items of each row, 0 padded.
 
     `values[offsets[i]:offsets[i+1]]` is row i (Arrow ListArray layout); rows not `valid`
-    (null lists) are all padding.
+    (null lists) are all padding. `values` are already hashed (padding index 0), so only the
+    kept tails are gathered: about half the (B, L) cells for typical lengths.
     """
     starts, ends = offsets[:-1], offsets[1:]
     n = np.where(valid, np.minimum(ends - starts, length), 0)  # (B,)
-    first = ends - n  # (B,) start of the kept tail
-    cols = np.arange(length, dtype=np.int64)  # (L,)
-    keep = cols[None, :] < n[:, None]  # (B, L)
-    if len(values) == 0:
-        return np.full(keep.shape, -1, dtype=np.int64)
-    pos = np.minimum(first[:, None] + cols[None, :], len(values) - 1)  # (B, L)
-    return np.where(keep, values[pos], -1)
+    out = np.zeros((len(n), length), dtype=np.int64)
+    total = int(n.sum())
+    if total == 0:
+        return out
+    keep = np.arange(length, dtype=np.int64)[None, :] < n[:, None]  # (B, L), row-major = tails
+    # flat index of each kept item: row i's tail is values[ends[i]-n[i] : ends[i]]
+    row_first = np.cumsum(n) - n  # (B,) position of row i's tail in the kept order
+    idx = np.arange(total, dtype=np.int64) + np.repeat(ends - n - row_first, n)  # (total,)
+    out[keep] = values[idx]
+    return out
 
 
 def encode_arrow(columns: Mapping[str, Any], spec: InputSpec) -> dict[str, np.ndarray]:
@@ -172,8 +184,9 @@ def encode_arrow(columns: Mapping[str, Any], spec: InputSpec) -> dict[str, np.nd
         offsets = arr.offsets.to_numpy().astype(np.int64)  # absolute indices into arr.values
         values = pc.fill_null(arr.values, -1).to_numpy(zero_copy_only=False).astype(np.int64)
         valid = arr.is_valid().to_numpy(zero_copy_only=False)
-        padded = _tail_padded(values, offsets, valid, spec.sequence_length)
-        out[f.name] = hash_ids(padded, f.num_embeddings)
+        # hash the flat values first (fewer cells than (B, L)); padding is index 0
+        hashed = _hash_flat(values, f.num_embeddings)
+        out[f.name] = _tail_padded(hashed, offsets, valid, spec.sequence_length)
     if not spec.sequence_features and spec.profile_features:
         n_rows = len(column(spec.profile_features[0].name))
     profile = np.zeros((n_rows, len(spec.profile_features)), dtype=np.int64)

@@ -53,6 +53,11 @@ class EmbeddingVersion:
     users: int
 
 
+def _bulk(x: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(x), x)
+
+
 def encode_vector(vector: np.ndarray, dtype: str = "f32") -> bytes:
     return np.ascontiguousarray(vector, dtype=DTYPES[dtype]).tobytes()
 
@@ -174,7 +179,10 @@ class VectorStore:
         assert vectors.ndim == 2 and len(user_ids) == vectors.shape[0]
         at = computed_at_ms if computed_at_ms is not None else now_ms()
         data = np.ascontiguousarray(vectors, dtype=DTYPES[dtype])
-        pipe = self.r.pipeline(transaction=False)
+        if isinstance(self.r, redis.Redis):
+            self._write_packed(ev, user_ids, data, model_version, feature_ts_ms, dtype, at)
+            return
+        pipe = self.r.pipeline(transaction=False)  # Redis Cluster: redis-py routes per slot
         for i, uid in enumerate(user_ids):
             key = self.keys.vector(ev, str(uid))
             pipe.hset(
@@ -190,6 +198,58 @@ class VectorStore:
             if self.ttl_s:
                 pipe.expire(key, self.ttl_s)
         pipe.execute()
+
+    def _write_packed(
+        self,
+        ev: str,
+        user_ids: Sequence[str],
+        data: np.ndarray,  # (N, D) in the stored dtype, C-contiguous
+        model_version: str,
+        feature_ts_ms: Sequence[int] | None,
+        dtype: str,
+        at: int,
+    ) -> None:
+        """The same HSET + EXPIRE commands as the redis-py pipeline, packed as RESP by hand
+        into one buffer and sent on one pooled connection. Why: redis-py spends ~8 us of
+        Python per user packing and parsing two commands, which the batch refresh pays on the
+        cores onnxruntime and Redis share. Single server only (no per-slot routing)."""
+        row = data.shape[1] * data.itemsize
+        buf = memoryview(data.tobytes())  # one copy of the batch, sliced per user without copies
+        head = _bulk(b"HSET")
+        vec_head = _bulk(b"vector") + b"$%d\r\n" % row
+        # fields after the vector, the same for every user except feature_ts' value
+        mid = (
+            b"\r\n"
+            + _bulk(b"dtype")
+            + _bulk(dtype.encode())
+            + _bulk(b"model_version")
+            + _bulk(model_version.encode())
+            + _bulk(b"computed_at")
+            + _bulk(b"%d" % at)
+            + _bulk(b"feature_ts")
+        )
+        expire = _bulk(b"%d" % self.ttl_s) if self.ttl_s else b""
+        prefix = f"ue:{self.keys.model}:{ev}:{{".encode()
+        parts: list[bytes | memoryview] = []
+        for i, uid in enumerate(user_ids):
+            key = _bulk(prefix + str(uid).encode() + b"}")
+            fts = int(feature_ts_ms[i]) if feature_ts_ms is not None else 0
+            parts += (b"*12\r\n", head, key, vec_head, buf[i * row : (i + 1) * row], mid)
+            parts.append(_bulk(b"%d" % fts))
+            if expire:
+                parts += (b"*3\r\n$6\r\nEXPIRE\r\n", key, expire)
+        replies = len(user_ids) * (2 if expire else 1)
+        pool = self.r.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([b"".join(parts)])  # a list: bytes alone is iterated
+            for _ in range(replies):
+                conn.read_response()  # raises the first error reply (ResponseError)
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: never reuse this connection
+            raise
+        finally:
+            pool.release(conn)
 
     def read(self, ev: str, user_ids: Sequence[str]) -> list[StoredVector | None]:
         """Pipelined read; None where a user has no vector in `ev`."""

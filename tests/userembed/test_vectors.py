@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import redis
 
 from userembed.vectors import VectorKeys, VectorStore
@@ -54,3 +55,16 @@ def test_keys_are_cluster_safe() -> None:
     # control keys share one hash tag (one slot, MULTI allowed); vector keys are tagged per user
     assert k.current.count("{supermoe}") == 1 and "{supermoe}" in k.meta("e")
     assert k.vector("e", "42").endswith("{42}")
+
+
+def test_failed_write_raises_and_keeps_the_connection_usable(redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    store = VectorStore(r, "m")
+    r.set(store.keys.vector("e", "2"), "not a hash")  # HSET on it fails with WRONGTYPE
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        store.write("e", ["1", "2", "3"], np.ones((3, 4), np.float32), "v1")
+    assert r.ping()
+    got = store.read("e", ["1", "3"])
+    assert all(g is not None for g in got)  # the rest of the batch was written
+    store.write("e", ["4"], np.ones((1, 4), np.float32), "v1")  # and the store still writes
+    assert store.read("e", ["4"])[0] is not None
