@@ -233,12 +233,3 @@ def push_behavior(store: FeatureStore, rows: pd.DataFrame) -> None:
     df = rows.copy()
     df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
     store.push(PUSH_SOURCE, df, to=PushMode.ONLINE)
-
-
-def offline_latest(
-    user_ids: Sequence[int] | None = None, offline_dir: Path | None = None
-) -> pd.DataFrame:
-    """Newest behaviour + profile row per user from the offline files (nightly refresh)."""
-    from userembed.snapshots import offline_latest as latest
-
-    return latest(offline_dir or paths.offline_dir(), user_ids)
