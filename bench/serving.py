@@ -141,25 +141,13 @@ def synthetic_encoder(spec: Any, hidden: int = DIM, ffn: int = 4 * DIM, layers: 
 def publish_encoder(root: Path, spec: Any) -> tuple[str, Path]:
     import onnx
 
-    from userembed.manifest import FileEntry, Manifest, OnnxVariant, VectorSpec
+    from userembed.manifest import single_onnx_manifest
     from userembed.registry import Registry
 
     staging = root / "staging"
     staging.mkdir(parents=True)
     onnx.save(synthetic_encoder(spec), str(staging / "encoder.onnx"))
-    manifest = Manifest(
-        model_name=MODEL,
-        vector=VectorSpec(dim=DIM, normalization="none"),
-        input_spec=spec,
-        variants=(
-            OnnxVariant(
-                name="fp32",
-                file=FileEntry.of(staging, "encoder.onnx"),
-                inputs=tuple(f.name for f in spec.sequence_features) + ("profile",),
-                outputs=("user_vector",),
-            ),
-        ),
-    )
+    manifest = single_onnx_manifest(MODEL, staging, spec, DIM)
     version = Registry(root / "models").publish(manifest, staging).version
     return version, staging / "encoder.onnx"
 

@@ -180,6 +180,33 @@ class Manifest:
         return _parse(d, source)
 
 
+def single_onnx_manifest(
+    model_name: str,
+    directory: str | Path,
+    input_spec: InputSpec,
+    dim: int,
+    *,
+    filename: str = "encoder.onnx",
+    normalization: str = "none",
+) -> Manifest:
+    """A minimal manifest for one fp32 ONNX file in `directory` (hashed now): outputs
+    `user_vector` only. For hand-built encoders (tests, benchmarks); the exporter writes the
+    full manifest (tasks, metrics, parity, variants)."""
+    return Manifest(
+        model_name=model_name,
+        vector=VectorSpec(dim=dim, normalization=normalization),
+        input_spec=input_spec,
+        variants=(
+            OnnxVariant(
+                name="fp32",
+                file=FileEntry.of(directory, filename),
+                inputs=tuple(f.name for f in input_spec.sequence_features) + ("profile",),
+                outputs=("user_vector",),
+            ),
+        ),
+    )
+
+
 def parse_manifest(text: str | bytes, source: str = "manifest") -> Manifest:
     try:
         d = json.loads(text)

@@ -26,7 +26,7 @@ from userembed.features import (
     FeatureSpec,
     InputSpec,
 )
-from userembed.manifest import FileEntry, Manifest, OnnxVariant, VectorSpec
+from userembed.manifest import single_onnx_manifest
 from userembed.registry import Registry
 
 MODEL = "tiny"
@@ -84,20 +84,7 @@ def publish_tiny(
     d = staging / f"{model}-{seed}-{out_dim}"
     d.mkdir(parents=True, exist_ok=True)
     onnx.save(tiny_encoder(SPEC, DIM, seed, out_dim), str(d / "encoder.onnx"))
-    inputs = tuple(f.name for f in SPEC.sequence_features) + ("profile",)
-    manifest = Manifest(
-        model_name=model,
-        vector=VectorSpec(dim=DIM, normalization="none"),
-        input_spec=SPEC,
-        variants=(
-            OnnxVariant(
-                name="fp32",
-                file=FileEntry.of(d, "encoder.onnx"),
-                inputs=inputs,
-                outputs=("user_vector",),
-            ),
-        ),
-    )
+    manifest = single_onnx_manifest(model, d, SPEC, DIM)
     return registry.publish(manifest, d, aliases=aliases).version
 
 

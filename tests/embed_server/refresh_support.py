@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from embed_server.refresh_source import BEHAVIOR_FILE, PROFILE_FILE
 from tests.embed_server.conftest import DIM, MODEL, SPEC, tiny_encoder
 from userembed.features import hash_ids
-from userembed.manifest import FileEntry, Manifest, OnnxVariant, VectorSpec
+from userembed.manifest import single_onnx_manifest
 from userembed.registry import Registry
 
 T0_MS = 1_760_000_000_000
@@ -86,19 +86,7 @@ def publish_model(registry: Registry, staging: Path, model: onnx.ModelProto, nam
     d = staging / name
     d.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(d / "encoder.onnx"))
-    manifest = Manifest(
-        model_name=MODEL,
-        vector=VectorSpec(dim=DIM, normalization="none"),
-        input_spec=SPEC,
-        variants=(
-            OnnxVariant(
-                name="fp32",
-                file=FileEntry.of(d, "encoder.onnx"),
-                inputs=tuple(f.name for f in SPEC.sequence_features) + ("profile",),
-                outputs=("user_vector",),
-            ),
-        ),
-    )
+    manifest = single_onnx_manifest(MODEL, d, SPEC, DIM)
     return registry.publish(manifest, d).version
 
 
