@@ -1,9 +1,16 @@
 """Sparse mixture-of-experts feed-forward layer (top-1/top-2, Mixtral naming).
 
-Only the chosen experts run for a token: per expert, its tokens are gathered with index_select,
-run through the expert and index_add-ed back, so compute grows with top-k, not num_experts.
-The loop over `self.experts` is static Python, so a traced/exported graph holds every expert
-whether or not the example input reached it; empty token sets are valid (0-row matmuls).
+Only the chosen experts run for a token, so compute grows with top-k, not num_experts. Two
+dispatches compute the same thing:
+- sorted (eager, training and serving in torch): the (token, slot) assignments are sorted by
+  expert once and split by the per-expert counts, one host read of the counts per layer. On a
+  GPU the masked form below waits on the device once per expert (a nonzero each), which made
+  16 experts cost far more than 4 there; bench/moe_gpu.py measures both.
+- masked (while tracing for ONNX export): per expert, torch.where picks its tokens, which
+  index_select gathers and index_add puts back. The counts stay tensors, so the graph keeps a
+  dynamic batch, and the static loop over `self.experts` puts every expert in the graph whether
+  or not the example input reached it; empty token sets are valid (0-row matmuls).
+The export's parity check runs the masked graph against the sorted eager model.
 """
 
 from __future__ import annotations
@@ -69,7 +76,10 @@ def capacity_keep(assign: Tensor, valid: Tensor, capacity: int) -> Tensor:
     n, k, e = assign.shape
     a = assign & valid[:, None, None]  # (N, k, E)
     slot_major = a.permute(1, 0, 2).reshape(k * n, e).to(torch.int64)  # (k*N, E)
-    position = torch.cumsum(slot_major, dim=0) - 1  # queue position at its expert
+    # Queue position at its expert. The scan runs along the last dim of a contiguous (E, k*N):
+    # on a GPU, a scan over dim 0 of the narrow (k*N, E) took 92% of a training step
+    # (bench/moe_gpu.py --profile).
+    position = torch.cumsum(slot_major.t().contiguous(), dim=1).t() - 1
     fits = ((position < capacity) & (slot_major > 0)).any(dim=-1)  # (k*N,)
     return fits.reshape(k, n).permute(1, 0)  # (N, k)
 
@@ -88,6 +98,7 @@ class SparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(
             ExpertFFN(dim, cfg.expert_hidden) for _ in range(cfg.num_experts)
         )
+        self.sorted_dispatch = True  # False: the masked dispatch also in eager (benchmarks)
 
     def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, RouterStats]:
         router_logits = self.gate(x)  # (N, E)
@@ -111,12 +122,10 @@ class SparseMoeBlock(nn.Module):
             )
             keep = keep & capacity_keep(assign, valid, capacity)
 
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token_idx, slot = torch.where((topk_idx == e) & keep)  # possibly empty
-            h = expert(torch.index_select(x, 0, token_idx))  # (n_e, D)
-            w = topk_w[token_idx, slot].unsqueeze(-1)  # (n_e, 1)
-            out = out.index_add(0, token_idx, h * w)
+        if self.sorted_dispatch and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            out = self._dispatch_sorted(x, topk_idx, topk_w, keep)
+        else:
+            out = self._dispatch_masked(x, topk_idx, topk_w, keep)
 
         vf = valid.to(probs.dtype)
         n_assign = (vf.sum() * self.num_experts_per_tok).clamp(min=1.0)
@@ -130,6 +139,30 @@ class SparseMoeBlock(nn.Module):
             z_loss=router_z_loss(router_logits, valid),
         )
         return out, stats
+
+    def _dispatch_masked(self, x: Tensor, topk_idx: Tensor, topk_w: Tensor, keep: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = torch.where((topk_idx == e) & keep)  # possibly empty
+            h = expert(torch.index_select(x, 0, token_idx))  # (n_e, D)
+            w = topk_w[token_idx, slot].unsqueeze(-1)  # (n_e, 1)
+            out = out.index_add(0, token_idx, h * w)
+        return out
+
+    def _dispatch_sorted(self, x: Tensor, topk_idx: Tensor, topk_w: Tensor, keep: Tensor) -> Tensor:
+        k = self.num_experts_per_tok
+        # Dropped and padding assignments get the sentinel expert E, which sorts last.
+        expert_of = torch.where(keep, topk_idx, self.num_experts).reshape(-1)  # (N*k,)
+        order = torch.argsort(expert_of, stable=True)
+        counts = torch.bincount(expert_of, minlength=self.num_experts + 1)
+        sizes = counts[: self.num_experts].tolist()  # the one host read of this layer
+        n_routed = sum(sizes)
+        order = order[:n_routed]
+        token_idx = torch.div(order, k, rounding_mode="floor")  # assignment -> its token
+        chunks = torch.index_select(x, 0, token_idx).split(sizes)
+        h = torch.cat([expert(c) for expert, c in zip(self.experts, chunks, strict=True)])
+        w = topk_w.reshape(-1)[order].unsqueeze(-1)  # (n_routed, 1)
+        return torch.zeros_like(x).index_add(0, token_idx, h * w)
 
 
 class DenseFFN(nn.Module):

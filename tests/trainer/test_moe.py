@@ -108,3 +108,28 @@ def test_every_expert_is_called_in_eval_even_with_no_tokens() -> None:
     assert stats.expert_load.tolist() == [0.0, 0.0, 1.0, 0.0]
     gate_prob = torch.softmax(stats.router_logits[0], -1)[2]
     assert torch.allclose(out, gate_prob * block.experts[2](x), atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_sorted_and_masked_dispatch_agree_with_padding_and_capacity(k: int) -> None:
+    # The sorted dispatch runs in eager training; the masked one is what ONNX export traces.
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=6, num_experts_per_tok=k, capacity_factor=0.75)
+    block = SparseMoeBlock(8, cfg).train()
+    x = torch.randn(40, 8, requires_grad=True)
+    valid = torch.rand(40) > 0.3
+    grads = []
+    outs = []
+    for sorted_dispatch in (True, False):
+        block.sorted_dispatch = sorted_dispatch
+        block.zero_grad()
+        x.grad = None
+        out, stats = block(x, valid)
+        (out.square().sum() + stats.balance_loss).backward()
+        assert float(stats.dropped) > 0  # capacity bites, so dropping is compared too
+        outs.append(out.detach())
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in block.parameters())])
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert torch.equal(outs[0][~valid], torch.zeros_like(outs[0][~valid]))
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
