@@ -14,10 +14,9 @@ import grpc
 from embed_server._proto import embedding_service_pb2 as pb
 from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
 from embed_server.errors import NotReadyError, status_of
-from embed_server.lookup import STORED, Embedding, EmbeddingLookup
+from embed_server.lookup import STORED, BatchResult, Embedding, EmbeddingLookup
 from embed_server.metrics import ServerMetrics
 from embed_server.model_manager import ModelManager
-from userembed.errors import UserEmbedError
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +91,27 @@ def _fill(msg: pb.UserEmbedding, e: Embedding, with_vector: bool = True) -> None
     msg.source = _SOURCE.get(e.source, pb.COMPUTED)
 
 
+def _pack(p: pb.PackedEmbeddings, r: BatchResult) -> None:
+    """Columnar response: one float array (N * D) and one list per field, each filled in C."""
+    p.MergeFromString(_packed_floats(_VECTORS, b"".join(r.vectors)))  # (N * D,)
+    p.sources.extend([_SOURCE.get(s, pb.COMPUTED) for s in r.sources])
+    p.embedding_versions.extend(r.embedding_versions)
+    p.computed_at_ms.extend(r.computed_at_ms)
+    p.feature_timestamp_ms.extend(r.feature_ts_ms)
+    if not any(r.errors):
+        p.codes.extend([0] * len(r.errors))
+        p.messages.extend([""] * len(r.errors))
+        return
+    for i, e in enumerate(r.errors):
+        if e is None:
+            p.codes.append(0)
+            p.messages.append("")
+        else:
+            p.codes.append(e.grpc_status.value[0])
+            p.messages.append(str(e))
+            p.sources[i] = pb.SOURCE_UNSPECIFIED
+
+
 class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
     def __init__(
         self,
@@ -144,64 +164,31 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
         self, request: pb.BatchGetUserEmbeddingsRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchGetUserEmbeddingsResponse:
         self._check_serving()
-        model, results = await self.lookup.get_many(
+        user_ids = list(request.user_ids)
+        result = await self.lookup.get_many(
             request.model_name,
-            list(request.user_ids),
+            user_ids,
             request.prefer == pb.FORCE_RECOMPUTE,
             _deadline(context),
         )
+        model = result.model
         resp = pb.BatchGetUserEmbeddingsResponse(
             model_name=model.name, model_version=model.version, dim=model.dim
         )
-        for r in results:
-            if isinstance(r, UserEmbedError):
-                self.metrics.item_errors.labels(model.name, r.grpc_status.name).inc()
+        for e in result.errors:
+            if e is not None:
+                self.metrics.item_errors.labels(model.name, e.grpc_status.name).inc()
         if request.packed:
-            self._pack(resp.packed, results, model.dim)
+            _pack(resp.packed, result)
             return resp
-        for r in results:
+        for i, (uid, e) in enumerate(zip(user_ids, result.errors, strict=True)):
             item = resp.items.add()
-            if isinstance(r, Embedding):
-                _fill(item.embedding, r)
+            if e is None:
+                _fill(item.embedding, result.embedding(i, uid))
             else:
-                item.status.code = r.grpc_status.value[0]
-                item.status.message = str(r)
+                item.status.code = e.grpc_status.value[0]
+                item.status.message = str(e)
         return resp
-
-    @staticmethod
-    def _pack(p: pb.PackedEmbeddings, results: list[Embedding | UserEmbedError], dim: int) -> None:
-        """Columnar response: one float array (N * D) and one list per field."""
-        zero = bytes(4 * dim)
-        hits = [r for r in results if isinstance(r, Embedding)]
-        if len(hits) == len(results):  # the common case: no per-id error
-            rows = [r.vector.astype("<f4", copy=False).tobytes() for r in hits]
-            p.MergeFromString(_packed_floats(_VECTORS, b"".join(rows)))  # (N * D,)
-            p.codes.extend([0] * len(hits))
-            p.messages.extend([""] * len(hits))
-            p.sources.extend([_SOURCE.get(r.source, pb.COMPUTED) for r in hits])
-            p.embedding_versions.extend([r.embedding_version for r in hits])
-            p.computed_at_ms.extend([r.computed_at_ms for r in hits])
-            p.feature_timestamp_ms.extend([r.feature_ts_ms for r in hits])
-            return
-        rows = []
-        for r in results:
-            if isinstance(r, Embedding):
-                rows.append(r.vector.astype("<f4", copy=False).tobytes())
-                p.codes.append(0)
-                p.messages.append("")
-                p.sources.append(_SOURCE.get(r.source, pb.COMPUTED))
-                p.embedding_versions.append(r.embedding_version)
-                p.computed_at_ms.append(r.computed_at_ms)
-                p.feature_timestamp_ms.append(r.feature_ts_ms)
-            else:
-                rows.append(zero)
-                p.codes.append(r.grpc_status.value[0])
-                p.messages.append(str(r))
-                p.sources.append(pb.SOURCE_UNSPECIFIED)
-                p.embedding_versions.append("")
-                p.computed_at_ms.append(0)
-                p.feature_timestamp_ms.append(0)
-        p.MergeFromString(_packed_floats(_VECTORS, b"".join(rows)))  # (N * D,)
 
     @rpc
     async def ListModels(

@@ -82,6 +82,11 @@ class VectorKeys:
     def vector(self, ev: str, user_id: str) -> str:
         return f"ue:{self.model}:{ev}:{{{user_id}}}"
 
+    def vector_keys(self, ev: str, user_ids: Sequence[str]) -> list[bytes]:
+        """`vector(ev, u)` of many users as bytes (the batch read path builds 100s per call)."""
+        head = f"ue:{self.model}:{ev}:{{".encode()
+        return [b"%b%b}" % (head, u.encode()) for u in user_ids]
+
     def vector_pattern(self, ev: str) -> str:
         return f"ue:{self.model}:{ev}:{{*}}"
 

@@ -90,6 +90,32 @@ def test_packed_batch_of_stored_vectors_returns_exact_floats_in_request_order(
     np.testing.assert_array_equal(np.stack([r.vector for r in res]), vecs[[2, 0, 1, 2]])
 
 
+def test_batch_mixing_f32_f16_and_other_version_rows_keeps_each_row_right(
+    start_server, v1, redis_url, features
+):
+    # The batch path fills columns in one pass when every row is a plain f32 hit; one f16 row
+    # and one row of another model version send it down the per-row path.
+    store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
+    vecs = np.random.default_rng(1).normal(size=(3, DIM)).astype(np.float32)
+    store.create_version("ev1", v1)
+    store.write("ev1", ["1", "2"], vecs[:2], v1, computed_at_ms=11)
+    store.write("ev1", ["3"], vecs[2:], v1, dtype="f16", computed_at_ms=33)
+    store.write("ev1", ["4"], vecs[:1], "another-version")
+    store.publish("ev1")
+    srv = start_server()
+    with EmbeddingClient(f"127.0.0.1:{srv.port}") as c:
+        for packed in (False, True):
+            r1, r3, r4, r2 = c.batch_get(["1", "3", "4", "2"], packed=packed)
+            # user 4 is computed and written back by the first call, stored in the second
+            r4_source = "stored" if packed else "computed"
+            assert [r.source for r in (r1, r3, r4, r2)] == ["stored", "stored", r4_source, "stored"]
+            np.testing.assert_array_equal(r1.vector, vecs[0])
+            np.testing.assert_array_equal(r2.vector, vecs[1])
+            np.testing.assert_array_equal(r3.vector, vecs[2].astype(np.float16).astype(np.float32))
+            assert (r1.computed_at_ms, r3.computed_at_ms) == (11, 33)
+            np.testing.assert_allclose(r4.vector, expected_vector(srv, "4", features), rtol=1e-6)
+
+
 def test_vectors_of_another_model_version_are_never_served(start_server, v1, redis_url, features):
     store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
     store.create_version("old", "some-older-version")
