@@ -95,13 +95,29 @@ def test_seesaw_counts_tasks_below_single_task_by_more_than_the_margin() -> None
 
 
 def test_perf_smoke_reports_each_figure_beside_its_reference(tmp_path: Path) -> None:
-    suites = "encoder,moe_scaling,refresh,data"
-    out = _run(["bench/perf.py", "--smoke", "--only", suites], 900)
+    suites = "serving,refresh,encoder,data,training,moe_scaling"
+    out = _run(["bench/perf.py", "--smoke", "--only", suites], 1200)
+    assert set(out["suites"]) == set(suites.split(","))
     assert all(s["ok"] for s in out["suites"].values()), out["suites"]
     by_suite: dict[str, list[dict]] = {}
     for f in out["figures"]:
         by_suite.setdefault(f["suite"], []).append(f)
-    for suite in ("encoder", "moe_scaling", "refresh"):
+    serving = {f["name"] for f in by_suite["serving"]}
+    assert {"batch path users/s (100 per call)", "stored path req/s, concurrency 16"} <= serving
+    assert "miss path users/s (online features + encoder)" in serving
+    for suite in ("serving", "encoder", "moe_scaling", "refresh", "training"):
         assert by_suite[suite], suite
         for f in by_suite[suite]:
             assert f["value"] > 0 and f["reference_value"] > 0 and f["ratio"] > 0, f
+
+
+def test_moe_gpu_bench_runs_on_cpu_and_compares_both_dispatches() -> None:
+    # The GPU check (bench/moe_gpu.py) must not rot between the sessions that have a GPU.
+    out = _run(
+        ["bench/moe_gpu.py", "--device", "cpu", "--batch-size", "8", "--steps", "1",
+         "--length", "8", "--dim", "16", "--hidden", "16"],
+        300,
+    )  # fmt: skip
+    for dispatch in ("sorted", "masked"):
+        for k in (1, 2):
+            assert out[f"{dispatch}_top{k}_ratio_16_vs_4"] > 0
