@@ -32,16 +32,20 @@ class PooledInputArch(nn.Module):
         spec = cfg.input_spec
         self.sequence_names = tuple(f.name for f in spec.sequence_features)
         d = cfg.embedding_dim
-        self.out_dim = d * (len(self.sequence_names) + len(spec.profile_features)) + 1
+        n_seq = len(self.sequence_names)
+        # the same inputs as SUPERMOE's read-out: means, log count, distinct counts, profile
+        self.out_dim = d * (n_seq + len(spec.profile_features)) + 1 + 2 * n_seq
         self.norm = nn.LayerNorm(self.out_dim)
 
-    def forward(self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor) -> Tensor:
+    def forward(
+        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+    ) -> Tensor:
         w = mask.to(profile_emb.dtype).unsqueeze(-1)  # (B, L, 1)
         count = w.sum(dim=1)  # (B, 1)
         denom = count.clamp(min=1.0)  # empty history -> zero vector, not NaN
         pooled = [(seq_emb[n] * w).sum(dim=1) / denom for n in self.sequence_names]  # (B, D) each
         b = profile_emb.shape[0]
-        x = torch.cat([*pooled, torch.log1p(count), profile_emb.reshape(b, -1)], dim=-1)
+        x = torch.cat([*pooled, torch.log1p(count), seq_stats, profile_emb.reshape(b, -1)], dim=-1)
         return self.norm(x)  # (B, F)
 
 
@@ -76,8 +80,10 @@ class SharedBottomArch(nn.Module):
         )
         self.towers = towers(v, cfg.tower_hidden, len(cfg.task_names))
 
-    def forward(self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor) -> DenseOutput:
-        h = F.gelu(self.bottom(self.inputs(seq_emb, mask, profile_emb)))  # (B, V)
+    def forward(
+        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+    ) -> DenseOutput:
+        h = F.gelu(self.bottom(self.inputs(seq_emb, mask, profile_emb, seq_stats)))  # (B, V)
         logits = torch.cat([t(h) for t in self.towers], dim=-1)  # (B, T)
         return _no_router_output(F.normalize(h, dim=-1), logits)
 
@@ -96,8 +102,10 @@ class MMoEArch(nn.Module):
         self.gates = nn.ModuleList(nn.Linear(f, self.num_experts) for _ in cfg.task_names)
         self.towers = towers(v, cfg.tower_hidden, len(cfg.task_names))
 
-    def forward(self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor) -> DenseOutput:
-        x = self.inputs(seq_emb, mask, profile_emb)  # (B, F)
+    def forward(
+        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+    ) -> DenseOutput:
+        x = self.inputs(seq_emb, mask, profile_emb, seq_stats)  # (B, F)
         experts = torch.stack([F.gelu(e(x)) for e in self.experts], dim=1)  # (B, E, V)
         logits = []
         for gate, tower in zip(self.gates, self.towers, strict=True):
@@ -187,8 +195,10 @@ class PLEArch(nn.Module):
         )
         self.towers = towers(v, cfg.tower_hidden, t)
 
-    def forward(self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor) -> DenseOutput:
-        x = self.inputs(seq_emb, mask, profile_emb)  # (B, F)
+    def forward(
+        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+    ) -> DenseOutput:
+        x = self.inputs(seq_emb, mask, profile_emb, seq_stats)  # (B, F)
         task_h, shared_h = [x] * len(self.towers), x
         for layer in self.layers:
             task_h, shared_h = layer(task_h, shared_h)

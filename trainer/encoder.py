@@ -70,6 +70,30 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(y.reshape(b, s, d)), stats
 
 
+def sequence_stats(seq_ids: list[Tensor], mask: Tensor, max_length: int) -> Tensor:
+    """Per sequence feature, how many distinct values the history holds: (B, 2 * S).
+
+    seq_ids: (B, L) table rows per feature (0 = padding), mask (B, L) real events, max_length
+    the model's sequence length (a constant, so a shorter exported input scales the same). For
+    each feature: distinct / events and log(1 + distinct) / log(1 + max_length). Why: a mean of embeddings
+    cannot count (it sees shares, not how many different categories), and the count of distinct
+    categories is what tells an explorer from a focused user: on the synthetic data a logistic
+    regression on distinct count + event count alone reaches explore AUC .753, on the summed
+    squared shares (what the bags' norms carry) .724 (bench/data_gen.py features, 20k users).
+    Exact via pairwise equality, O(L^2) per user: cheap at L = 50 and plain ONNX ops.
+    """
+    m = mask.to(torch.float32)  # (B, L)
+    n_events = m.sum(dim=1, keepdim=True)  # (B, 1)
+    log_max = math.log1p(max_length)
+    out = []
+    for ids in seq_ids:
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(torch.float32)  # (B, L, L)
+        freq = (same * m.unsqueeze(1)).sum(dim=2).clamp(min=1.0)  # (B, L) events with my value
+        distinct = (m / freq).sum(dim=1, keepdim=True)  # (B, 1): sum over values of 1
+        out += [distinct / n_events.clamp(min=1.0), torch.log1p(distinct) / log_max]
+    return torch.cat(out, dim=1)
+
+
 class EncoderArch(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -88,17 +112,19 @@ class EncoderArch(nn.Module):
         n_profile = len(spec.profile_features)
         self.log_max_events = math.log1p(spec.sequence_length)
         n_seq = len(self.sequence_names)
-        # Read-out: masked mean + CLS output + log event count + per-feature bags, then profile.
+        # Read-out: masked mean + CLS output + log event count + per-feature bags and distinct
+        # counts (sequence_stats), then profile.
         self.project = nn.Sequential(
-            nn.Linear(2 * d + 1 + n_seq * (d + 1) + d * n_profile, 2 * cfg.user_dim),
+            nn.Linear(2 * d + 1 + n_seq * (d + 3) + d * n_profile, 2 * cfg.user_dim),
             nn.GELU(),
             nn.Linear(2 * cfg.user_dim, cfg.user_dim),
         )
 
     def forward(
-        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor
+        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
     ) -> tuple[Tensor, list[RouterStats]]:
-        """seq_emb[name] (B, L, D), mask (B, L) bool, profile_emb (B, P, D) -> (B, V), stats."""
+        """seq_emb[name] (B, L, D), mask (B, L) bool, profile_emb (B, P, D), seq_stats (B, 2S)
+        (sequence_stats) -> (B, V), stats."""
         x = seq_emb[self.sequence_names[0]]
         for name in self.sequence_names[1:]:
             x = x + seq_emb[name]
@@ -128,6 +154,6 @@ class EncoderArch(nn.Module):
         # the CLS output carries what attention gathered (e.g. category spread), so both go in.
         log_events = torch.log(count) / self.log_max_events  # (B, 1) log(1 + n events), ~[0, 1]
         features = torch.cat(
-            [pooled, x[:, 0], log_events, *bags, profile_emb.reshape(b, -1)], dim=-1
-        )  # (B, 2D + 1 + S*(D+1) + P*D)
+            [pooled, x[:, 0], log_events, *bags, seq_stats, profile_emb.reshape(b, -1)], dim=-1
+        )  # (B, 2D + 1 + S*(D+1) + 2S + P*D)
         return F.normalize(self.project(features), dim=-1), stats

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
+from trainer.encoder import sequence_stats
 from trainer.model import FINAL_CHECKPOINT, HELDOUT_INPUTS, DenseOutput, load_final
 from trainer.moe import ExpertFFN, SparseMoeBlock
 from trainer.tables import table_name
@@ -85,6 +86,7 @@ class ExportableEncoder(nn.Module):
         spec = cfg.input_spec
         self.cfg = cfg
         self.sequence_names = tuple(f.name for f in spec.sequence_features)
+        self.sequence_length = spec.sequence_length
         self.profile_names = tuple(f.name for f in spec.profile_features)
         self.tables = nn.ModuleDict()
         for f in spec.sequence_features + spec.profile_features:
@@ -126,7 +128,9 @@ class ExportableEncoder(nn.Module):
             )  # (B, P, D): one id per bag, so the sum-pooled bag is the row itself
         else:
             profile_emb = seq_emb[self.sequence_names[0]][:, :0, :]  # (B, 0, D)
-        return self.dense_arch(seq_emb, mask, profile_emb)
+        return self.dense_arch(
+            seq_emb, mask, profile_emb, sequence_stats(list(seqs), mask, self.sequence_length)
+        )
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         out = self.dense_forward(*inputs)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
 from trainer.config import ModelConfig
-from trainer.encoder import EncoderArch
+from trainer.encoder import EncoderArch, sequence_stats
 from trainer.heads import TaskHeadsArch
 from trainer.loss import LossOutput, TaskLoss
 from trainer.moe import RouterStats
@@ -45,8 +45,10 @@ class DenseArch(nn.Module):
         self.encoder = EncoderArch(cfg)
         self.heads = TaskHeadsArch(cfg.user_dim, cfg.task_names, cfg.tower_hidden)
 
-    def forward(self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor) -> DenseOutput:
-        user_vector, stats = self.encoder(seq_emb, mask, profile_emb)
+    def forward(
+        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+    ) -> DenseOutput:
+        user_vector, stats = self.encoder(seq_emb, mask, profile_emb, seq_stats)
         zero = user_vector.new_zeros(())
         return DenseOutput(
             user_vector=user_vector,
@@ -79,15 +81,18 @@ class SuperMoEModel(nn.Module):
         self.dense_arch = build_dense_arch(cfg)
         # Inside the model so DDP/DMP keeps uncertainty weights in sync across ranks.
         self.task_loss = task_loss or TaskLoss(len(cfg.task_names))
-        self.item_feature = cfg.input_spec.sequence_features[0].name
 
     def forward(
         self, seq_kjt: KeyedJaggedTensor, profile_kjt: KeyedJaggedTensor, labels: Tensor | None
     ) -> tuple[DenseOutput, LossOutput | None]:
         seq_emb, profile_emb = self.sparse_arch(seq_kjt, profile_kjt)
-        ids = seq_kjt.to_dict()[self.item_feature].values()
-        mask = ids.reshape(-1, self.cfg.input_spec.sequence_length) != 0  # (B, L)
-        out = self.dense_arch(seq_emb, mask, profile_emb)
+        length = self.cfg.input_spec.sequence_length
+        jt = seq_kjt.to_dict()
+        ids = [
+            jt[f.name].values().reshape(-1, length) for f in self.cfg.input_spec.sequence_features
+        ]
+        mask = ids[0] != 0  # (B, L): padding of the first (item) sequence
+        out = self.dense_arch(seq_emb, mask, profile_emb, sequence_stats(ids, mask, length))
         loss = None if labels is None else self.task_loss(out.task_logits, labels)
         return out, loss
 

@@ -12,6 +12,7 @@ from tests.trainer.frames import tiny_frame
 from trainer.baselines import BASELINE_ARCHS, MMoEArch, PLEArch
 from trainer.batches import build_input_spec, encode_split, iterate_batches, task_names_of
 from trainer.config import ModelConfig, TrainConfig
+from trainer.encoder import sequence_stats
 from trainer.model import FINAL_CHECKPOINT, DenseArch, build_dense_arch, load_unsharded
 from trainer.report import task_metrics
 from trainer.train import train
@@ -34,7 +35,13 @@ def _inputs(cfg: ModelConfig, b: int = 5, empty_rows: int = 2):
     seq = {f.name: torch.randn(b, length, d) for f in spec.sequence_features}
     mask = torch.ones(b, length, dtype=torch.bool)
     mask[:empty_rows] = False  # users with no history
-    return seq, mask, torch.randn(b, len(spec.profile_features), d)
+    ids = [torch.randint(1, 5, (b, length)) * mask for _ in spec.sequence_features]
+    return (
+        seq,
+        mask,
+        torch.randn(b, len(spec.profile_features), d),
+        sequence_stats(ids, mask, length),
+    )
 
 
 @pytest.mark.parametrize("arch", BASELINE_ARCHS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 from tests.trainer.dist_worker import tiny_config
 from tests.trainer.frames import tiny_frame
 from trainer.batches import encode_split, make_batch
+from trainer.encoder import sequence_stats
 from trainer.model import DenseArch, SuperMoEModel
 
 
@@ -55,11 +57,27 @@ def test_padding_positions_never_reach_the_user_vector(setup) -> None:  # type: 
     seq = {n: torch.randn(b, length, d, generator=g) for n in names}
     profile = torch.randn(b, len(cfg.input_spec.profile_features), d, generator=g)
     noisy = {n: torch.where(mask[..., None], t, 100 * torch.randn_like(t)) for n, t in seq.items()}
+    ids = [torch.randint(1, 6, (b, length), generator=g) for _ in names]
+    noisy_ids = [torch.where(mask, x, torch.randint(1, 99, (b, length), generator=g)) for x in ids]
+    stats = sequence_stats(ids, mask, length)
+    torch.testing.assert_close(sequence_stats(noisy_ids, mask, length), stats, atol=0, rtol=0)
     dense = model.dense_arch.eval()
     with torch.no_grad():
-        clean_out = dense(seq, mask, profile)
-        noisy_out = dense(noisy, mask, profile)
+        clean_out = dense(seq, mask, profile, stats)
+        noisy_out = dense(noisy, mask, profile, stats)
     torch.testing.assert_close(noisy_out.user_vector, clean_out.user_vector, atol=1e-5, rtol=0)
+
+
+def test_sequence_stats_count_distinct_values_of_real_events_only() -> None:
+    length = 6
+    ids = torch.tensor([[3, 3, 5, 7, 0, 0], [2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0]])
+    mask = ids != 0
+    stats = sequence_stats(
+        [ids], mask, length
+    )  # (3, 2): distinct / events, log1p(distinct) / log1p(L)
+    distinct = torch.tensor([3.0, 1.0, 0.0])
+    torch.testing.assert_close(stats[:, 0], distinct / torch.tensor([4.0, 6.0, 1.0]))
+    torch.testing.assert_close(stats[:, 1], torch.log1p(distinct) / math.log1p(length))
 
 
 def test_table_weights_feed_plain_embeddings_to_the_same_outputs(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -89,7 +107,13 @@ def test_table_weights_feed_plain_embeddings_to_the_same_outputs(setup, tmp_path
             )
             seq_emb = {n: self.seq[n](ids[n]) for n in ids}
             prof = torch.stack([e(profile[:, j]) for j, e in enumerate(self.prof)], dim=1)
-            out = self.dense(seq_emb, item != 0, prof)
+            mask = item != 0
+            out = self.dense(
+                seq_emb,
+                mask,
+                prof,
+                sequence_stats([item, cat, ev, gap], mask, spec.sequence_length),
+            )
             return out.user_vector, out.task_logits
 
     idx = np.arange(64)
