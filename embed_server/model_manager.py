@@ -58,9 +58,12 @@ def load_serving_model(
     """Verify, load and smoke-test one registry entry (blocking: run it in a thread)."""
     loaded = registry.load_verified(model, ref)
     m = loaded.manifest
-    encoder = OnnxEncoder(
-        loaded.session_source(), m.vector.dim, intra_op_threads, name=f"{model}/{m.version}"
-    )
+    try:
+        encoder = OnnxEncoder(
+            loaded.session_source(), m.vector.dim, intra_op_threads, name=f"{model}/{m.version}"
+        )
+    finally:
+        loaded.release()  # the session holds the model now
     encoder.smoke_test(m.input_spec)
     return ServingModel(
         name=model, version=m.version, manifest=m, encoder=encoder, loaded_at_ms=now_ms()

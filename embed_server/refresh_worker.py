@@ -52,14 +52,17 @@ class PartWorker:
         loaded = Registry(job.registry_root).load_verified(job.model, job.model_version)
         m = loaded.manifest
         self.spec = m.input_spec
-        self.encoder = OnnxEncoder(
-            loaded.session_source(),
-            m.vector.dim,
-            job.intra_op_threads,
-            name=m.ref,
-            # spinning threads would take the cores from encode_arrow, the writer and Redis
-            allow_spinning=False,
-        )
+        try:
+            self.encoder = OnnxEncoder(
+                loaded.session_source(),
+                m.vector.dim,
+                job.intra_op_threads,
+                name=m.ref,
+                # spinning threads would take the cores from encode_arrow, the writer and Redis
+                allow_spinning=False,
+            )
+        finally:
+            loaded.release()  # the session holds the model now
         self.source = OfflineSource(job.offline_dir, self.spec)
         self.store = VectorStore(redis.Redis.from_url(job.redis_url), job.model, job.ttl_s)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refresh-write")

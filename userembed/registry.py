@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -91,6 +92,13 @@ class LoadedModel:
     local_dir: Path
     onnx_path: Path
     onnx_bytes: bytes
+    temporary: bool = False  # local_dir is a download folder made for this load
+
+    def release(self) -> None:
+        """Delete the download folder, if this load made one. Call it once the onnxruntime
+        session exists: the session holds the model (and its external data) in memory."""
+        if self.temporary:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
 
     @property
     def model_name(self) -> str:
@@ -283,12 +291,14 @@ class Registry:
         CorruptModelError listing every problem. Unknown model/ref: ModelNotFoundError.
 
         A local registry is verified in place; another filesystem is downloaded to
-        `download_dir` (default: a new temporary folder the caller may delete) while hashing.
+        `download_dir` while hashing (default: a new temporary folder, which
+        `LoadedModel.release()` deletes, and a refused load deletes at once).
         """
         version = self.resolve(model, ref)
         m = self._read_manifest_at(model, version)
         v = m.variant(variant)
         vdir = self.version_dir(model, version)
+        temporary = not self._local and download_dir is None
         if self._local:
             local_dir = Path(vdir)
         else:
@@ -310,6 +320,8 @@ class Registry:
             if keep:
                 onnx_bytes = data
         if problems:
+            if temporary:
+                shutil.rmtree(local_dir, ignore_errors=True)
             raise CorruptModelError(
                 f"model {model}/{version} ({variant}) is corrupt: " + "; ".join(problems)
             )
@@ -321,6 +333,7 @@ class Registry:
             local_dir=local_dir,
             onnx_path=local_dir / v.file.path,
             onnx_bytes=onnx_bytes,
+            temporary=temporary,
         )
 
     def _hash_remote(self, remote: str, local: Path, keep: bool) -> tuple[str, int, bytes]:

@@ -65,6 +65,7 @@ def _inspect(args: argparse.Namespace) -> int:
     reg = Registry(args.root)
     if args.verify:
         loaded = reg.load_verified(args.model, args.ref, variant=args.variant)
+        loaded.release()
         manifest = loaded.manifest
     else:
         manifest = reg.read_manifest(args.model, args.ref)

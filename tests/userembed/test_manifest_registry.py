@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,6 +217,34 @@ def test_memory_filesystem_registry_downloads_and_verifies(tmp_path: Path) -> No
             reg.load_verified("m1", download_dir=tmp_path / "dl2")
     finally:
         fsspec.filesystem("memory").rm(root, recursive=True)
+
+
+def test_remote_load_into_a_temporary_folder_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server hot-reloads for weeks: each remote load's download folder must go once the
+    # session holds the model, and at once when the load is refused.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    root = f"memory://reg-{uuid.uuid4().hex}"
+    reg = Registry(root)
+    try:
+        m = reg.publish(make_staging(tmp_path / "s"), tmp_path / "s")
+        loaded = reg.load_verified("m1")
+        assert loaded.temporary and loaded.onnx_path.read_bytes() == b"onnx-bytes"
+        loaded.release()
+        assert list((tmp_path / "tmp").iterdir()) == []
+        fsspec.filesystem("memory").pipe_file(f"{root}/m1/{m.version}/report.json", b"{}")
+        with pytest.raises(CorruptModelError, match="report.json"):
+            reg.load_verified("m1")
+        assert list((tmp_path / "tmp").iterdir()) == []
+    finally:
+        fsspec.filesystem("memory").rm(root, recursive=True)
+    local = Registry(tmp_path / "reg")
+    local.publish(make_staging(tmp_path / "s2"), tmp_path / "s2")
+    in_place = local.load_verified("m1")
+    in_place.release()  # a local registry is read in place: release deletes nothing
+    assert not in_place.temporary and in_place.onnx_path.exists()
 
 
 def test_registry_cli_lists_aliases_and_verifies(
