@@ -70,17 +70,24 @@ def _spawn_torchrun(args: argparse.Namespace, run_id: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    run_id = args.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _spawn_torchrun(args, run_id)
     if args.resume and not args.run_id:
         raise InvalidInputError("--resume needs --run-id of the run to continue")
-    _quiet_libraries()
-    from trainer.train import train_from_feast
-
     options: dict[str, Any] = {
         name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None
     }
+    if args.resume and options:
+        # A resumed run must reach the result of the uninterrupted one: its saved config wins.
+        given = ", ".join(f"--{n.replace('_', '-')}" for n in options)
+        raise InvalidInputError(
+            f"--resume continues run {args.run_id} with its saved config (train_config.json); "
+            f"{given} would be ignored: drop them, or start a new run"
+        )
+    run_id = args.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _spawn_torchrun(args, run_id)
+    _quiet_libraries()
+    from trainer.train import train_from_feast
+
     result = train_from_feast(
         runs_dir() / run_id, resume=args.resume, engine=args.engine, **options
     )

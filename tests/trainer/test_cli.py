@@ -43,3 +43,9 @@ def test_train_command_reads_the_feast_frame_and_writes_the_run_dir(home: Path, 
 def test_resume_without_run_id_is_one_line_error(home: Path, capsys) -> None:
     assert cli.main(["train", "--resume"]) == 2
     assert "--resume needs --run-id" in capsys.readouterr().err
+
+
+def test_resume_with_training_options_is_refused_not_ignored(home: Path, capsys) -> None:
+    assert cli.main(["train", "--run-id", "r1", "--resume", "--max-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "saved config" in err and "--max-steps" in err
