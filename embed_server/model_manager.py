@@ -53,14 +53,18 @@ class ServingModel:
 
 
 def load_serving_model(
-    registry: Registry, model: str, ref: str, intra_op_threads: int
+    registry: Registry, model: str, ref: str, intra_op_threads: int, spinning: bool = False
 ) -> ServingModel:
     """Verify, load and smoke-test one registry entry (blocking: run it in a thread)."""
     loaded = registry.load_verified(model, ref)
     m = loaded.manifest
     try:
         encoder = OnnxEncoder(
-            loaded.session_source(), m.vector.dim, intra_op_threads, name=f"{model}/{m.version}"
+            loaded.session_source(),
+            m.vector.dim,
+            intra_op_threads,
+            name=f"{model}/{m.version}",
+            allow_spinning=spinning,
         )
     finally:
         loaded.release()  # the session holds the model now
@@ -150,6 +154,7 @@ class ModelManager:
                 name,
                 version,
                 self.settings.intra_op_threads,
+                bool(self.settings.intra_op_spinning),
             )
         except (CorruptModelError, ModelNotFoundError) as e:
             self._refused[name] = version

@@ -44,6 +44,9 @@ class ServerSettings:
     model_alias: str = "latest"  # registry alias followed by hot reload
     reload_interval_s: float = 5.0  # registry alias and Redis pointer poll period
     intra_op_threads: int = 2  # onnxruntime threads per session
+    # 0: idle onnxruntime threads sleep instead of busy-waiting between runs, leaving the cores
+    # to the event loop and the feature reads (see docs/serving.md, miss path)
+    intra_op_spinning: int = 0
     # backends
     redis_url: str = field(default_factory=paths.redis_url)
     feature_repo: str = field(default_factory=lambda: str(paths.FEATURE_REPO))
