@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from trainer.config import ModelConfig, MoEConfig  # noqa: E402
-from trainer.encoder import EncoderArch  # noqa: E402
+from trainer.encoder import EncoderArch, sequence_stats  # noqa: E402
 from trainer.moe import SparseMoeBlock  # noqa: E402
 from userembed.features import BEHAVIOR_VIEW, PROFILE_VIEW, FeatureSpec, InputSpec  # noqa: E402
 
@@ -57,10 +57,12 @@ def inputs(batch: int, length: int, dim: int, device: torch.device, seed: int) -
     n = torch.randint(1, length + 1, (batch,), generator=g)
     mask = torch.arange(length)[None, :] < n[:, None]
     profile = torch.randn(batch, len(PROFILE), dim, generator=g)
+    ids = [torch.randint(1, 1000, (batch, length), generator=g) * mask for _ in SEQ]
     return (
         {k: v.to(device) for k, v in seq.items()},
         mask.to(device),
         profile.to(device),
+        sequence_stats(ids, mask, length).to(device),
     )
 
 
