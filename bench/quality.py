@@ -539,7 +539,7 @@ def markdown(report: dict[str, Any]) -> str:
                 + " |"
             )
             lines.append("")
-    lines += [f"![quality](bench/results/{report['chart']})", "", END]
+    lines += [f"![quality]({report['chart']})", "", END]
     return "\n".join(lines)
 
 
@@ -622,13 +622,21 @@ def run(
         "config": asdict(qc),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "datasets": datasets,
-        "chart": f"quality{suffix}.png",
+        "chart": _doc_path(out_dir / f"quality{suffix}.png"),
     }
     (out_dir / f"quality{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
-    chart(report, out_dir / report["chart"])
+    chart(report, out_dir / f"quality{suffix}.png")
     if write_md:
         write_section(markdown(report))
     return report
+
+
+def _doc_path(path: Path) -> str:
+    """The chart's path as BENCHMARKS.md (at the repository root) links it."""
+    try:
+        return str(path.resolve().relative_to(BENCHMARKS_MD.parent.resolve()))
+    except ValueError:  # an --out outside the repository
+        return str(path.resolve())
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
