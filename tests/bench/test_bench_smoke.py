@@ -121,3 +121,17 @@ def test_moe_gpu_bench_runs_on_cpu_and_compares_both_dispatches() -> None:
     for dispatch in ("sorted", "masked"):
         for k in (1, 2):
             assert out[f"{dispatch}_top{k}_ratio_16_vs_4"] > 0
+
+
+def test_train_quality_smoke_reports_every_comparison_beside_bayes() -> None:
+    out = _run(
+        ["bench/train_quality.py", "--users", "1500", "--max-steps", "6", "--eval-every", "3",
+         "--batch-size", "64", "--skip-movielens"],
+        600,
+    )  # fmt: skip
+    tasks = out["synthetic"]["tasks"]
+    assert set(tasks) == {"click", "purchase", "churn", "explore"}
+    for row in tasks.values():
+        for key in ("multi", "plain", "single", "bayes"):
+            assert 0.0 < row[key] < 1.0, row
+    assert "within_0.03_of_bayes" in out["bars"]
