@@ -153,25 +153,17 @@ def main() -> None:
         "max_steps": args.max_steps,
         "frame": "in-memory snapshot join (same rule as Feast)",
     }
+    loaders: dict[str, Any] = {}
+    if not args.skip_synthetic:
+        loaders["synthetic"] = lambda: generate_synthetic(args.users, seed=0)
+    if not args.skip_movielens:
+        loaders["movielens"] = load_movielens
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_synthetic:
-            events, users, labels, spec = generate_synthetic(args.users, seed=0)
-            frame = frame_from_tables(events, users, labels, spec)
-            out["synthetic"] = bench_dataset(
-                "synthetic",
-                frame,
-                spec,
-                Path(tmp),
-                not args.no_single_task,
-                not args.no_plain,
-                **options,
-            )
-        if not args.skip_movielens:
-            events, users, labels, spec = load_movielens()
-            frame = frame_from_tables(events, users, labels, spec)
-            out["movielens"] = bench_dataset(
-                "movielens",
-                frame,
+        for name, load in loaders.items():
+            events, users, labels, spec = load()
+            out[name] = bench_dataset(
+                name,
+                frame_from_tables(events, users, labels, spec),
                 spec,
                 Path(tmp),
                 not args.no_single_task,

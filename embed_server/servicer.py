@@ -14,7 +14,7 @@ import grpc
 from embed_server._proto import embedding_service_pb2 as pb
 from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
 from embed_server.errors import NotReadyError, status_of
-from embed_server.lookup import STORED, BatchResult, Embedding, EmbeddingLookup
+from embed_server.lookup import COMPUTED, STORED, BatchResult, Embedding, EmbeddingLookup
 from embed_server.metrics import ServerMetrics
 from embed_server.model_manager import ModelManager
 
@@ -24,7 +24,7 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
-_SOURCE = {STORED: pb.STORED}
+_SOURCE = {STORED: pb.STORED, COMPUTED: pb.COMPUTED}  # anything else: SOURCE_UNSPECIFIED
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -88,28 +88,18 @@ def _fill(msg: pb.UserEmbedding, e: Embedding, with_vector: bool = True) -> None
     msg.embedding_version = e.embedding_version
     msg.computed_at_ms = e.computed_at_ms
     msg.feature_timestamp_ms = e.feature_ts_ms
-    msg.source = _SOURCE.get(e.source, pb.COMPUTED)
+    msg.source = _SOURCE.get(e.source, pb.SOURCE_UNSPECIFIED)
 
 
 def _pack(p: pb.PackedEmbeddings, r: BatchResult) -> None:
     """Columnar response: one float array (N * D) and one list per field, each filled in C."""
     p.MergeFromString(_packed_floats(_VECTORS, b"".join(r.vectors)))  # (N * D,)
-    p.sources.extend([_SOURCE.get(s, pb.COMPUTED) for s in r.sources])
+    p.sources.extend([_SOURCE.get(s, pb.SOURCE_UNSPECIFIED) for s in r.sources])  # "": error
     p.embedding_versions.extend(r.embedding_versions)
     p.computed_at_ms.extend(r.computed_at_ms)
     p.feature_timestamp_ms.extend(r.feature_ts_ms)
-    if not any(r.errors):
-        p.codes.extend([0] * len(r.errors))
-        p.messages.extend([""] * len(r.errors))
-        return
-    for i, e in enumerate(r.errors):
-        if e is None:
-            p.codes.append(0)
-            p.messages.append("")
-        else:
-            p.codes.append(e.grpc_status.value[0])
-            p.messages.append(str(e))
-            p.sources[i] = pb.SOURCE_UNSPECIFIED
+    p.codes.extend([0 if e is None else e.grpc_status.value[0] for e in r.errors])
+    p.messages.extend(["" if e is None else str(e) for e in r.errors])
 
 
 class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
