@@ -2,7 +2,7 @@
 
 Only the chosen experts run for a token, so compute grows with top-k, not num_experts. Two
 dispatches compute the same thing:
-- sorted (eager, training and serving in torch): the (token, slot) assignments are sorted by
+- sorted (eager torch: training and evaluation): the (token, slot) assignments are sorted by
   expert once and split by the per-expert counts, one host read of the counts per layer. On a
   GPU the masked form below waits on the device once per expert (a nonzero each), which made
   16 experts cost far more than 4 there; bench/moe_gpu.py measures both.
