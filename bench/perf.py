@@ -106,6 +106,12 @@ def serving_figures(r: dict[str, Any], refs: dict[str, Any]) -> list[Figure]:
                 "users/s", "raw onnxruntime, same batch", _num(m, "raw_onnxruntime_users_s"),
             )
         )  # fmt: skip
+        out.append(
+            Figure(
+                "serving", "miss path users/s, 64 ids per call", _num(m, "batch_of_64", "users_s"),
+                "users/s", "raw onnxruntime, same batch", _num(m, "raw_onnxruntime_users_s"),
+            )
+        )  # fmt: skip
     for conc, row in r.get("feast_serve", {}).items():
         out.append(
             Figure(

@@ -56,6 +56,7 @@ MULTI_TASK_MODELS: tuple[str, ...] = (
     "ple",
     "dense_transformer",
     "supermoe_plain",
+    "supermoe_labelled",
     "supermoe",
 )
 MODEL_LABELS: dict[str, str] = {
@@ -65,6 +66,7 @@ MODEL_LABELS: dict[str, str] = {
     "ple": "PLE",
     "dense_transformer": "dense transformer (no MoE)",
     "supermoe_plain": "SUPERMOE, plain summed loss",
+    "supermoe_labelled": "SUPERMOE, indicator loss, labelled-share task weights",
     "supermoe": "SUPERMOE, task-indicator loss",
 }
 
@@ -159,7 +161,7 @@ def model_config(name: str, frame: pd.DataFrame, spec: Any, qc: QualityConfig) -
         )
     elif name in ("shared_bottom", "mmoe", "ple"):
         arch = name
-    elif name not in ("supermoe", "supermoe_plain"):
+    elif name not in ("supermoe", "supermoe_plain", "supermoe_labelled"):
         raise ValueError(f"unknown model {name!r}")
     return ModelConfig(
         input_spec=input_spec,
@@ -187,6 +189,7 @@ def train_config(name: str, mcfg: Any, seed: int, run_dir: Path, qc: QualityConf
         lr=qc.lr,
         warmup_steps=min(50, max(1, qc.steps // 10)),
         loss="plain" if name == "supermoe_plain" else "indicator",
+        task_weighting="labelled" if name == "supermoe_labelled" else "fixed",
         plots=False,
         log_every=max(10, qc.steps // 5),
     )
@@ -474,7 +477,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Budget, identical for every model: {qc['steps']} steps max, batch {qc['batch_size']}, "
         f"AdamW lr {qc['lr']}, validation every {qc['eval_every']} steps, early stop after "
-        f"{qc['patience']} evaluations without gain, final model = best validation mean AUC. "
+        f"{qc['patience']} evaluations without gain, final model = best validation mean AUC (task-weighted like the loss). "
         f"Model shape: embedding dim {qc['embedding_dim']}, {qc['num_layers']} layers, user "
         f"vector {qc['user_dim']}, sequence length {qc['sequence_length']}; SUPERMOE 4 experts, "
         f"top-2. Seeds: {qc['seeds']} (model init and batch order; the data are fixed).",

@@ -153,7 +153,7 @@ class ModelManager:
                 self.registry,
                 name,
                 version,
-                self.settings.intra_op_threads,
+                self.settings.encoder_threads(),
                 bool(self.settings.intra_op_spinning),
             )
         except (CorruptModelError, ModelNotFoundError) as e:

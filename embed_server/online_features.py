@@ -74,18 +74,43 @@ class FeastFeatureSource:
         try:
             resp = self.store.get_online_features(
                 features=spec.feast_refs(), entity_rows=[{USER_ID: u} for u in entity_ids]
-            ).to_dict(include_event_timestamps=True)
+            )
         except REDIS_OUTAGE as e:
             raise as_unavailable("feature store", e) from e
-        columns = {n: list(resp[n]) for n in names}
-        n = len(entity_ids)
-        # column-wise (one pass per feature, not per user x feature): this runs per micro-batch
-        found = [False] * n
-        for c in names:
-            found = [f or v is not None for f, v in zip(found, columns[c], strict=True)]
-        ts = [0] * n
-        for c in names:
-            col = resp.get(f"{c}__ts")
-            if col is not None:
-                ts = [max(t, int(v or 0)) for t, v in zip(ts, col, strict=True)]
-        return FeatureRows(columns=columns, found=found, feature_ts_ms=[t * 1000 for t in ts])
+        return rows_from_response(resp.proto, names, len(entity_ids))
+
+
+def _value(v: Any) -> Any:
+    """One Feast ValueProto -> Python: the two kinds the input schema uses read directly
+    (`int64_list_val`, `int64_val`), anything else through Feast's own converter."""
+    kind = v.WhichOneof("val")
+    if kind == "int64_list_val":
+        return list(v.int64_list_val.val)
+    if kind == "int64_val":
+        return v.int64_val
+    if kind is None or kind == "null_val":
+        return None
+    from feast.type_map import feast_value_type_to_python_type
+
+    return feast_value_type_to_python_type(v)
+
+
+def rows_from_response(proto: Any, names: Sequence[str], n: int) -> FeatureRows:
+    """A `GetOnlineFeaturesResponse` proto -> FeatureRows, read column by column; the same
+    result as `OnlineResponse.to_dict()` (a test compares them), which dispatches every value
+    through Feast's generic converter. A value that is not set is None (unknown user, null).
+    Presence is read from the value, not from `statuses`: Feast 0.67 reports PRESENT for the
+    empty values of an unknown user."""
+    index = {name: i for i, name in enumerate(proto.metadata.feature_names.val)}
+    columns: dict[str, list[Any]] = {}
+    found = [False] * n
+    ts = [0] * n
+    for name in names:
+        fv = proto.results[index[name]]
+        col = [_value(v) for v in fv.values]
+        columns[name] = col
+        found = [f or v is not None for f, v in zip(found, col, strict=True)]
+        seconds = [t.seconds for t in fv.event_timestamps]
+        if len(seconds) == n:
+            ts = [max(a, b) for a, b in zip(ts, seconds, strict=True)]
+    return FeatureRows(columns=columns, found=found, feature_ts_ms=[t * 1000 for t in ts])

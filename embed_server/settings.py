@@ -43,7 +43,9 @@ class ServerSettings:
     default_model: str = ""  # empty: the first served model
     model_alias: str = "latest"  # registry alias followed by hot reload
     reload_interval_s: float = 5.0  # registry alias and Redis pointer poll period
-    intra_op_threads: int = 2  # onnxruntime threads per session
+    # onnxruntime threads per encoder run; 0: cores // compute_workers (at least 1), so the
+    # runs that compute_workers overlap do not oversubscribe the cores (docs/serving.md)
+    intra_op_threads: int = 0
     # 0: idle onnxruntime threads sleep instead of busy-waiting between runs, leaving the cores
     # to the event loop and the feature reads (see docs/serving.md, miss path)
     intra_op_spinning: int = 0
@@ -61,8 +63,18 @@ class ServerSettings:
     queue_size: int = 4096  # pending users per model before RESOURCE_EXHAUSTED
     drain_grace_s: float = 10.0  # on SIGTERM: NOT_SERVING, finish in-flight calls, then stop
 
+    def encoder_threads(self) -> int:
+        """intra_op_threads, with 0 resolved against this machine's cores."""
+        if self.intra_op_threads > 0:
+            return self.intra_op_threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.compute_workers))
+
     def __post_init__(self) -> None:
         problems = []
+        if self.intra_op_threads < 0:
+            problems.append("intra_op_threads must be >= 0 (0: automatic)")
+        if self.compute_workers < 1:
+            problems.append("compute_workers must be >= 1")
         if self.batch_size < 1:
             problems.append("batch_size must be >= 1")
         if self.queue_size < 1:

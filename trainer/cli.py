@@ -33,7 +33,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "sparse_lr": (float, "Adagrad learning rate (embedding tables)"),
     "seed": (int, "random seed"),
     "loss": (str, "indicator (default) or plain"),
-    "task_weighting": (str, "fixed (default) or uncertainty"),
+    "task_weighting": (str, "fixed (default), labelled or uncertainty"),
     "embedding_dim": (int, "table and transformer width D"),
     "num_layers": (int, "transformer blocks"),
     "user_dim": (int, "universal user vector size"),

@@ -65,7 +65,7 @@ class TrainConfig:
     max_steps: int = 1500
     eval_every: int = 150
     checkpoint_every: int = 100
-    patience: int = 3  # evaluations without validation mean-AUC gain before stopping; 0 = off
+    patience: int = 3  # evaluations without validation-score gain before stopping; 0 = off
     lr: float = 2e-3  # AdamW, dense parameters
     weight_decay: float = 0.01
     sparse_lr: float = 0.05  # Adagrad fused in backward, embedding tables
@@ -73,7 +73,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     loss: str = "indicator"
-    task_weighting: str = "fixed"  # 'fixed' or 'uncertainty' (Kendall et al. 2018)
+    # 'fixed' (task_weights), 'labelled' (w_t = task t's labelled share of the training rows
+    # over the largest share) or 'uncertainty' (Kendall et al. 2018); trainer/loss.py
+    task_weighting: str = "fixed"
     task_weights: tuple[float, ...] | None = None  # fixed weights; None = all 1
     plots: bool = True
     log_every: int = 50

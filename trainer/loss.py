@@ -5,20 +5,22 @@ zero gradient) when no sample in the batch is labelled for t. Each task is avera
 own labelled samples, so a sparsely labelled task is not drowned by the dense ones and
 unlabelled samples are never pushed towards "negative" (the seesaw of the plain loss).
 plain: unlabelled = negative, every task averaged over the whole batch.
-Total = sum_t w_t L_t (fixed) or sum_t exp(-s_t) L_t + s_t (uncertainty, Kendall et al. 2018),
-plus the MoE auxiliary losses (added by the model).
+Total = sum_t w_t L_t (fixed; 'labelled': w_t = labelled rows of t / those of the most
+labelled task, from the training split) or sum_t exp(-s_t) L_t + s_t (uncertainty, Kendall et al.
+2018), plus the MoE auxiliary losses (added by the model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 LOSS_KINDS = ("indicator", "plain")
-WEIGHTINGS = ("fixed", "uncertainty")
+WEIGHTINGS = ("fixed", "labelled", "uncertainty")
 
 
 @dataclass
@@ -43,6 +45,19 @@ def per_task_losses(logits: Tensor, labels: Tensor, kind: str) -> tuple[Tensor, 
     raise ValueError(f"unknown loss {kind!r}; expected one of {LOSS_KINDS}")
 
 
+def labelled_weights(labels: np.ndarray) -> tuple[float, ...]:
+    """labels (N, T), NaN = unlabelled -> w_t = n_t / max_t n_t. Each task still averages over
+    its own labelled rows; the weight then gives a task the pull its label count earns, so a
+    task labelled on 12% of the rows (MovieLens: ratings of the users active in the window) does
+    not steer the shared vector as hard as one labelled on every row. A task with no labels
+    gets weight 0 (it has no loss anyway)."""
+    counts = (~np.isnan(labels)).sum(axis=0).astype(np.float64)
+    top = counts.max() if counts.size else 0.0
+    if top == 0:
+        return tuple(1.0 for _ in counts)
+    return tuple(float(c / top) for c in counts)
+
+
 class TaskLoss(nn.Module):
     def __init__(
         self,
@@ -64,6 +79,14 @@ class TaskLoss(nn.Module):
         self.weights: Tensor
         self.register_buffer("weights", w)
         self.log_vars = nn.Parameter(torch.zeros(num_tasks)) if weighting == "uncertainty" else None
+
+    def selection_weights(self) -> np.ndarray:
+        """Weights of the validation score (weighted mean AUC): the loss's own task weights, so
+        early stopping and model choice judge the objective the model is trained on; equal
+        weights under uncertainty weighting (its s_t drift during training)."""
+        if self.log_vars is not None:
+            return np.ones(self.weights.shape[0])
+        return self.weights.detach().cpu().numpy().astype(np.float64)
 
     def forward(self, logits: Tensor, labels: Tensor) -> LossOutput:
         per_task, counts = per_task_losses(logits, labels, self.kind)

@@ -105,6 +105,7 @@ def test_perf_smoke_reports_each_figure_beside_its_reference(tmp_path: Path) -> 
     serving = {f["name"] for f in by_suite["serving"]}
     assert {"batch path users/s (100 per call)", "stored path req/s, concurrency 16"} <= serving
     assert "miss path users/s (online features + encoder)" in serving
+    assert "miss path users/s, 64 ids per call" in serving
     for suite in ("serving", "encoder", "moe_scaling", "refresh", "training"):
         assert by_suite[suite], suite
         for f in by_suite[suite]:

@@ -59,6 +59,22 @@ def feast_store(tmp_path, monkeypatch, redis_url):
     return store
 
 
+def test_feature_rows_match_feasts_own_to_dict(feast_store):
+    """The column-wise proto reader gives what OnlineResponse.to_dict() gives, for known users
+    and an unknown one (whose values Feast marks PRESENT although they are empty)."""
+    refs = SPEC.feast_refs()
+    names = [f.name for f in SPEC.sequence_features + SPEC.profile_features]
+    rows = FeastFeatureSource(feast_store).fetch(["12", "99", "11"], SPEC)
+    want = feast_store.get_online_features(
+        features=refs, entity_rows=[{"user_id": u} for u in (12, 99, 11)]
+    ).to_dict(include_event_timestamps=True)
+    assert rows.columns == {n: want[n] for n in names}
+    assert rows.columns["item_seq"][0] == USERS[12]["item_seq"]
+    assert rows.found == [True, False, True]
+    t = int(FEATURE_TIME.timestamp() * 1000)
+    assert rows.feature_ts_ms == [t, 0, t]
+
+
 @pytest.mark.timeout(180)
 def test_miss_path_reads_real_feast_and_survives_redis_restart(
     feast_store, settings_for, registry: Registry, tmp_path, redis_server

@@ -28,3 +28,13 @@ def test_bad_values_are_rejected():
         load_settings(env={}, tls_cert="/x.pem")
     with pytest.raises(SettingsError, match="default_model"):
         load_settings(env={}, models=("a",), default_model="b")
+    with pytest.raises(SettingsError, match="compute_workers"):
+        load_settings(env={}, compute_workers=0)
+
+
+def test_encoder_threads_split_the_cores_between_compute_workers(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert load_settings(env={}).encoder_threads() == 4  # 2 workers by default
+    assert load_settings(env={}, compute_workers=3).encoder_threads() == 2
+    assert load_settings(env={}, compute_workers=16).encoder_threads() == 1
+    assert load_settings(env={"USEREMBED_INTRA_OP_THREADS": "3"}).encoder_threads() == 3

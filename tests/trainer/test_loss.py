@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.loss import TaskLoss, per_task_losses
+from trainer.loss import TaskLoss, labelled_weights, per_task_losses
+from trainer.train import validation_score
 
 NAN = float("nan")
 
@@ -52,3 +54,23 @@ def test_fixed_task_weights_scale_each_task() -> None:
     labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     total = TaskLoss(2, weights=(1.0, 3.0))(logits, labels).total
     assert math.isclose(total.item(), 4 * math.log(2), rel_tol=1e-6)
+
+
+def test_labelled_weights_follow_each_tasks_labelled_share() -> None:
+    labels = np.array([[1.0, NAN, 0.0], [0.0, NAN, NAN], [1.0, 1.0, NAN], [0.0, NAN, NAN]])
+    assert labelled_weights(labels) == (1.0, 0.25, 0.25)
+    assert labelled_weights(np.full((3, 2), NAN)) == (1.0, 1.0)  # nothing labelled: no weighting
+
+
+def test_validation_score_weights_auc_like_the_loss() -> None:
+    metrics = {"a": {"auc": 0.8}, "b": {"auc": 0.5}, "c": {"auc": NAN}}
+    tasks = ("a", "b", "c")
+    assert math.isclose(validation_score(metrics, tasks, np.ones(3)), 0.65)  # plain mean
+    # 'b' labelled on a quarter of the rows: a quarter of the say in model choice
+    score = validation_score(metrics, tasks, np.array([1.0, 0.25, 0.25]))
+    assert math.isclose(score, (0.8 + 0.25 * 0.5) / 1.25)
+    assert TaskLoss(3, weighting="uncertainty").selection_weights().tolist() == [1.0, 1.0, 1.0]
+    assert TaskLoss(2, "indicator", "labelled", (1.0, 0.5)).selection_weights().tolist() == [
+        1.0,
+        0.5,
+    ]
