@@ -5,8 +5,8 @@
 
 Writes the offline parquet files directly with pyarrow (vectorised; 10% of users also get an
 older snapshot row, so the latest-row selection has work to do), publishes the serving bench's
-synthetic ONNX encoder (bench/serving.py: 4 sequence features, L=50, hidden 64, 2 FFN layers)
-to a scratch registry, starts a private redis-server, then:
+encoder (bench/serving.py `--encoder`: the trainer's default SUPERMOE with random weights, or
+the cheap synthetic FFN; 4 sequence features, L=50) to a scratch registry, starts a private redis-server, then:
 - raw onnxruntime users/s on pre-encoded inputs of the same batch size (before and after),
 - the refresh as a subprocess (`userembed refresh --json`): total seconds, users/s, peak RSS
   of that process (getrusage of the waited child).
@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--part-rows", type=int, default=65_536)
     ap.add_argument("--ort-seconds", type=float, default=5.0)
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--encoder", default="supermoe", choices=serving.ENCODERS)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-refresh-"))
@@ -126,7 +127,7 @@ def main() -> None:
         offline = work / "offline"
         write_offline(offline, args.users, serving.SEQ_LEN, args.part_rows)
         log(f"wrote offline parquet for {args.users} users in {time.perf_counter() - t:.1f}s")
-        version, onnx_path = serving.publish_encoder(work, spec)
+        version, onnx_path = serving.publish_encoder(work, spec, args.encoder)
 
         port = free_port()
         redis_proc = subprocess.Popen(
@@ -160,6 +161,7 @@ def main() -> None:
         result = {
             "bench": "refresh",
             "users": summary["users"],
+            "encoder": args.encoder,
             "model_version": version,
             "embedding_version": summary["embedding_version"],
             "batch_size": args.batch_size,
