@@ -689,9 +689,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ps = psutil.Process(server.pid)
 
         g = dict(users=args.users, seed=1)
-        loadgen(env, target=target, mode="get", concurrency=4, requests=1000, **g)
+        # The RSS baseline comes after 1,000 calls of every kind, so that one-time growth
+        # (onnxruntime's arena sized by the first concurrent batches, connection pools) is in
+        # it and the 100k check sees what keeps growing.
+        warm_calls = {"get": 800, "force": 150, "batch_force": 50}
+        for mode, n_calls in warm_calls.items():
+            conc = {"get": 4, "force": 64, "batch_force": 4}[mode]
+            loadgen(env, target=target, mode=mode, concurrency=conc, requests=n_calls,
+                    ids=SERVER_BATCH, **g)  # fmt: skip
         rss_1k = ps.memory_info().rss
-        total = 1000 + 100
+        rss_trace = {"after_warm_up": rss_1k}
+        total = sum(warm_calls.values()) + sum(min(200, n // 10) for n in warm_calls.values())
         stored: dict[str, Any] = {}
         echo_res: dict[str, Any] = {}
         rounds = args.rounds
@@ -733,6 +741,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for c in stored
         }
         echo.stop()
+        rss_trace["after_stored"] = ps.memory_info().rss
 
         # batch path and miss path: alternate with their raw reference, medians of each side
         b_runs, mget_runs, hmget_runs = [], [], []
@@ -766,6 +775,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_vs_mget": round(batch["users_s"] / raw["mget"], 3),
         }
         log(f"batch 100 ids, c=16: {batch['users_s']} users/s vs MGET {raw['mget']:.0f}")
+        rss_trace["after_batch"] = ps.memory_info().rss
 
         m_runs, mb_runs, ort_runs = [], [], []
         for _ in range(rounds):
@@ -829,16 +839,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"{miss_batch['users_s']} users/s"
         )
 
+        rss_trace["after_miss"] = ps.memory_info().rss
         left = args.rss_requests - total
         if args.rss_requests and left > 0:
             log(f"{left} more stored-path requests for the RSS check")
             loadgen(env, target=target, mode="get", concurrency=16, requests=left, **g)
         rss_100k = ps.memory_info().rss
+        rss_trace["after_all"] = rss_100k
         result["rss"] = {
             "after_1k_mb": round(rss_1k / 2**20, 1),
             "after_100k_mb": round(rss_100k / 2**20, 1),
             "growth": round(rss_100k / rss_1k - 1, 3),
             "requests": max(total, args.rss_requests),
+            "trace_mb": {k: round(v / 2**20, 1) for k, v in rss_trace.items()},
         }
         log(f"server RSS {result['rss']}")
 
