@@ -25,6 +25,15 @@ logger = logging.getLogger(__name__)
 ENV_PREFIX = "USEREMBED_"
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (affinity mask: taskset, a container's cpuset). A CFS
+    quota (a Kubernetes CPU limit) is not visible here: set intra_op_threads there."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class SettingsError(InvalidInputError):
     """A settings file or variable that cannot be used."""
 
@@ -67,7 +76,7 @@ class ServerSettings:
         """intra_op_threads, with 0 resolved against this machine's cores."""
         if self.intra_op_threads > 0:
             return self.intra_op_threads
-        return max(1, (os.cpu_count() or 1) // max(1, self.compute_workers))
+        return max(1, usable_cores() // max(1, self.compute_workers))
 
     def __post_init__(self) -> None:
         problems = []

@@ -33,7 +33,7 @@ def test_bad_values_are_rejected():
 
 
 def test_encoder_threads_split_the_cores_between_compute_workers(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("embed_server.settings.usable_cores", lambda: 8)
     assert load_settings(env={}).encoder_threads() == 4  # 2 workers by default
     assert load_settings(env={}, compute_workers=3).encoder_threads() == 2
     assert load_settings(env={}, compute_workers=16).encoder_threads() == 1
