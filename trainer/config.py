@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from userembed.errors import InvalidInputError
 from userembed.features import InputSpec
 
 
@@ -79,6 +80,19 @@ class TrainConfig:
     task_weights: tuple[float, ...] | None = None  # fixed weights; None = all 1
     plots: bool = True
     log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("indicator", "plain"):
+            raise InvalidInputError(f"loss {self.loss!r}: expected indicator or plain")
+        if self.task_weighting not in ("fixed", "labelled", "uncertainty"):
+            raise InvalidInputError(
+                f"task_weighting {self.task_weighting!r}: expected fixed, labelled or uncertainty"
+            )
+        if self.task_weights is not None and self.task_weighting != "fixed":
+            raise InvalidInputError(
+                f"task_weights are fixed weights: they cannot go with "
+                f"task_weighting={self.task_weighting!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

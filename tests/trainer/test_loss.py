@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -74,3 +75,17 @@ def test_validation_score_weights_auc_like_the_loss() -> None:
         1.0,
         0.5,
     ]
+
+
+def test_train_config_refuses_unknown_or_conflicting_weighting(tmp_path) -> None:
+    from trainer.config import ModelConfig, TrainConfig
+    from userembed.errors import InvalidInputError
+    from userembed.features import InputSpec
+
+    model = ModelConfig(input_spec=InputSpec(), task_names=("a", "b"))
+    with pytest.raises(InvalidInputError, match="expected fixed, labelled or uncertainty"):
+        TrainConfig(str(tmp_path), model, task_weighting="labeled")
+    with pytest.raises(InvalidInputError, match="cannot go with"):
+        TrainConfig(str(tmp_path), model, task_weighting="labelled", task_weights=(1.0, 2.0))
+    with pytest.raises(InvalidInputError, match="indicator or plain"):
+        TrainConfig(str(tmp_path), model, loss="sum")
