@@ -477,7 +477,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Budget, identical for every model: {qc['steps']} steps max, batch {qc['batch_size']}, "
         f"AdamW lr {qc['lr']}, validation every {qc['eval_every']} steps, early stop after "
-        f"{qc['patience']} evaluations without gain, final model = best validation mean AUC (task-weighted like the loss). "
+        f"{qc['patience']} evaluations without gain, final model = best validation mean AUC "
+        "(task-weighted like the loss). "
         f"Model shape: embedding dim {qc['embedding_dim']}, {qc['num_layers']} layers, user "
         f"vector {qc['user_dim']}, sequence length {qc['sequence_length']}; SUPERMOE 4 experts, "
         f"top-2. Seeds: {qc['seeds']} (model init and batch order; the data are fixed).",

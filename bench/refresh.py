@@ -6,7 +6,8 @@
 Writes the offline parquet files directly with pyarrow (vectorised; 10% of users also get an
 older snapshot row, so the latest-row selection has work to do), publishes the serving bench's
 encoder (bench/serving.py `--encoder`: the trainer's default SUPERMOE with random weights, or
-the cheap synthetic FFN; 4 sequence features, L=50) to a scratch registry, starts a private redis-server, then:
+the cheap synthetic FFN; 4 sequence features, L=50) to a scratch registry, starts a private
+redis-server, then:
 - raw onnxruntime users/s on pre-encoded inputs of the same batch size (before and after),
 - the refresh as a subprocess (`userembed refresh --json`): total seconds, users/s, peak RSS
   of that process (getrusage of the waited child).

@@ -6,8 +6,8 @@ own labelled samples, so a sparsely labelled task is not drowned by the dense on
 unlabelled samples are never pushed towards "negative" (the seesaw of the plain loss).
 plain: unlabelled = negative, every task averaged over the whole batch.
 Total = sum_t w_t L_t (fixed; 'labelled': w_t = labelled rows of t / those of the most
-labelled task, from the training split) or sum_t exp(-s_t) L_t + s_t (uncertainty, Kendall et al.
-2018), plus the MoE auxiliary losses (added by the model).
+labelled task, from the training split) or sum_t exp(-s_t) L_t + s_t (uncertainty, Kendall
+et al. 2018), plus the MoE auxiliary losses (added by the model).
 """
 
 from __future__ import annotations

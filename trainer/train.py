@@ -2,9 +2,10 @@
 
 Tables: Adagrad fused into backward (`_apply_optimizer_in_backward`); dense: AdamW with
 warm-up + cosine decay and grad clipping. The validation score (mean AUC, task-weighted like
-the loss) drives early stopping and picks the final model (best evaluation). Checkpoints every K steps hold model, optimizers, scheduler,
-RNG, step and config; `resume=True` continues from the latest one and reaches the same result
-as an uninterrupted run (same seed: batch order is a function of (seed, epoch)).
+the loss) drives early stopping and picks the final model (best evaluation). Checkpoints
+every K steps hold model, optimizers, scheduler, RNG, step and config; `resume=True`
+continues from the latest one and reaches the same result as an uninterrupted run (same
+seed: batch order is a function of (seed, epoch)).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def validation_score(
 ) -> float:
     """Task-weighted mean validation AUC over tasks whose AUC is defined (equal weights: the
     plain mean). With 'labelled' weights a task with 64 labelled validation rows, whose AUC
-    swings by 0.07 between checkpoints on noise alone, cannot pick the model."""
+    moves by several points between checkpoints on noise alone, cannot pick the model."""
     auc = np.array([metrics[t]["auc"] for t in tasks], dtype=np.float64)
     ok = np.isfinite(auc) & (weights > 0)
     if not ok.any():
