@@ -743,24 +743,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         echo.stop()
         rss_trace["after_stored"] = ps.memory_info().rss
 
+        def server_load(mode: str, concurrency: int, calls: int, ids: int = 1) -> dict[str, Any]:
+            """One run against the server; users/s is its figure (as req_s, for median_of)."""
+            nonlocal total
+            res = loadgen(env, processes=args.load_procs, target=target, mode=mode,
+                          concurrency=concurrency, requests=calls, ids=ids, **g)  # fmt: skip
+            total += calls + min(200, calls // 10)  # the warm-up calls count for the RSS check
+            return {**res, "req_s": res["users_s"]}
+
         # batch path and miss path: alternate with their raw reference, medians of each side
         b_runs, mget_runs, hmget_runs = [], [], []
         for _ in range(rounds):
-            b = loadgen(
-                env,
-                processes=args.load_procs,
-                target=target,
-                mode="batch",
-                concurrency=16,
-                requests=int(1500 * s) // rounds,
-                ids=100,
-                **g,
-            )
-            b_runs.append({**b, "req_s": b["users_s"]})
+            b_runs.append(server_load("batch", 16, int(1500 * s) // rounds, ids=100))
             raw_r = raw_redis(url, args.users, 1.0 * s)
             mget_runs.append(raw_r["mget"])
             hmget_runs.append(raw_r["pipeline_hmget"])
-            total += int(1500 * s) // rounds + min(200, int(1500 * s) // rounds // 10)
         batch = median_of(b_runs)
         raw = {"mget": float(np.median(mget_runs)), "pipeline_hmget": float(np.median(hmget_runs))}
         result["batch_100"] = {
@@ -779,30 +776,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         m_runs, mb_runs, ort_runs = [], [], []
         for _ in range(rounds):
-            mb = loadgen(
-                env,
-                processes=args.load_procs,
-                target=target,
-                mode="batch_force",
-                concurrency=4,
-                requests=int(300 * s) // rounds,
-                ids=SERVER_BATCH,
-                **g,
-            )
-            mb_runs.append({**mb, "req_s": mb["users_s"]})
-            total += int(300 * s) // rounds + min(200, int(300 * s) // rounds // 10)
-            m = loadgen(
-                env,
-                processes=args.load_procs,
-                target=target,
-                mode="force",
-                concurrency=64,
-                requests=int(3000 * s) // rounds,
-                **g,
-            )
-            m_runs.append({**m, "req_s": m["users_s"]})
+            mb_runs.append(server_load("batch_force", 4, int(300 * s) // rounds, SERVER_BATCH))
+            m_runs.append(server_load("force", 64, int(3000 * s) // rounds))
             ort_runs.append(raw_onnxruntime(onnx_path, spec, rows, SERVER_BATCH, 1.5 * s))
-            total += int(3000 * s) // rounds + min(200, int(3000 * s) // rounds // 10)
         miss = median_of(m_runs)
         miss_batch = median_of(mb_runs)
         ort_64 = float(np.median(ort_runs))
