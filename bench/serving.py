@@ -902,6 +902,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         "server_req_s": sv[c]["req_s"],
                         "server_runs_req_s": sv[c]["runs_req_s"],
                         "server_speedup": round(sv[c]["req_s"] / fr[c]["req_s"], 2),
+                        # the no-op echo server (stored-path section) over feast serve: the
+                        # most any Python gRPC server could show here
+                        "ceiling_echo_speedup": round(
+                            result["stored_path"][c]["echo_req_s"] / fr[c]["req_s"], 2
+                        ),
                     }
                     for c in fr
                 }
