@@ -55,6 +55,22 @@ class ModelConfig:
         return cls(**d)
 
 
+def check_loss_options(
+    loss: str, task_weighting: str, task_weights: tuple[float, ...] | None
+) -> None:
+    """The loss settings TrainConfig accepts (trainer/loss.py implements them)."""
+    if loss not in ("indicator", "plain"):
+        raise InvalidInputError(f"loss {loss!r}: expected indicator or plain")
+    if task_weighting not in ("fixed", "labelled", "uncertainty"):
+        raise InvalidInputError(
+            f"task_weighting {task_weighting!r}: expected fixed, labelled or uncertainty"
+        )
+    if task_weights is not None and task_weighting != "fixed":
+        raise InvalidInputError(
+            f"task_weights are fixed weights: they cannot go with task_weighting={task_weighting!r}"
+        )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. `loss`: 'indicator' (per-task mean over labelled samples) or 'plain'."""
@@ -82,17 +98,7 @@ class TrainConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
-        if self.loss not in ("indicator", "plain"):
-            raise InvalidInputError(f"loss {self.loss!r}: expected indicator or plain")
-        if self.task_weighting not in ("fixed", "labelled", "uncertainty"):
-            raise InvalidInputError(
-                f"task_weighting {self.task_weighting!r}: expected fixed, labelled or uncertainty"
-            )
-        if self.task_weights is not None and self.task_weighting != "fixed":
-            raise InvalidInputError(
-                f"task_weights are fixed weights: they cannot go with "
-                f"task_weighting={self.task_weighting!r}"
-            )
+        check_loss_options(self.loss, self.task_weighting, self.task_weights)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

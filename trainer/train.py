@@ -32,7 +32,7 @@ from trainer.batches import (
     encode_split,
     iterate_batches,
 )
-from trainer.config import ModelConfig, MoEConfig, TrainConfig
+from trainer.config import ModelConfig, MoEConfig, TrainConfig, check_loss_options
 from trainer.distributed import (
     DistContext,
     broadcast_float,
@@ -402,6 +402,20 @@ MODEL_OPTIONS = {f.name for f in fields(ModelConfig)} - {"input_spec", "task_nam
 MOE_OPTIONS = {f.name for f in fields(MoEConfig)}
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse unknown option names and loss settings TrainConfig would refuse, before the
+    training frame is built (a minute or more)."""
+    train_names = {f.name for f in fields(TrainConfig)} - {"run_dir", "model"}
+    unknown = set(options) - train_names - MODEL_OPTIONS - MOE_OPTIONS
+    if unknown:
+        raise InvalidInputError(f"unknown training options: {sorted(unknown)}")
+    check_loss_options(
+        options.get("loss", "indicator"),
+        options.get("task_weighting", "fixed"),
+        options.get("task_weights"),
+    )
+
+
 def config_for(
     frame: pd.DataFrame,
     tasks: tuple[str, ...],
@@ -413,13 +427,10 @@ def config_for(
 ) -> TrainConfig:
     """A TrainConfig sized from the data; options name TrainConfig, ModelConfig or MoEConfig
     fields (unknown names are rejected)."""
+    check_options(options)
     spec = build_input_spec(frame, profile_features, sequence_length, table_cap)
     model_kw = {k: options.pop(k) for k in list(options) if k in MODEL_OPTIONS}
     moe_kw = {k: options.pop(k) for k in list(options) if k in MOE_OPTIONS}
-    train_names = {f.name for f in fields(TrainConfig)} - {"run_dir", "model"}
-    unknown = set(options) - train_names
-    if unknown:
-        raise InvalidInputError(f"unknown training options: {sorted(unknown)}")
     model = ModelConfig(input_spec=spec, task_names=tasks, moe=MoEConfig(**moe_kw), **model_kw)
     return TrainConfig(run_dir=str(run_dir), model=model, **options)
 
@@ -431,6 +442,8 @@ def train_from_feast(
     from userembed import feast_ops
     from userembed.pipeline_cli import load_built
 
+    if not resume:
+        check_options(options)
     labels, spec = load_built()
     store = feast_ops.open_store()
     frame = feast_ops.training_frame(store, labels, spec, engine=engine)

@@ -49,3 +49,10 @@ def test_resume_with_training_options_is_refused_not_ignored(home: Path, capsys)
     assert cli.main(["train", "--run-id", "r1", "--resume", "--max-steps", "10"]) == 2
     err = capsys.readouterr().err
     assert "saved config" in err and "--max-steps" in err
+
+
+def test_bad_task_weighting_is_refused_before_any_data_is_read(home: Path, capsys) -> None:
+    # no `data build` ran: the option error must come first, not a missing-data error
+    # after a minute of building the training frame
+    assert cli.main(["train", "--run-id", "r1", "--task-weighting", "labeled"]) == 2
+    assert "expected fixed, labelled or uncertainty" in capsys.readouterr().err
