@@ -55,15 +55,19 @@ class ModelConfig:
         return cls(**d)
 
 
+LOSS_KINDS = ("indicator", "plain")  # trainer/loss.py implements them
+WEIGHTINGS = ("fixed", "labelled", "uncertainty")
+
+
 def check_loss_options(
     loss: str, task_weighting: str, task_weights: tuple[float, ...] | None
 ) -> None:
-    """The loss settings TrainConfig accepts (trainer/loss.py implements them)."""
-    if loss not in ("indicator", "plain"):
-        raise InvalidInputError(f"loss {loss!r}: expected indicator or plain")
-    if task_weighting not in ("fixed", "labelled", "uncertainty"):
+    """The loss settings TrainConfig accepts."""
+    if loss not in LOSS_KINDS:
+        raise InvalidInputError(f"loss {loss!r}: expected {' or '.join(LOSS_KINDS)}")
+    if task_weighting not in WEIGHTINGS:
         raise InvalidInputError(
-            f"task_weighting {task_weighting!r}: expected fixed, labelled or uncertainty"
+            f"task_weighting {task_weighting!r}: expected {', '.join(WEIGHTINGS)}"
         )
     if task_weights is not None and task_weighting != "fixed":
         raise InvalidInputError(

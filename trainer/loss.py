@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LOSS_KINDS = ("indicator", "plain")
-WEIGHTINGS = ("fixed", "labelled", "uncertainty")
+from trainer.config import LOSS_KINDS, WEIGHTINGS
 
 
 @dataclass

@@ -55,4 +55,4 @@ def test_bad_task_weighting_is_refused_before_any_data_is_read(home: Path, capsy
     # no `data build` ran: the option error must come first, not a missing-data error
     # after a minute of building the training frame
     assert cli.main(["train", "--run-id", "r1", "--task-weighting", "labeled"]) == 2
-    assert "expected fixed, labelled or uncertainty" in capsys.readouterr().err
+    assert "expected fixed, labelled, uncertainty" in capsys.readouterr().err

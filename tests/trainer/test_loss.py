@@ -83,7 +83,7 @@ def test_train_config_refuses_unknown_or_conflicting_weighting(tmp_path) -> None
     from userembed.features import InputSpec
 
     model = ModelConfig(input_spec=InputSpec(), task_names=("a", "b"))
-    with pytest.raises(InvalidInputError, match="expected fixed, labelled or uncertainty"):
+    with pytest.raises(InvalidInputError, match="expected fixed, labelled, uncertainty"):
         TrainConfig(str(tmp_path), model, task_weighting="labeled")
     with pytest.raises(InvalidInputError, match="cannot go with"):
         TrainConfig(str(tmp_path), model, task_weighting="labelled", task_weights=(1.0, 2.0))
