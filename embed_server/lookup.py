@@ -92,6 +92,14 @@ class BatchResult:
         self.errors[i] = e
         self.vectors[i] = bytes(4 * self.model.dim)
 
+    def set_stored(self, i: int, ev: str, row: Sequence[Any]) -> None:
+        """A plain f32 hit at i: `row` as read from Redis (VECTOR_FIELDS order)."""
+        self.vectors[i] = row[0]
+        self.sources[i] = STORED
+        self.embedding_versions[i] = ev
+        self.computed_at_ms[i] = int(row[3] or 0)
+        self.feature_ts_ms[i] = int(row[4] or 0)
+
     def set_embedding(self, i: int, e: Embedding) -> None:
         self.vectors[i] = e.vector.astype("<f4", copy=False).tobytes()
         self.sources[i] = e.source
@@ -449,11 +457,7 @@ class EmbeddingLookup:
         else:
             for i, uid, row, ok in zip(idx, ids, rows, plain, strict=True):
                 if ok:
-                    result.vectors[i] = row[0]
-                    result.sources[i] = STORED
-                    result.embedding_versions[i] = ev
-                    result.computed_at_ms[i] = int(row[3] or 0)
-                    result.feature_ts_ms[i] = int(row[4] or 0)
+                    result.set_stored(i, ev, row)
                     continue
                 emb = self._stored_embedding(model, ev, uid, row)  # other encodings (f16)
                 if emb is None:

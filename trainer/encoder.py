@@ -75,11 +75,12 @@ def sequence_stats(seq_ids: list[Tensor], mask: Tensor, max_length: int) -> Tens
 
     seq_ids: (B, L) table rows per feature (0 = padding), mask (B, L) real events, max_length
     the model's sequence length (a constant, so a shorter exported input scales the same). For
-    each feature: distinct / events and log(1 + distinct) / log(1 + max_length). Why: a mean of embeddings
-    cannot count (it sees shares, not how many different categories), and the count of distinct
-    categories is what tells an explorer from a focused user: on the synthetic data a logistic
-    regression on distinct count + event count alone reaches explore AUC .753, on the summed
-    squared shares (what the bags' norms carry) .724 (bench/data_gen.py features, 20k users).
+    each feature: distinct / events and log(1 + distinct) / log(1 + max_length). Why: a mean of
+    embeddings cannot count (it sees shares, not how many different categories), and the count
+    of distinct categories is what tells an explorer from a focused user: on the synthetic data
+    a logistic regression on distinct count + event count alone reaches explore AUC .753, on the
+    summed squared shares (what the bags' norms carry) .724 (bench/data_gen.py features, 20k
+    users).
     Exact via pairwise equality, O(L^2) per user: cheap at L = 50 and plain ONNX ops.
     """
     m = mask.to(torch.float32)  # (B, L)

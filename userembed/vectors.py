@@ -234,10 +234,10 @@ class VectorStore:
             + _bulk(b"feature_ts")
         )
         expire = _bulk(b"%d" % self.ttl_s) if self.ttl_s else b""
-        prefix = f"ue:{self.keys.model}:{ev}:{{".encode()
+        keys = self.keys.vector_keys(ev, [str(u) for u in user_ids])
         parts: list[bytes | memoryview] = []
-        for i, uid in enumerate(user_ids):
-            key = _bulk(prefix + str(uid).encode() + b"}")
+        for i, name in enumerate(keys):
+            key = _bulk(name)
             fts = int(feature_ts_ms[i]) if feature_ts_ms is not None else 0
             parts += (b"*12\r\n", head, key, vec_head, buf[i * row : (i + 1) * row], mid)
             parts.append(_bulk(b"%d" % fts))
