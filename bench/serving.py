@@ -144,24 +144,12 @@ ENCODERS = ("supermoe", "synthetic")
 
 
 def supermoe_encoder(spec: Any, path: Path) -> None:
-    """The trainer's default SUPERMOE encoder (D=32, 2 layers, 4 experts top-2, V=64) with
-    random weights, exported to `path` by the trainer's exporter: the model the service runs,
-    at its compute cost (training changes the weights, not the work per user)."""
-    import torch
+    """The trainer's default SUPERMOE encoder with random weights (bench/encoder.py), exported
+    to `path` by the trainer's exporter: the model the service runs, at its compute cost."""
+    from bench.encoder import random_encoder
+    from trainer.export import export_onnx, random_inputs
 
-    from trainer.config import ModelConfig
-    from trainer.export import ExportableEncoder, export_onnx, random_inputs
-    from trainer.model import DenseArch
-    from trainer.tables import table_name
-
-    cfg = ModelConfig(input_spec=spec, task_names=("bench",), user_dim=DIM)
-    torch.manual_seed(0)
-    tables = {
-        table_name(f.name): torch.randn(f.num_embeddings, cfg.embedding_dim) * 0.1
-        for f in spec.sequence_features + spec.profile_features
-    }
-    enc = ExportableEncoder(cfg, tables, DenseArch(cfg).eval()).eval()
-    export_onnx(enc, path, random_inputs(spec, 64, np.random.default_rng(0)))
+    export_onnx(random_encoder(spec, DIM), path, random_inputs(spec, 64, np.random.default_rng(0)))
 
 
 def publish_encoder(root: Path, spec: Any, kind: str = "synthetic") -> tuple[str, Path]:
