@@ -259,15 +259,22 @@ def plan(tasks: tuple[str, ...], seeds: tuple[int, ...]) -> list[tuple[str, int]
     return [(m, s) for s in seeds for m in models]
 
 
-def load_done(path: Path, dataset: str, qc: QualityConfig) -> dict[tuple[str, int], dict]:
-    """Finished runs from the JSONL log whose budget matches this run's."""
+def load_done(
+    path: Path, dataset: str, qc: QualityConfig, frame_rows: dict[str, int]
+) -> dict[tuple[str, int], dict]:
+    """Finished runs from the JSONL log whose budget and frame (rows per split) match this
+    run's: a data set whose definition changed is trained again, not mixed with old runs."""
     done: dict[tuple[str, int], dict] = {}
     if not path.exists():
         return done
     budget = _budget(qc)
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if rec["dataset"] == dataset and rec["budget"] == budget:
+        if (
+            rec["dataset"] == dataset
+            and rec["budget"] == budget
+            and rec.get("frame_rows") == frame_rows
+        ):
             done[(rec["model"], rec["seed"])] = rec
     return done
 
@@ -294,11 +301,11 @@ def run_dataset(
 
     t0 = time.perf_counter()
     frame, spec = load_frame(name, qc, workdir)
-    counts = frame["split"].value_counts().to_dict()
+    counts = {str(k): int(v) for k, v in frame["split"].value_counts().items()}
     logger.info("%s: frame %d rows %s (%.1fs)", name, len(frame), counts, time.perf_counter() - t0)
     probe_part, probe_fit = probe_rows(frame)
     heldout = [f for f in spec.heldout_profile_features if f in probe_part.columns]
-    done = load_done(log_path, name, qc) if resume else {}
+    done = load_done(log_path, name, qc, counts) if resume else {}
     seeds = tuple(range(qc.seeds))
     runs = [
         r
@@ -322,6 +329,7 @@ def run_dataset(
             "model": model,
             "seed": seed,
             "budget": _budget(qc),
+            "frame_rows": counts,
             "test_auc": result.test_auc,
             "steps": result.steps,
             "best_step": result.best_step,
@@ -360,12 +368,37 @@ def run_dataset(
         "tasks": list(spec.tasks),
         "heldout": heldout,
         "bayes_auc": dict(spec.bayes_auc),
-        "frame_rows": {str(k): int(v) for k, v in counts.items()},
+        "frame_rows": counts,
+        "test_labels": test_label_counts(frame, tuple(spec.tasks)),
         "train_seconds_total": round(sum(r["seconds"] for r in records), 1),
         "probe_users": {"fit": int(probe_fit.sum()), "eval": int((~probe_fit).sum())},
         "summary": summarise(records, tuple(spec.tasks), heldout),
         "probe_reference": probe_reference(probe_part, probe_fit, heldout, spec),
     }
+
+
+def test_label_counts(frame: pd.DataFrame, tasks: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Positives and negatives of each task on the test split (unlabelled rows left out)."""
+    test = frame[frame["split"] == "test"]
+    out = {}
+    for t in tasks:
+        y = test[f"label_{t}"].to_numpy(dtype=np.float64)
+        out[t] = {"pos": int(np.sum(y == 1.0)), "neg": int(np.sum(y == 0.0))}
+    return out
+
+
+def auc_standard_error(auc: float, pos: int, neg: int) -> float:
+    """Standard error of one AUC measured on `pos` positives and `neg` negatives (Hanley and
+    McNeil 1982). It is what the test split alone adds to a model's AUC, before any seed
+    spread: a gap between two models much smaller than it cannot be told from noise. On
+    normal scores it runs up to a quarter above a bootstrap of the split (tests/bench)."""
+    if pos < 1 or neg < 1 or not math.isfinite(auc):
+        return float("nan")
+    q1 = auc / (2.0 - auc)
+    q2 = 2.0 * auc * auc / (1.0 + auc)
+    a2 = auc * auc
+    var = (auc * (1 - auc) + (pos - 1) * (q1 - a2) + (neg - 1) * (q2 - a2)) / (pos * neg)
+    return math.sqrt(max(var, 0.0))
 
 
 def probe_reference(
@@ -510,6 +543,21 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | "
                 + " | ".join(_fmt(e["task_auc"][t]) for t in tasks)
                 + f" | {_fmt(e['average'])} | {cell} | {e['steps']:.0f} | {e['seconds']:.0f} |"
+            )
+        single = s.get("single_task")
+        if single and "test_labels" in ds:
+            n = ds["test_labels"]
+            se = [
+                auc_standard_error(single["task_auc"][t]["mean"], n[t]["pos"], n[t]["neg"])
+                for t in tasks
+            ]
+            lines.append(
+                "| test-split standard error of one AUC (Hanley-McNeil at the single-task AUC; "
+                "positives/negatives) | "
+                + " | ".join(
+                    f"{e:.4f} ({n[t]['pos']}/{n[t]['neg']})" for e, t in zip(se, tasks, strict=True)
+                )
+                + " | | | | |"
             )
         if ds["bayes_auc"]:
             b = ds["bayes_auc"]

@@ -6,8 +6,9 @@ importlib.util.find_spec, never by importing recbole (which pulls in torch and m
 
 Mapping: an event is a rating; event_type = the rating (1..5); category = the movie's first
 genre; profile = age_bucket, gender, occupation, region (first zip digit). Cuts are calendar
-windows of three weeks ending at the data end; a label at cut c describes [c, c + 3 weeks) and
-is known at c + 3 weeks. docs/data.md lists the task definitions.
+windows of three weeks ending at the data end, as many as the history holds (10 for the 31
+weeks of ml-100k); a label at cut c describes [c, c + 3 weeks) and is known at c + 3 weeks.
+docs/data.md lists the task definitions.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from userembed.errors import DataNotFoundError
 logger = logging.getLogger(__name__)
 
 HORIZON = pd.Timedelta(weeks=3)
-NUM_CUTS = 4
+MIN_CUTS = 3  # train, validation, test
 TASKS: tuple[str, ...] = ("active", "rate_high", "rate_low", "new_genre")
 LABEL_DEFINITIONS: dict[str, str] = {
     "active": "rates any movie in [cut, cut + 3 weeks); known at cut + 3 weeks",
@@ -103,7 +104,11 @@ def load_movielens(
     users["age_bucket"] = users["age_bucket"].astype(np.int64)
 
     end = events["event_timestamp"].max().ceil("D") + pd.Timedelta(days=1)
-    cuts = [end - HORIZON * k for k in range(NUM_CUTS, 0, -1)]
+    # Every whole window of the history is a cut: ml-100k's 31 weeks give 10, 3,200 training
+    # rows (the last four windows alone gave 1,343, too few for the single-task baselines).
+    start = events["event_timestamp"].min()
+    num_cuts = max(MIN_CUTS, int((end - start) // HORIZON))
+    cuts = [end - HORIZON * k for k in range(num_cuts, 0, -1)]
     labels = _labels(events, cuts)
     train, validation, test = split_cuts(cuts)
     spec = DatasetSpec(
