@@ -786,6 +786,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             # One id per call: no server can beat the no-op echo's calls/s, so this is the
             # highest ratio any single-id server could reach here, features and encoder free.
             "ceiling_echo_vs_onnxruntime": round(echo_64 / ort_64, 3),
+            # Both costs on the same cores (load generator, gRPC and onnxruntime share them):
+            # a user costs at least 1/echo + 1/ort machine-seconds, so users/s <= 1 / (1/echo
+            # + 1/ort) and the ratio to onnxruntime <= echo / (echo + ort), features free.
+            "ceiling_shared_cores_vs_onnxruntime": round(echo_64 / (echo_64 + ort_64), 3),
             # The same work with 64 ids per call (4 calls in flight): the per-call gRPC cost
             # is paid once per micro-batch, so this shows the features + encoder + write-back.
             "batch_of_64": {
