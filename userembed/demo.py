@@ -113,7 +113,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t = _stage(3, total, "Feast: apply the feature repository, materialise into Redis")
     store = feast_ops.open_store(cfg.redis_url)
-    feast_ops.apply(store)
+    feast_ops.apply(store, fresh=True)  # an earlier demo's newer rows would shadow these
     feast_ops.materialize(store)
     user = 1
     online = feast_ops.online_features(store, [user])

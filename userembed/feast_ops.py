@@ -109,9 +109,21 @@ def _definitions(repo: Path) -> list[Any]:
     return [v for v in vars(module).values() if isinstance(v, kinds)]
 
 
-def apply(store: FeatureStore) -> list[str]:
-    """Register the repository's objects (like `feast apply`); returns their names."""
+def apply(store: FeatureStore, fresh: bool = False) -> list[str]:
+    """Register the repository's objects (like `feast apply`); returns their names.
+
+    fresh: first `feast teardown` (the project's online rows and registry entries), for a data
+    set built from scratch. Feast's Redis store keeps the newer of two rows of a user, so the
+    rows of an earlier data set with later timestamps (the synthetic data are dated 2026,
+    MovieLens 1998) would shadow the new ones, and the server would compute from them. Vectors
+    (`ue:*` keys) are not Feast's and stay."""
     objects = _definitions(Path(store.repo_path))
+    if fresh:
+        try:
+            store.teardown()
+        except redis.exceptions.ConnectionError as e:
+            raise BackendUnavailableError(f"feast teardown: Redis unavailable: {e}") from e
+        logger.info("feast teardown: online rows of the earlier data set dropped")
     store.apply(objects)
     names = sorted(o.name for o in objects)
     logger.info("feast apply: %s", ", ".join(names))

@@ -109,7 +109,7 @@ def build_and_materialize(
 
     summary = build_dataset(BuildRequest(source, num_users, seed, **paths_kw))
     store = feast_ops.open_store(redis_url)
-    feast_ops.apply(store)
+    feast_ops.apply(store, fresh=True)  # a new data set: no online rows of the previous one
     feast_ops.materialize(store)
     summary["materialized"] = True
     return summary
@@ -133,7 +133,7 @@ def _data_build(args: argparse.Namespace) -> int:
 def _feast_apply(args: argparse.Namespace) -> int:
     from userembed import feast_ops
 
-    names = feast_ops.apply(feast_ops.open_store(args.redis_url))
+    names = feast_ops.apply(feast_ops.open_store(args.redis_url), fresh=args.fresh)
     print(json.dumps({"applied": names}))
     return 0
 
@@ -172,9 +172,14 @@ def register(subparsers: Any) -> None:
     )
     feast.add_argument("--redis-url", default=None, help="default: $REDIS_URL")
     feast_sub = feast.add_subparsers(dest="feast_command", metavar="SUBCOMMAND", required=True)
-    feast_sub.add_parser("apply", help="register feature_repo/ objects").set_defaults(
-        func=_feast_apply
+    apply = feast_sub.add_parser("apply", help="register feature_repo/ objects")
+    apply.add_argument(
+        "--fresh",
+        action="store_true",
+        help="first drop the online rows of an earlier data set (after `data build` of a new "
+        "one: Feast keeps the newer of two rows of a user, whichever data set it came from)",
     )
+    apply.set_defaults(func=_feast_apply)
     feast_sub.add_parser("materialize", help="load the newest snapshots into Redis").set_defaults(
         func=_feast_materialize
     )

@@ -86,3 +86,30 @@ def test_build_and_materialize_serves_users_from_redis(home: Path, redis_url: st
     assert cli.main(["feast", "--redis-url", redis_url, "online", "--user-id", "5", "99999"]) == 0
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"user_id": [5, 99999]' in out and '"item_seq": [[' in out and "null]" in out
+
+
+def test_a_new_data_set_with_older_dates_is_what_feast_serves(
+    home: Path, tmp_path: Path, redis_url: str
+) -> None:
+    """Feast's Redis store keeps the newer of two rows of a user: without the teardown in
+    build_and_materialize, the first data set's rows (dated later) would shadow the second's
+    and the server would compute vectors from the wrong data set."""
+    from userembed import feast_ops
+
+    build_and_materialize("synthetic", num_users=150, seed=4, redis_url=redis_url)
+    files = _team_files(tmp_path)  # another synthetic draw, moved 400 days back
+    for name, column in (("events", "event_timestamp"), ("labels", "label_timestamp")):
+        frame = pd.read_parquet(files[name])
+        frame[column] -= pd.Timedelta(days=400)
+        frame.to_parquet(files[name], index=False)
+    build_and_materialize(
+        "parquet",
+        redis_url=redis_url,
+        events_path=files["events"],
+        users_path=files["users"],
+        labels_path=files["labels"],
+    )
+    behavior = pd.read_parquet(home / "offline" / "behavior.parquet")
+    latest = behavior[behavior["user_id"] == 5].sort_values("event_timestamp").iloc[-1]
+    online = feast_ops.online_features(feast_ops.open_store(redis_url), [5])
+    assert online["item_seq"][0] == list(latest["item_seq"])
