@@ -32,3 +32,5 @@ def test_demo_ends_with_a_served_embedding(
     assert out["served"]["dim"] == 64
     assert out["served"]["source"] == "stored"  # the refresh wrote it; the server read it
     assert "GetUserEmbedding(user_id=1) [recomputed]" in printed
+    # the refresh (offline files) and the recompute (Feast online store) saw the same features
+    assert out["served"]["stored_vs_recomputed_max_abs_diff"] < 1e-4

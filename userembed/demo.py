@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+
 from userembed import paths
 from userembed.errors import BackendUnavailableError, UserEmbedError
 
@@ -170,7 +172,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 f"[{head}, ...] model {emb.model_name}/{emb.model_version} "
                 f"source {emb.source} embedding version {emb.embedding_version}"
             )
-        out["served"] = {"dim": len(stored.vector), "source": stored.source}
+        # The refresh read the offline files, the recompute reads Feast's online store: the two
+        # vectors agree only if both hold the same features (see feast_ops.apply(fresh=True)).
+        diff = float(np.max(np.abs(np.asarray(stored.vector) - np.asarray(computed.vector))))
+        verdict = "agree" if diff < 1e-4 else "DIFFER: online and offline features disagree"
+        print(f"      stored and recomputed vectors {verdict} (max |diff| {diff:.1e})")
+        out["served"] = {
+            "dim": len(stored.vector),
+            "source": stored.source,
+            "stored_vs_recomputed_max_abs_diff": diff,
+        }
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
