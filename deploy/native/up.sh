@@ -67,7 +67,7 @@ fi
 # 2. Features: raw tables -> offline parquet -> Feast registry -> Redis online store.
 say "data build ($SOURCE, $USERS users), feast apply, feast materialize"
 ue data build --source "$SOURCE" --users "$USERS"
-ue feast apply
+ue feast apply --fresh  # an earlier run's online rows (other source or size) would shadow these
 ue feast materialize
 
 # 3. Train (torchrun when TRAIN_NPROC > 1), then export + publish (alias latest).
