@@ -67,7 +67,8 @@ fi
 # 2. Features: raw tables -> offline parquet -> Feast registry -> Redis online store.
 say "data build ($SOURCE, $USERS users), feast apply, feast materialize"
 ue data build --source "$SOURCE" --users "$USERS"
-ue feast apply --fresh  # an earlier run's online rows (other source or size) would shadow these
+# --fresh: online rows of an earlier run (other source or size) would shadow these
+ue feast apply --fresh
 ue feast materialize
 
 # 3. Train (torchrun when TRAIN_NPROC > 1), then export + publish (alias latest).
