@@ -369,7 +369,7 @@ def run_dataset(
         "heldout": heldout,
         "bayes_auc": dict(spec.bayes_auc),
         "frame_rows": counts,
-        "test_labels": heldout_label_counts(frame, tuple(spec.tasks)),
+        "test_labels": label_counts_on_test(frame, tuple(spec.tasks)),
         "train_seconds_total": round(sum(r["seconds"] for r in records), 1),
         "probe_users": {"fit": int(probe_fit.sum()), "eval": int((~probe_fit).sum())},
         "summary": summarise(records, tuple(spec.tasks), heldout),
@@ -377,7 +377,7 @@ def run_dataset(
     }
 
 
-def heldout_label_counts(frame: pd.DataFrame, tasks: tuple[str, ...]) -> dict[str, dict[str, int]]:
+def label_counts_on_test(frame: pd.DataFrame, tasks: tuple[str, ...]) -> dict[str, dict[str, int]]:
     """Positives and negatives of each task on the test split (unlabelled rows left out)."""
     test = frame[frame["split"] == "test"]
     out = {}
