@@ -85,6 +85,7 @@ class EncodedSplit:
     sequences: dict[str, np.ndarray]
     profile: np.ndarray
     labels: np.ndarray  # float32, NaN = unlabelled
+    teacher: np.ndarray | None = None  # (N, T) teacher probabilities, NaN = none (distill.py)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -107,9 +108,13 @@ class Batch:
     seq_kjt: KeyedJaggedTensor
     profile_kjt: KeyedJaggedTensor
     labels: Tensor  # (B, T)
+    teacher: Tensor | None = None  # (B, T), NaN = no teacher
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.seq_kjt.to(device), self.profile_kjt.to(device), self.labels.to(device))
+        teacher = None if self.teacher is None else self.teacher.to(device)
+        return Batch(
+            self.seq_kjt.to(device), self.profile_kjt.to(device), self.labels.to(device), teacher
+        )
 
 
 def make_batch(split: EncodedSplit, idx: np.ndarray, spec: InputSpec) -> Batch:
@@ -129,7 +134,8 @@ def make_batch(split: EncodedSplit, idx: np.ndarray, spec: InputSpec) -> Batch:
         values=torch.from_numpy(np.ascontiguousarray(prof.T).reshape(-1)),
         lengths=torch.ones(b * len(pnames), dtype=torch.int64),
     )
-    return Batch(seq_kjt, profile_kjt, torch.from_numpy(split.labels[idx]))
+    teacher = None if split.teacher is None else torch.from_numpy(split.teacher[idx])
+    return Batch(seq_kjt, profile_kjt, torch.from_numpy(split.labels[idx]), teacher)
 
 
 def iterate_batches(

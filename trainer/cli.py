@@ -55,6 +55,34 @@ def _quiet_libraries() -> None:
         handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
 
 
+def _teachers(specs: list[str]) -> dict[str, str]:
+    """--teacher TASK=RUN (a run id under $USEREMBED_HOME/runs, or a run dir) -> task -> dir;
+    checked here, before the training frame is built."""
+    from trainer.model import FINAL_CHECKPOINT
+
+    out: dict[str, str] = {}
+    for item in specs:
+        task, sep, run = item.partition("=")
+        if not sep or not task or not run:
+            raise InvalidInputError(f"--teacher {item!r}: expected TASK=RUN")
+        if task in out:
+            raise InvalidInputError(f"--teacher: two teachers for {task!r}")
+        path = Path(run) if os.sep in run else runs_dir() / run
+        if not (path / FINAL_CHECKPOINT).is_file():
+            raise InvalidInputError(f"--teacher {item!r}: no trained model at {path}")
+        out[task] = str(path)
+    return out
+
+
+def _tasks(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    tasks = tuple(t.strip() for t in value.split(",") if t.strip())
+    if not tasks:
+        raise InvalidInputError("--tasks: name at least one task")
+    return tasks
+
+
 def _spawn_torchrun(args: argparse.Namespace, run_id: str) -> int:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     argv = [torchrun, "--standalone", f"--nproc_per_node={args.nproc}", "-m", "userembed.cli"]
@@ -65,6 +93,10 @@ def _spawn_torchrun(args: argparse.Namespace, run_id: str) -> int:
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
+    if args.tasks is not None:
+        argv += ["--tasks", args.tasks]
+    for item in args.teacher:
+        argv += ["--teacher", item]
     logger.info("launching %s", " ".join(argv))
     return subprocess.call(argv)
 
@@ -75,9 +107,14 @@ def _train(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None
     }
-    if args.resume and options:
+    tasks = _tasks(args.tasks)
+    if args.teacher:
+        options["teachers"] = _teachers(args.teacher)
+    given_names = [n.replace("teachers", "teacher") for n in options]
+    given_names += ["tasks"] if tasks is not None else []
+    if args.resume and given_names:
         # A resumed run must reach the result of the uninterrupted one: its saved config wins.
-        given = ", ".join(f"--{n.replace('_', '-')}" for n in options)
+        given = ", ".join(f"--{n.replace('_', '-')}" for n in given_names)
         raise InvalidInputError(
             f"--resume continues run {args.run_id} with its saved config (train_config.json); "
             f"{given} would be ignored: drop them, or start a new run"
@@ -89,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.train import train_from_feast
 
     result = train_from_feast(
-        runs_dir() / run_id, resume=args.resume, engine=args.engine, **options
+        runs_dir() / run_id, resume=args.resume, engine=args.engine, tasks=tasks, **options
     )
     if result.test_metrics:  # rank 0
         figures = " ".join(f"{t}={m['auc']:.4f}" for t, m in result.test_metrics.items())
@@ -114,6 +151,18 @@ def _add_train(subparsers: Any) -> None:
     )
     for name, (typ, help_text) in _OPTIONS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, help=help_text)
+    p.add_argument(
+        "--tasks",
+        help="comma list: train only these of the data set's tasks (a one-task run can be "
+        "another run's --teacher)",
+    )
+    p.add_argument(
+        "--teacher",
+        action="append",
+        default=[],
+        metavar="TASK=RUN",
+        help="distil TASK from a trained run (run id or dir); repeatable (docs/model.md)",
+    )
     p.set_defaults(func=_train)
 
 

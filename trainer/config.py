@@ -98,11 +98,17 @@ class TrainConfig:
     # over the largest share) or 'uncertainty' (Kendall et al. 2018); trainer/loss.py
     task_weighting: str = "fixed"
     task_weights: tuple[float, ...] | None = None  # fixed weights; None = all 1
+    # task -> run dir of a trained model that predicts it: its probabilities, annealed into
+    # the labels, are the training targets (trainer/distill.py). None = labels only.
+    teachers: dict[str, str] | None = None
     plots: bool = True
     log_every: int = 50
 
     def __post_init__(self) -> None:
         check_loss_options(self.loss, self.task_weighting, self.task_weights)
+        unknown = sorted(set(self.teachers or {}) - set(self.model.task_names))
+        if unknown:
+            raise InvalidInputError(f"teachers for tasks the model does not have: {unknown}")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -33,6 +33,7 @@ from trainer.batches import (
     iterate_batches,
 )
 from trainer.config import ModelConfig, MoEConfig, TrainConfig, check_loss_options
+from trainer.distill import annealing, distill_targets, teacher_probs
 from trainer.distributed import (
     DistContext,
     broadcast_float,
@@ -182,7 +183,12 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = mcfg.input_spec
     tasks = mcfg.task_names
-    train_split = encode_split(_split(frame, "train"), spec, tasks)
+    train_part = _split(frame, "train")
+    train_split = encode_split(train_part, spec, tasks)
+    if cfg.teachers:
+        train_split.teacher = teacher_probs(cfg.teachers, train_part, tasks)
+        if ctx.is_main:
+            logger.info("distilling from teachers: %s", cfg.teachers)
     val_split = encode_split(_split(frame, "validation"), spec, tasks)
     test_split = encode_split(_split(frame, "test"), spec, tasks)
     if ctx.is_main:
@@ -268,7 +274,12 @@ def train(
             if i < state["batch_in_epoch"]:
                 continue  # resumed mid-epoch: skip what was already trained on
             b = batch.to(ctx.device)
-            out, loss = model(b.seq_kjt, b.profile_kjt, b.labels)
+            targets = b.labels
+            if b.teacher is not None:
+                targets = distill_targets(
+                    b.labels, b.teacher, annealing(state["step"], cfg.max_steps)
+                )
+            out, loss = model(b.seq_kjt, b.profile_kjt, targets)
             assert loss is not None
             aux = inner.aux_loss(out)
             (loss.total + aux).backward()  # tables are updated here (fused optimizer)
@@ -436,15 +447,26 @@ def config_for(
 
 
 def train_from_feast(
-    run_dir: Path, resume: bool = False, engine: str = "auto", **options: Any
+    run_dir: Path,
+    resume: bool = False,
+    engine: str = "auto",
+    tasks: tuple[str, ...] | None = None,
+    **options: Any,
 ) -> TrainResult:
-    """`userembed train`: the frame of the last `data build` via Feast's point-in-time join."""
+    """`userembed train`: the frame of the last `data build` via Feast's point-in-time join.
+    tasks: a subset of the data set's tasks (default all), e.g. a single-task teacher."""
     from userembed import feast_ops
     from userembed.pipeline_cli import load_built
 
     if not resume:
         check_options(options)
     labels, spec = load_built()
+    if tasks is not None:
+        unknown = [t for t in tasks if t not in spec.tasks]
+        if unknown:
+            raise InvalidInputError(
+                f"unknown tasks {unknown}: this data set has {', '.join(spec.tasks)}"
+            )
     store = feast_ops.open_store()
     frame = feast_ops.training_frame(store, labels, spec, engine=engine)
     if resume:
@@ -452,7 +474,7 @@ def train_from_feast(
     else:
         cfg = config_for(
             frame,
-            tuple(spec.tasks),
+            tasks or tuple(spec.tasks),
             tuple(spec.model_profile_features),
             run_dir,
             sequence_length=spec.sequence_length,

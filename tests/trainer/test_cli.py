@@ -39,6 +39,27 @@ def test_train_command_reads_the_feast_frame_and_writes_the_run_dir(home: Path, 
     assert (run / "model.pt").is_file()
     assert "run r1: 20 steps" in capsys.readouterr().out
 
+    # A one-task run, then a run that distils click from it (docs/model.md, distillation).
+    small = [
+        "--max-steps",
+        "10",
+        "--batch-size",
+        "64",
+        "--eval-every",
+        "10",
+        "--embedding-dim",
+        "16",
+    ]
+    assert cli.main(["train", "--run-id", "t-click", "--tasks", "click", *small]) == 0
+    assert set(json.loads((home / "runs" / "t-click" / "report.json").read_text())["test"]) == {
+        "click"
+    }
+    assert cli.main(["train", "--run-id", "r2", "--teacher", "click=t-click", *small]) == 0
+    cfg = json.loads((home / "runs" / "r2" / "train_config.json").read_text())
+    assert cfg["teachers"] == {"click": str(home / "runs" / "t-click")}
+    assert cli.main(["train", "--run-id", "r3", "--tasks", "click,clicks"]) == 2
+    assert "unknown tasks ['clicks']: this data set has click, purchase" in capsys.readouterr().err
+
 
 def test_resume_without_run_id_is_one_line_error(home: Path, capsys) -> None:
     assert cli.main(["train", "--resume"]) == 2
@@ -49,6 +70,24 @@ def test_resume_with_training_options_is_refused_not_ignored(home: Path, capsys)
     assert cli.main(["train", "--run-id", "r1", "--resume", "--max-steps", "10"]) == 2
     err = capsys.readouterr().err
     assert "saved config" in err and "--max-steps" in err
+
+
+@pytest.mark.parametrize(
+    ("teacher", "message"),
+    [("click", "expected TASK=RUN"), ("click=nowhere", "no trained model at")],
+)
+def test_a_bad_teacher_is_refused_before_any_data_is_read(
+    home: Path, capsys, teacher: str, message: str
+) -> None:
+    assert cli.main(["train", "--run-id", "r1", "--teacher", teacher]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_with_a_teacher_is_refused(home: Path, capsys) -> None:
+    (home / "runs" / "t").mkdir(parents=True)
+    (home / "runs" / "t" / "model.pt").write_bytes(b"")
+    assert cli.main(["train", "--run-id", "r1", "--resume", "--teacher", "click=t"]) == 2
+    assert "--teacher would be ignored" in capsys.readouterr().err
 
 
 def test_bad_task_weighting_is_refused_before_any_data_is_read(home: Path, capsys) -> None:

@@ -1,0 +1,93 @@
+"""Distillation from single-task teachers: targets, teacher predictions, and the wiring in train()."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.trainer.dist_worker import tiny_config
+from tests.trainer.frames import tiny_frame
+from trainer.batches import encode_split
+from trainer.distill import annealing, distill_targets, teacher_probs
+from trainer.distributed import DistContext
+from trainer.model import FINAL_CHECKPOINT, load_unsharded
+from trainer.train import predict, train
+from userembed.errors import InvalidInputError
+
+NAN = math.nan
+
+
+@pytest.fixture(scope="module")
+def frame():  # type: ignore[no-untyped-def]
+    return tiny_frame(600, seed=2)
+
+
+@pytest.fixture(scope="module")
+def click_teacher(frame, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    run = tmp_path_factory.mktemp("teacher") / "click"
+    cfg = tiny_config(str(run), frame, max_steps=40)
+    cfg = cfg.with_(model=replace(cfg.model, task_names=("click",)))
+    train(cfg, frame)
+    return run
+
+
+def test_targets_go_from_teacher_to_label_and_unlabelled_rows_follow_the_teacher() -> None:
+    labels = torch.tensor([[1.0, NAN], [0.0, 1.0], [NAN, NAN]])
+    teacher = torch.tensor([[0.8, 0.3], [NAN, 0.6], [0.7, NAN]])  # NaN: no teacher
+    start = distill_targets(labels, teacher, 0.0)
+    torch.testing.assert_close(
+        start, torch.tensor([[0.8, 0.3], [0.0, 0.6], [0.7, NAN]]), equal_nan=True
+    )
+    half = distill_targets(labels, teacher, 0.5)
+    torch.testing.assert_close(
+        half, torch.tensor([[0.9, 0.3], [0.0, 0.8], [0.7, NAN]]), equal_nan=True
+    )
+    end = distill_targets(labels, teacher, 1.0)  # labels, and the teacher where there is none
+    torch.testing.assert_close(
+        end, torch.tensor([[1.0, 0.3], [0.0, 1.0], [0.7, NAN]]), equal_nan=True
+    )
+    assert [annealing(s, 100) for s in (0, 25, 100, 150)] == [0.0, 0.25, 1.0, 1.0]
+
+
+def test_teacher_probs_are_the_teachers_own_predictions(frame, click_teacher: Path) -> None:
+    part = frame[frame["split"] == "train"]
+    probs = teacher_probs({"click": str(click_teacher)}, part, ("click", "buy"))
+    assert probs.shape == (len(part), 2)
+    assert np.isnan(probs[:, 1]).all()  # no teacher for buy
+    teacher = load_unsharded(click_teacher / FINAL_CHECKPOINT)
+    cfg = tiny_config("unused", frame).with_(model=teacher.cfg)
+    expected, _ = predict(
+        teacher, encode_split(part, teacher.cfg.input_spec, ()), cfg, DistContext()
+    )
+    np.testing.assert_allclose(probs[:, 0], expected[:, 0], atol=1e-6)
+    assert probs[:, 0].std() > 0.05  # a trained teacher, not a constant
+
+
+def test_a_student_trains_on_the_teacher_and_learns(frame, click_teacher: Path, tmp_path) -> None:
+    kw = dict(max_steps=60, eval_every=30, log_every=10)
+    plain = train(tiny_config(str(tmp_path / "plain"), frame, **kw), frame)
+    cfg = tiny_config(
+        str(tmp_path / "student"), frame, teachers={"click": str(click_teacher)}, **kw
+    )
+    student = train(cfg, frame)
+    # Same seed, same batches: only the click targets differ, so only click's loss history.
+    loss = [h["loss"] for h in student.report["history"]["train"]]
+    ref = [h["loss"] for h in plain.report["history"]["train"]]
+    assert loss[0]["click"] != pytest.approx(ref[0]["click"], abs=1e-4)
+    assert student.test_auc["click"] > 0.6 and student.test_auc["buy"] > 0.6
+
+
+def test_bad_teachers_are_refused(frame, click_teacher: Path, tmp_path) -> None:
+    with pytest.raises(InvalidInputError, match="tasks the model does not have"):
+        tiny_config(str(tmp_path / "a"), frame, teachers={"nope": str(click_teacher)})
+    missing = tiny_config(str(tmp_path / "b"), frame, teachers={"click": str(tmp_path / "none")})
+    with pytest.raises(InvalidInputError, match="no trained model"):
+        train(missing, frame)
+    wrong = tiny_config(str(tmp_path / "c"), frame, teachers={"buy": str(click_teacher)})
+    with pytest.raises(InvalidInputError, match="not 'buy'"):
+        train(wrong, frame)

@@ -1,0 +1,70 @@
+"""Distillation from single-task teachers (after BAM!, Clark et al. 2019).
+
+Each task t may name a teacher: a trained model that predicts t (in the quality benchmark,
+t's own single-task model). Its probability p_t(x) on every training row enters the
+targets at step s:
+    labelled row:    target = lam(s) * y + (1 - lam(s)) * p_t(x),  lam(s) = s / max_steps
+    unlabelled row:  target = p_t(x) for the whole run
+Teacher annealing (the first line) starts the shared model as a copy of each task's
+single-task model and ends in plain supervised learning, free to go past it. The second line
+gives a sparsely labelled task a target on every row: on MovieLens-100K the rating tasks
+are labelled on 12% of the rows, and without a teacher the other 88% tell the shared
+encoder nothing about them. A soft teacher target is not the "unlabelled = negative" of the
+plain loss. Tasks without a teacher keep the indicator loss unchanged. docs/model.md has
+the measured effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from userembed.errors import InvalidInputError
+
+
+def teacher_probs(
+    teachers: Mapping[str, str], part: pd.DataFrame, tasks: Sequence[str], batch_size: int = 1024
+) -> np.ndarray:
+    """(N, T) eval-mode probabilities of each task's teacher on `part`; NaN for a task without
+    one. A teacher is a run dir (its final model), scored with its own input spec."""
+    from trainer.batches import encode_split, iterate_batches
+    from trainer.model import FINAL_CHECKPOINT, load_unsharded
+
+    out = np.full((len(part), len(tasks)), np.nan, dtype=np.float32)
+    for task, run_dir in teachers.items():
+        final = Path(run_dir) / FINAL_CHECKPOINT
+        if not final.exists():
+            raise InvalidInputError(f"teacher for {task!r}: no trained model at {final}")
+        model = load_unsharded(final)
+        if task not in model.cfg.task_names:
+            raise InvalidInputError(
+                f"teacher {run_dir} has tasks {list(model.cfg.task_names)}, not {task!r}"
+            )
+        col = model.cfg.task_names.index(task)
+        spec = model.cfg.input_spec
+        split = encode_split(part, spec, ())
+        probs = []
+        with torch.no_grad():
+            for b in iterate_batches(split, spec, batch_size):
+                o, _ = model(b.seq_kjt, b.profile_kjt, None)
+                probs.append(torch.sigmoid(o.task_logits[:, col]).numpy())
+        out[:, list(tasks).index(task)] = np.concatenate(probs) if probs else []
+    return out
+
+
+def annealing(step: int, max_steps: int) -> float:
+    """lam: the label's share of the target at `step` (0 = all teacher, 1 = all label)."""
+    return min(1.0, step / max(1, max_steps))
+
+
+def distill_targets(labels: Tensor, teacher: Tensor, lam: float) -> Tensor:
+    """labels (B, T), NaN = unlabelled; teacher (B, T), NaN = no teacher -> training targets
+    (NaN only where a row has neither)."""
+    annealed = lam * labels + (1.0 - lam) * teacher  # NaN where the label is
+    soft = torch.where(torch.isnan(labels), teacher, annealed)
+    return torch.where(torch.isnan(teacher), labels, soft)
