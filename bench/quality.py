@@ -57,6 +57,7 @@ MULTI_TASK_MODELS: tuple[str, ...] = (
     "dense_transformer",
     "supermoe_plain",
     "supermoe_labelled",
+    "supermoe_distilled",
     "supermoe",
 )
 MODEL_LABELS: dict[str, str] = {
@@ -67,6 +68,7 @@ MODEL_LABELS: dict[str, str] = {
     "dense_transformer": "dense transformer (no MoE)",
     "supermoe_plain": "SUPERMOE, plain summed loss",
     "supermoe_labelled": "SUPERMOE, indicator loss, labelled-share task weights",
+    "supermoe_distilled": "SUPERMOE, indicator loss, distilled from the single-task models",
     "supermoe": "SUPERMOE, task-indicator loss",
 }
 
@@ -161,7 +163,7 @@ def model_config(name: str, frame: pd.DataFrame, spec: Any, qc: QualityConfig) -
         )
     elif name in ("shared_bottom", "mmoe", "ple"):
         arch = name
-    elif name not in ("supermoe", "supermoe_plain", "supermoe_labelled"):
+    elif name not in ("supermoe", "supermoe_plain", "supermoe_labelled", "supermoe_distilled"):
         raise ValueError(f"unknown model {name!r}")
     return ModelConfig(
         input_spec=input_spec,
@@ -174,7 +176,14 @@ def model_config(name: str, frame: pd.DataFrame, spec: Any, qc: QualityConfig) -
     )
 
 
-def train_config(name: str, mcfg: Any, seed: int, run_dir: Path, qc: QualityConfig) -> Any:
+def train_config(
+    name: str,
+    mcfg: Any,
+    seed: int,
+    run_dir: Path,
+    qc: QualityConfig,
+    teachers: dict[str, str] | None = None,
+) -> Any:
     from trainer.config import TrainConfig
 
     return TrainConfig(
@@ -190,6 +199,7 @@ def train_config(name: str, mcfg: Any, seed: int, run_dir: Path, qc: QualityConf
         warmup_steps=min(50, max(1, qc.steps // 10)),
         loss="plain" if name == "supermoe_plain" else "indicator",
         task_weighting="labelled" if name == "supermoe_labelled" else "fixed",
+        teachers=teachers,
         plots=False,
         log_every=max(10, qc.steps // 5),
     )
@@ -319,10 +329,13 @@ def run_dataset(
         if (model, seed) in done:
             records.append(done[(model, seed)])
             continue
-        run_dir = workdir / "runs" / name / f"{model.replace(':', '-')}-s{seed}"
+        run_dir = _run_dir(workdir, name, model, seed)
         mcfg = model_config(model, frame, spec, qc)
-        t1 = time.perf_counter()
-        result = train(train_config(model, mcfg, seed, run_dir, qc), frame)
+        teachers = None
+        if model == "supermoe_distilled":
+            teachers = _teachers(frame, spec, qc, workdir, name, seed)
+        t1 = time.perf_counter()  # the teachers' time is in their own single-task records
+        result = train(train_config(model, mcfg, seed, run_dir, qc, teachers), frame)
         seconds = time.perf_counter() - t1
         rec: dict[str, Any] = {
             "dataset": name,
@@ -345,7 +358,8 @@ def run_dataset(
         records.append(rec)
         with log_path.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if not model.startswith("single:"):  # single-task runs are the distilled model's teachers
+            shutil.rmtree(run_dir, ignore_errors=True)
         n_new += 1
         elapsed = time.perf_counter() - started
         left = len(runs) - i - 1
@@ -375,6 +389,31 @@ def run_dataset(
         "summary": summarise(records, tuple(spec.tasks), heldout),
         "probe_reference": probe_reference(probe_part, probe_fit, heldout, spec),
     }
+
+
+def _run_dir(workdir: Path, dataset: str, model: str, seed: int) -> Path:
+    return workdir / "runs" / dataset / f"{model.replace(':', '-')}-s{seed}"
+
+
+def _teachers(
+    frame: pd.DataFrame, spec: Any, qc: QualityConfig, workdir: Path, dataset: str, seed: int
+) -> dict[str, str]:
+    """Task -> run dir of the same seed's single-task model, trained here when this process
+    did not train it (a --resume that took its record from the log): the distilled model
+    learns from exactly the models it is compared with."""
+    from trainer.model import FINAL_CHECKPOINT
+    from trainer.train import train
+
+    teachers = {}
+    for task in spec.tasks:
+        model = f"single:{task}"
+        run_dir = _run_dir(workdir, dataset, model, seed)
+        if not (run_dir / FINAL_CHECKPOINT).exists():
+            logger.info("%s seed %d: training teacher %s", dataset, seed, model)
+            mcfg = model_config(model, frame, spec, qc)
+            train(train_config(model, mcfg, seed, run_dir, qc), frame)
+        teachers[task] = str(run_dir)
+    return teachers
 
 
 def label_counts_on_test(frame: pd.DataFrame, tasks: tuple[str, ...]) -> dict[str, dict[str, int]]:
