@@ -97,6 +97,8 @@ def _spawn_torchrun(args: argparse.Namespace, run_id: str) -> int:
         argv += ["--tasks", args.tasks]
     for item in args.teacher:
         argv += ["--teacher", item]
+    if args.distill:
+        argv.append("--distill")
     logger.info("launching %s", " ".join(argv))
     return subprocess.call(argv)
 
@@ -108,10 +110,13 @@ def _train(args: argparse.Namespace) -> int:
         name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None
     }
     tasks = _tasks(args.tasks)
+    if args.distill and args.teacher:
+        raise InvalidInputError("--distill trains the run's own teachers: drop --teacher")
     if args.teacher:
         options["teachers"] = _teachers(args.teacher)
     given_names = [n.replace("teachers", "teacher") for n in options]
     given_names += ["tasks"] if tasks is not None else []
+    given_names += ["distill"] if args.distill else []
     if args.resume and given_names:
         # A resumed run must reach the result of the uninterrupted one: its saved config wins.
         given = ", ".join(f"--{n.replace('_', '-')}" for n in given_names)
@@ -126,7 +131,12 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.train import train_from_feast
 
     result = train_from_feast(
-        runs_dir() / run_id, resume=args.resume, engine=args.engine, tasks=tasks, **options
+        runs_dir() / run_id,
+        resume=args.resume,
+        engine=args.engine,
+        tasks=tasks,
+        distill=args.distill,
+        **options,
     )
     if result.test_metrics:  # rank 0
         figures = " ".join(f"{t}={m['auc']:.4f}" for t, m in result.test_metrics.items())
@@ -162,6 +172,12 @@ def _add_train(subparsers: Any) -> None:
         default=[],
         metavar="TASK=RUN",
         help="distil TASK from a trained run (run id or dir); repeatable (docs/model.md)",
+    )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="first train one single-task teacher per task (<run>/teachers/), then distil "
+        "the model from them",
     )
     p.set_defaults(func=_train)
 

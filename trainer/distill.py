@@ -12,11 +12,17 @@ are labelled on 12% of the rows, and without a teacher the other 88% tell the sh
 encoder nothing about them. A soft teacher target is not the "unlabelled = negative" of the
 plain loss. Tasks without a teacher keep the indicator loss unchanged. docs/model.md has
 the measured effect.
+
+`userembed train --distill` trains the teachers itself, one single-task run per task under
+<run>/teachers/<task>, with the run's own config (train_teachers); a resumed run finishes the
+teachers it was training, then the model.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +30,56 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from trainer.config import TrainConfig
 from userembed.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+TEACHERS_DIR = "teachers"
+
+
+def own_teachers(cfg: TrainConfig) -> dict[str, str]:
+    """Task -> <run dir>/teachers/<task>: the teachers `--distill` trains for this run."""
+    return {t: str(Path(cfg.run_dir) / TEACHERS_DIR / t) for t in cfg.model.task_names}
+
+
+def teacher_config(cfg: TrainConfig, task: str) -> TrainConfig:
+    """A teacher is the run's own config (data, shape, budget, seed) with one task and no
+    teachers, so it is exactly the single-task model the run is compared with."""
+    return cfg.with_(
+        run_dir=own_teachers(cfg)[task],
+        teachers=None,
+        model=replace(cfg.model, task_names=(task,)),
+    )
+
+
+def train_teachers(cfg: TrainConfig, frame: pd.DataFrame) -> list[str]:
+    """Train the run's own teachers (those under <run dir>/teachers/) that have no final model
+    yet, resuming one that was cut short; teachers elsewhere are other runs and are only read.
+    Returns the tasks trained. Under torchrun every rank calls this (training is collective)."""
+    import torch.distributed as dist
+
+    from trainer.model import FINAL_CHECKPOINT
+    from trainer.train import CHECKPOINT_DIR, train
+
+    own = own_teachers(cfg)
+    mine = [t for t, d in (cfg.teachers or {}).items() if own.get(t) == d]
+    trained = []
+    for i, task in enumerate(mine, 1):
+        run_dir = Path(own[task])
+        if (run_dir / FINAL_CHECKPOINT).exists():
+            logger.info("teacher %d/%d %s: already trained (%s)", i, len(mine), task, run_dir)
+            continue
+        partial = (run_dir / CHECKPOINT_DIR / "latest-rank0.pt").exists()
+        logger.info(
+            "teacher %d/%d %s: %s in %s", i, len(mine), task, "resuming" if partial else "training",
+            run_dir,
+        )  # fmt: skip
+        train(teacher_config(cfg, task), frame, resume=partial)
+        trained.append(task)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 writes each teacher's model.pt; every rank reads them next
+    return trained
 
 
 def teacher_probs(

@@ -451,10 +451,14 @@ def train_from_feast(
     resume: bool = False,
     engine: str = "auto",
     tasks: tuple[str, ...] | None = None,
+    distill: bool = False,
     **options: Any,
 ) -> TrainResult:
     """`userembed train`: the frame of the last `data build` via Feast's point-in-time join.
-    tasks: a subset of the data set's tasks (default all), e.g. a single-task teacher."""
+    tasks: a subset of the data set's tasks (default all), e.g. a single-task teacher.
+    distill: first train one single-task teacher per task under <run_dir>/teachers/, then the
+    model distilled from them (trainer/distill.py); a resumed run finishes what was cut short."""
+    from trainer.distill import own_teachers, train_teachers
     from userembed import feast_ops
     from userembed.pipeline_cli import load_built
 
@@ -480,4 +484,14 @@ def train_from_feast(
             sequence_length=spec.sequence_length,
             **options,
         )
-    return train(cfg, frame, resume=resume)
+        if distill:
+            cfg = cfg.with_(teachers=own_teachers(cfg))
+    own = bool(cfg.teachers) and cfg.teachers == own_teachers(cfg)
+    if own:
+        if init_distributed().is_main:  # the config a resume reads, before the teachers
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        train_teachers(cfg, frame)
+    # A distilled run cut short while training its teachers has no checkpoint of its own yet.
+    started = (run_dir / CHECKPOINT_DIR / "latest-rank0.pt").exists()
+    return train(cfg, frame, resume=resume and (started or not own))

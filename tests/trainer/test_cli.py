@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,20 @@ def test_train_command_reads_the_feast_frame_and_writes_the_run_dir(home: Path, 
     assert cli.main(["train", "--run-id", "r2", "--teacher", "click=t-click", *small]) == 0
     cfg = json.loads((home / "runs" / "r2" / "train_config.json").read_text())
     assert cfg["teachers"] == {"click": str(home / "runs" / "t-click")}
+    # --distill trains its own teachers; a resume after a cut during the teachers finishes
+    # the missing teacher and then trains the model from its start.
+    assert cli.main(["train", "--run-id", "kd", "--distill", *small]) == 0
+    kd = home / "runs" / "kd"
+    assert json.loads((kd / "train_config.json").read_text())["teachers"]["churn"] == str(
+        kd / "teachers" / "churn"
+    )
+    for done in ("model.pt", "checkpoints"):
+        shutil.rmtree(kd / done) if (kd / done).is_dir() else (kd / done).unlink()
+    shutil.rmtree(kd / "teachers" / "churn")
+    capsys.readouterr()
+    assert cli.main(["train", "--run-id", "kd", "--resume"]) == 0
+    assert (kd / "teachers" / "churn" / "model.pt").is_file() and (kd / "model.pt").is_file()
+    assert "run kd: 10 steps" in capsys.readouterr().out
     assert cli.main(["train", "--run-id", "r3", "--tasks", "click,clicks"]) == 2
     assert "unknown tasks ['clicks']: this data set has click, purchase" in capsys.readouterr().err
 
@@ -88,6 +103,13 @@ def test_resume_with_a_teacher_is_refused(home: Path, capsys) -> None:
     (home / "runs" / "t" / "model.pt").write_bytes(b"")
     assert cli.main(["train", "--run-id", "r1", "--resume", "--teacher", "click=t"]) == 2
     assert "--teacher would be ignored" in capsys.readouterr().err
+
+
+def test_distill_with_a_teacher_or_on_resume_is_refused(home: Path, capsys) -> None:
+    assert cli.main(["train", "--run-id", "r1", "--distill", "--teacher", "click=t"]) == 2
+    assert "drop --teacher" in capsys.readouterr().err
+    assert cli.main(["train", "--run-id", "r1", "--resume", "--distill"]) == 2
+    assert "--distill would be ignored" in capsys.readouterr().err
 
 
 def test_bad_task_weighting_is_refused_before_any_data_is_read(home: Path, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,14 @@ import torch
 from tests.trainer.dist_worker import tiny_config
 from tests.trainer.frames import tiny_frame
 from trainer.batches import encode_split
-from trainer.distill import annealing, distill_targets, teacher_probs
+from trainer.distill import (
+    annealing,
+    distill_targets,
+    own_teachers,
+    teacher_config,
+    teacher_probs,
+    train_teachers,
+)
 from trainer.distributed import DistContext
 from trainer.model import FINAL_CHECKPOINT, load_unsharded
 from trainer.train import predict, train
@@ -91,3 +99,20 @@ def test_bad_teachers_are_refused(frame, click_teacher: Path, tmp_path) -> None:
     wrong = tiny_config(str(tmp_path / "c"), frame, teachers={"buy": str(click_teacher)})
     with pytest.raises(InvalidInputError, match="not 'buy'"):
         train(wrong, frame)
+
+
+def test_a_run_trains_its_own_teachers_resumes_a_cut_one_and_skips_finished_ones(
+    frame, tmp_path
+) -> None:
+    cfg = tiny_config(str(tmp_path / "kd"), frame, max_steps=20, eval_every=10)
+    cfg = cfg.with_(teachers=own_teachers(cfg))
+    buy = teacher_config(cfg, "buy")
+    assert buy.model.task_names == ("buy",) and buy.teachers is None
+    assert buy.run_dir == str(tmp_path / "kd" / "teachers" / "buy")
+    train(buy, frame, stop_after_steps=10)  # cut short: a checkpoint, no model.pt
+
+    assert train_teachers(cfg, frame) == ["click", "buy"]
+    for task in ("click", "buy"):
+        report = json.loads((tmp_path / "kd" / "teachers" / task / "report.json").read_text())
+        assert report["steps"] == 20 and set(report["test"]) == {task}
+    assert train_teachers(cfg, frame) == []  # both finished: nothing is trained again
