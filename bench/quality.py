@@ -9,12 +9,14 @@ feature tables -> feast_ops.training_frame's direct point-in-time join over the 
 files the Feast views read), then trains with trainer.train.train, per seed:
 single-task models (the SUPERMOE model on one task each), shared-bottom, MMoE, PLE
 (trainer/baselines.py), the dense transformer (SUPERMOE without MoE layers, FFN width = k x
-expert width so active compute matches), SUPERMOE with the plain summed loss and SUPERMOE
-with the task-indicator loss. Every model gets the same steps, batch size, learning rate,
+expert width so active compute matches), SUPERMOE with the plain summed loss, with labelled-share
+task weights, distilled from the seed's single-task models, and SUPERMOE with the
+task-indicator loss. Every model gets the same steps, batch size, learning rate,
 validation-driven model selection and early stopping.
 
 Reports per-task test AUC (mean +- std over seeds), their average, the seesaw count (tasks
-more than 0.005 below the single-task model), the Bayes-optimal AUC (synthetic), and linear
+more than 0.005 below the single-task model), each multi-task model's difference to the
+single-task model paired by seed (mean +- standard error), the Bayes-optimal AUC (synthetic), and linear
 probes (logistic regression on the frozen, L2-normalised user vectors of each multi-task
 model) for profile attributes held out of training. Writes bench/results/quality.json,
 bench/results/quality.png and the generated section of BENCHMARKS.md; every finished run is
@@ -522,11 +524,30 @@ def summarise(records: list[dict], tasks: tuple[str, ...], heldout: list[str]) -
             }
             below = [t for t in tasks if task_auc[t]["mean"] < ref[t] - SEESAW_MARGIN]
             entry["seesaw"] = {"count": len(below), "tasks": below}
+            entry["vs_single"] = paired_vs_single(recs, single, tasks)
         if heldout and model != "single_task":
             entry["probe_auc"] = {
                 a: dict(zip(("mean", "std"), _probe_stats(recs, a), strict=True)) for a in heldout
             }
         out[model] = entry
+    return out
+
+
+def paired_vs_single(
+    recs: list[dict], single: list[dict], tasks: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    """Per task: multi-task minus single-task test AUC, paired by seed (same seed's batches
+    and init), mean and standard error over seeds. Pairing removes the seed-to-seed swing the
+    two share; the test split's own sampling error (the SE row) is not in it."""
+    ref = {(t, r["seed"]): r["test_auc"][t] for r in single for t in r["test_auc"]}
+    out = {}
+    for t in tasks:
+        d = np.array(
+            [r["test_auc"][t] - ref[t, r["seed"]] for r in recs if (t, r["seed"]) in ref],
+            dtype=np.float64,
+        )
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+        out[t] = {"mean": float(d.mean()) if len(d) else math.nan, "se": se, "n": len(d)}
     return out
 
 
@@ -606,6 +627,24 @@ def markdown(report: dict[str, Any]) -> str:
                 + f" | {np.mean([b[t] for t in tasks]):.4f} | | | |"
             )
         lines.append("")
+        paired = [m for m in MULTI_TASK_MODELS if "vs_single" in s.get(m, {})]
+        if paired:
+            lines += [
+                f"{ds['spec_name']}: multi-task minus single-task test AUC, paired by seed "
+                "(mean ± standard error over seeds; the seed-to-seed swing both share is "
+                "taken out, the test split's own sampling error is not).",
+                "",
+                "| model | " + " | ".join(tasks) + " |",
+                "| --- | " + " | ".join("---" for _ in tasks) + " |",
+            ]
+            for model in paired:
+                v = s[model]["vs_single"]
+                lines.append(
+                    f"| {MODEL_LABELS[model]} | "
+                    + " | ".join(f"{v[t]['mean']:+.4f} ± {v[t]['se']:.4f}" for t in tasks)
+                    + " |"
+                )
+            lines.append("")
         if ds["heldout"]:
             lines += [
                 f"Linear probes on frozen user vectors, {ds['spec_name']}: held-out attributes "

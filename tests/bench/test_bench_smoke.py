@@ -94,6 +94,24 @@ def test_seesaw_counts_tasks_below_single_task_by_more_than_the_margin() -> None
     assert summary["mmoe"]["seesaw"] == {"count": 1, "tasks": ["c"]}
 
 
+def test_difference_to_single_task_is_paired_by_seed() -> None:
+    quality = _bench_module("quality")
+    # Seed 1 is better for every model: unpaired, the 0.05 spread would swamp the gain.
+    single = [
+        {"model": "single:a", "seed": s, "test_auc": {"a": auc}, "seconds": 1, "steps": 1}
+        for s, auc in ((0, 0.70), (1, 0.80), (2, 0.75))
+    ]
+    multi = [
+        {"model": "mmoe", "seed": s, "test_auc": {"a": auc}, "seconds": 1, "steps": 1,
+         "probe_auc": {}}
+        for s, auc in ((0, 0.71), (1, 0.81), (2, 0.762))
+    ]  # fmt: skip
+    paired = quality.summarise([*single, *multi], ("a",), [])["mmoe"]["vs_single"]["a"]
+    assert paired["n"] == 3
+    assert paired["mean"] == pytest.approx((0.01 + 0.01 + 0.012) / 3)
+    assert paired["se"] == pytest.approx(np.std([0.01, 0.01, 0.012], ddof=1) / np.sqrt(3))
+
+
 def test_auc_standard_error_matches_a_bootstrap_of_the_test_split() -> None:
     """The SE row of the quality table: Hanley-McNeil from the counts agrees with resampling
     the split itself (89 positives as in the MovieLens test cut, and a large split). Its
