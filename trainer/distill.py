@@ -60,7 +60,7 @@ def train_teachers(cfg: TrainConfig, frame: pd.DataFrame) -> list[str]:
     import torch.distributed as dist
 
     from trainer.model import FINAL_CHECKPOINT
-    from trainer.train import CHECKPOINT_DIR, train
+    from trainer.train import has_checkpoint, train
 
     own = own_teachers(cfg)
     mine = [t for t, d in (cfg.teachers or {}).items() if own.get(t) == d]
@@ -70,7 +70,7 @@ def train_teachers(cfg: TrainConfig, frame: pd.DataFrame) -> list[str]:
         if (run_dir / FINAL_CHECKPOINT).exists():
             logger.info("teacher %d/%d %s: already trained (%s)", i, len(mine), task, run_dir)
             continue
-        partial = (run_dir / CHECKPOINT_DIR / "latest-rank0.pt").exists()
+        partial = has_checkpoint(run_dir)
         logger.info(
             "teacher %d/%d %s: %s in %s", i, len(mine), task, "resuming" if partial else "training",
             run_dir,

@@ -125,6 +125,11 @@ def _checkpoint_path(run_dir: Path, ctx: DistContext) -> Path:
     return run_dir / CHECKPOINT_DIR / f"latest-rank{ctx.rank}.pt"
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether a run has trained steps to resume (rank 0's checkpoint; every rank has its own)."""
+    return _checkpoint_path(Path(run_dir), DistContext()).exists()
+
+
 def _save_checkpoint(
     path: Path, model: nn.Module, dense_opt: Any, sched: Any, ctx: DistContext, state: dict
 ) -> None:
@@ -493,5 +498,4 @@ def train_from_feast(
             (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         train_teachers(cfg, frame)
     # A distilled run cut short while training its teachers has no checkpoint of its own yet.
-    started = (run_dir / CHECKPOINT_DIR / "latest-rank0.pt").exists()
-    return train(cfg, frame, resume=resume and (started or not own))
+    return train(cfg, frame, resume=resume and (has_checkpoint(run_dir) or not own))
