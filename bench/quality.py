@@ -209,20 +209,10 @@ def train_config(
 
 def user_vectors(run_dir: Path, part: pd.DataFrame, batch_size: int = 1024) -> np.ndarray:
     """Frozen user vectors (N, V) of `part` from the run's final model (eval mode)."""
-    import torch
+    from trainer.model import FINAL_CHECKPOINT, load_unsharded, score_rows
 
-    from trainer.batches import encode_split, iterate_batches
-    from trainer.model import FINAL_CHECKPOINT, load_unsharded
-
-    model = load_unsharded(run_dir / FINAL_CHECKPOINT)
-    spec = model.cfg.input_spec
-    split = encode_split(part, spec, ())
-    out = []
-    with torch.no_grad():
-        for b in iterate_batches(split, spec, batch_size):
-            o, _ = model(b.seq_kjt, b.profile_kjt, None)
-            out.append(o.user_vector.numpy())
-    return np.concatenate(out, axis=0)
+    vectors, _ = score_rows(load_unsharded(run_dir / FINAL_CHECKPOINT), part, batch_size)
+    return vectors
 
 
 # --- probes ------------------------------------------------------------------------------------

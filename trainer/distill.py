@@ -87,8 +87,7 @@ def teacher_probs(
 ) -> np.ndarray:
     """(N, T) eval-mode probabilities of each task's teacher on `part`; NaN for a task without
     one. A teacher is a run dir (its final model), scored with its own input spec."""
-    from trainer.batches import encode_split, iterate_batches
-    from trainer.model import FINAL_CHECKPOINT, load_unsharded
+    from trainer.model import FINAL_CHECKPOINT, load_unsharded, score_rows
 
     out = np.full((len(part), len(tasks)), np.nan, dtype=np.float32)
     for task, run_dir in teachers.items():
@@ -100,15 +99,8 @@ def teacher_probs(
             raise InvalidInputError(
                 f"teacher {run_dir} has tasks {list(model.cfg.task_names)}, not {task!r}"
             )
-        col = model.cfg.task_names.index(task)
-        spec = model.cfg.input_spec
-        split = encode_split(part, spec, ())
-        probs = []
-        with torch.no_grad():
-            for b in iterate_batches(split, spec, batch_size):
-                o, _ = model(b.seq_kjt, b.profile_kjt, None)
-                probs.append(torch.sigmoid(o.task_logits[:, col]).numpy())
-        out[:, list(tasks).index(task)] = np.concatenate(probs) if probs else []
+        _, probs = score_rows(model, part, batch_size)
+        out[:, list(tasks).index(task)] = probs[:, model.cfg.task_names.index(task)]
     return out
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
@@ -145,3 +146,25 @@ def load_unsharded(path: Path) -> SuperMoEModel:
     model.dense_arch.load_state_dict(dense.state_dict())
     model.load_table_weights(tables)
     return model.eval()
+
+
+@torch.no_grad()
+def score_rows(
+    model: SuperMoEModel, part: Any, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode (user vectors (N, V), task probabilities (N, T)) of an unsharded model on
+    training-frame rows `part` (a DataFrame), encoded with the model's own input spec."""
+    from trainer.batches import encode_split, iterate_batches
+
+    model.eval()
+    spec = model.cfg.input_spec
+    vectors, probs = [], []
+    for b in iterate_batches(encode_split(part, spec, ()), spec, batch_size):
+        o, _ = model(b.seq_kjt, b.profile_kjt, None)
+        vectors.append(o.user_vector.numpy())
+        probs.append(torch.sigmoid(o.task_logits).numpy())
+    if not vectors:
+        return np.zeros((0, model.cfg.user_dim), np.float32), np.zeros(
+            (0, len(model.cfg.task_names)), np.float32
+        )
+    return np.concatenate(vectors), np.concatenate(probs)
