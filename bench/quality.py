@@ -9,19 +9,19 @@ feature tables -> feast_ops.training_frame's direct point-in-time join over the 
 files the Feast views read), then trains with trainer.train.train, per seed:
 single-task models (the SUPERMOE model on one task each), shared-bottom, MMoE, PLE
 (trainer/baselines.py), the dense transformer (SUPERMOE without MoE layers, FFN width = k x
-expert width so active compute matches), SUPERMOE with the plain summed loss, with labelled-share
-task weights, distilled from the seed's single-task models, and SUPERMOE with the
-task-indicator loss. Every model gets the same steps, batch size, learning rate,
+expert width so active compute matches), SUPERMOE with the plain summed loss, with
+labelled-share task weights, distilled from the seed's single-task models, and SUPERMOE with
+the task-indicator loss. Every model gets the same steps, batch size, learning rate,
 validation-driven model selection and early stopping.
 
 Reports per-task test AUC (mean +- std over seeds), their average, the seesaw count (tasks
 more than 0.005 below the single-task model), each multi-task model's difference to the
-single-task model paired by seed (mean +- standard error), the Bayes-optimal AUC (synthetic), and linear
-probes (logistic regression on the frozen, L2-normalised user vectors of each multi-task
-model) for profile attributes held out of training. Writes bench/results/quality.json,
-bench/results/quality.png and the generated section of BENCHMARKS.md; every finished run is
-appended to bench/results/quality_runs.jsonl, and --resume skips runs already there. The last
-line printed is one JSON object.
+single-task model paired by seed (mean +- standard error), the Bayes-optimal AUC
+(synthetic), and linear probes (logistic regression on the frozen, L2-normalised user
+vectors of each multi-task model) for profile attributes held out of training. Writes
+bench/results/quality.json, bench/results/quality.png and the generated section of
+BENCHMARKS.md; every finished run is appended to bench/results/quality_runs.jsonl, and
+--resume skips runs already there. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
