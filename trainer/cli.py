@@ -109,21 +109,19 @@ def _train(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None
     }
+    flags = [*options, *(n for n in ("tasks", "teacher", "distill") if getattr(args, n))]
+    if args.resume and flags:
+        # A resumed run must reach the result of the uninterrupted one: its saved config wins.
+        given = ", ".join(f"--{n.replace('_', '-')}" for n in flags)
+        raise InvalidInputError(
+            f"--resume continues run {args.run_id} with its saved config (train_config.json); "
+            f"{given} would be ignored: drop them, or start a new run"
+        )
     tasks = _tasks(args.tasks)
     if args.distill and args.teacher:
         raise InvalidInputError("--distill trains the run's own teachers: drop --teacher")
     if args.teacher:
         options["teachers"] = _teachers(args.teacher)
-    given_names = [n.replace("teachers", "teacher") for n in options]
-    given_names += ["tasks"] if tasks is not None else []
-    given_names += ["distill"] if args.distill else []
-    if args.resume and given_names:
-        # A resumed run must reach the result of the uninterrupted one: its saved config wins.
-        given = ", ".join(f"--{n.replace('_', '-')}" for n in given_names)
-        raise InvalidInputError(
-            f"--resume continues run {args.run_id} with its saved config (train_config.json); "
-            f"{given} would be ignored: drop them, or start a new run"
-        )
     run_id = args.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn_torchrun(args, run_id)
