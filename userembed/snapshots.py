@@ -11,6 +11,7 @@ Everything is vectorised: one lexsort, then offsets and one gather per snapshot.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,30 +143,37 @@ def write_feature_tables(
     out_dir.mkdir(parents=True, exist_ok=True)
     ev = sort_events(events, users["user_id"].to_numpy(dtype=np.int64))
     times = spec.snapshot_times
-    tmp_behavior = out_dir / (BEHAVIOR_FILE + ".tmp")
-    tmp_profile = out_dir / (PROFILE_FILE + ".tmp")
+    # Per-process names: two processes that build the same folder at once (the quality
+    # bench's processes sharing one --workdir) each rename a whole file of their own.
+    tmp_behavior = out_dir / f"{BEHAVIOR_FILE}.{os.getpid()}.tmp"
+    tmp_profile = out_dir / f"{PROFILE_FILE}.{os.getpid()}.tmp"
     rows = 0
     writer: pq.ParquetWriter | None = None
     try:
-        for i, at in enumerate(times):
-            table = snapshot(ev, at, sequence_length)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp_behavior, table.schema)
-            writer.write_table(table)
-            rows += table.num_rows
-            logger.info(
-                "snapshot %d/%d at %s: %d users, %d events (%.1fs)",
-                i + 1,
-                len(times),
-                at.isoformat(),
-                table.num_rows,
-                len(table["item_seq"].combine_chunks().values),
-                time.perf_counter() - t0,
-            )
-    finally:
-        if writer is not None:
-            writer.close()
-    pq.write_table(profile_table(users, ev.user_ids, to_utc(spec.data_start)), tmp_profile)
+        try:
+            for i, at in enumerate(times):
+                table = snapshot(ev, at, sequence_length)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp_behavior, table.schema)
+                writer.write_table(table)
+                rows += table.num_rows
+                logger.info(
+                    "snapshot %d/%d at %s: %d users, %d events (%.1fs)",
+                    i + 1,
+                    len(times),
+                    at.isoformat(),
+                    table.num_rows,
+                    len(table["item_seq"].combine_chunks().values),
+                    time.perf_counter() - t0,
+                )
+        finally:
+            if writer is not None:
+                writer.close()
+        pq.write_table(profile_table(users, ev.user_ids, to_utc(spec.data_start)), tmp_profile)
+    except BaseException:
+        tmp_behavior.unlink(missing_ok=True)
+        tmp_profile.unlink(missing_ok=True)
+        raise
     tmp_behavior.replace(out_dir / BEHAVIOR_FILE)
     tmp_profile.replace(out_dir / PROFILE_FILE)
     summary = {

@@ -82,6 +82,27 @@ def test_feature_tables_have_a_row_per_user_per_cut_plus_the_final_snapshot(
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_failed_write_keeps_the_previous_tables_and_leaves_no_temporary_files(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events, users, _, spec = data
+    write_feature_tables(events, users, spec, tmp_path)
+    before = (tmp_path / "behavior.parquet").read_bytes()
+    calls = []
+
+    def fail_on_second(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return snapshot(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("userembed.snapshots.snapshot", fail_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        write_feature_tables(events, users, spec, tmp_path)
+    assert (tmp_path / "behavior.parquet").read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_offline_latest_reads_the_final_snapshot_with_profile(data, tmp_path: Path) -> None:
     events, users, _, spec = data
     write_feature_tables(events, users, spec, tmp_path)
