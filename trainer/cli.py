@@ -34,6 +34,11 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "seed": (int, "random seed"),
     "loss": (str, "indicator (default) or plain"),
     "task_weighting": (str, "fixed (default), labelled or uncertainty"),
+    "distill_label_share": (
+        float,
+        "with teachers: the label's share of a labelled row's target at the last step "
+        "(0 = the teacher's all run, the default; 1 = BAM! annealing to the labels)",
+    ),
     "embedding_dim": (int, "table and transformer width D"),
     "num_layers": (int, "transformer blocks"),
     "user_dim": (int, "universal user vector size"),

@@ -101,11 +101,19 @@ class TrainConfig:
     # task -> run dir of a trained model that predicts it: its probabilities, annealed into
     # the labels, are the training targets (trainer/distill.py). None = labels only.
     teachers: dict[str, str] | None = None
+    # With teachers: the label's share of a labelled row's target, reached at max_steps by
+    # linear annealing. 0.0 = the (calibrated) teacher is the target on every row; 1.0 =
+    # BAM!'s annealing to plain labels. 0.0 measured best on MovieLens (docs/model.md).
+    distill_label_share: float = 0.0
     plots: bool = True
     log_every: int = 50
 
     def __post_init__(self) -> None:
         check_loss_options(self.loss, self.task_weighting, self.task_weights)
+        if not 0.0 <= self.distill_label_share <= 1.0:
+            raise InvalidInputError(
+                f"distill_label_share {self.distill_label_share}: expected a share in [0, 1]"
+            )
         unknown = sorted(set(self.teachers or {}) - set(self.model.task_names))
         if unknown:
             raise InvalidInputError(f"teachers for tasks the model does not have: {unknown}")

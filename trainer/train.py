@@ -282,7 +282,9 @@ def train(
             targets = b.labels
             if b.teacher is not None:
                 targets = distill_targets(
-                    b.labels, b.teacher, annealing(state["step"], cfg.max_steps)
+                    b.labels,
+                    b.teacher,
+                    annealing(state["step"], cfg.max_steps, cfg.distill_label_share),
                 )
             out, loss = model(b.seq_kjt, b.profile_kjt, targets)
             assert loss is not None

@@ -18,6 +18,7 @@ from trainer.distill import (
     annealing,
     distill_targets,
     own_teachers,
+    platt,
     teacher_config,
     teacher_probs,
     train_teachers,
@@ -60,6 +61,9 @@ def test_targets_go_from_teacher_to_label_and_unlabelled_rows_follow_the_teacher
         end, torch.tensor([[1.0, 0.3], [0.0, 1.0], [0.7, NAN]]), equal_nan=True
     )
     assert [annealing(s, 100) for s in (0, 25, 100, 150)] == [0.0, 0.25, 1.0, 1.0]
+    # distill_label_share caps the label's share: 0 (the default) keeps the teacher all run.
+    assert [annealing(s, 100, 0.5) for s in (0, 25, 100)] == [0.0, 0.25, 0.5]
+    assert [annealing(s, 100, 0.0) for s in (0, 100)] == [0.0, 0.0]
 
 
 def test_teacher_probs_are_the_teachers_own_predictions(frame, click_teacher: Path) -> None:
@@ -72,8 +76,30 @@ def test_teacher_probs_are_the_teachers_own_predictions(frame, click_teacher: Pa
     expected, _ = predict(
         teacher, encode_split(part, teacher.cfg.input_spec, ()), cfg, DistContext()
     )
-    np.testing.assert_allclose(probs[:, 0], expected[:, 0], atol=1e-6)
-    assert probs[:, 0].std() > 0.05  # a trained teacher, not a constant
+    raw = teacher_probs({"click": str(click_teacher)}, part, ("click",), calibrate=False)
+    np.testing.assert_allclose(raw[:, 0], expected[:, 0], atol=1e-6)
+    assert raw[:, 0].std() > 0.05  # a trained teacher, not a constant
+    # Calibrated: the same ranking (a monotone map of the logit), the labels' base rate.
+    order = np.argsort(expected[:, 0], kind="stable")
+    assert (np.diff(probs[order, 0]) >= -1e-6).all()
+    y = part["label_click"].to_numpy(dtype=np.float64)
+    assert probs[:, 0].mean() == pytest.approx(y.mean(), abs=0.01)
+
+
+def test_platt_scaling_fits_the_labelled_rows_and_never_reverses_a_teacher() -> None:
+    rng = np.random.default_rng(0)
+    # A near-constant teacher (logit spread 0.02) whose ranking is right: the soft targets
+    # a student learns from must spread out, or they carry no ranking (MovieLens rate_high).
+    z = rng.normal(size=20_000) * 0.02
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-(40 * z + 1.5)))).astype(np.float64)
+    y_some = y.copy()
+    y_some[::3] = np.nan  # unlabelled rows are left out of the fit
+    for labels in (y, y_some):
+        a, b = platt(z, labels)
+        assert a == pytest.approx(40, rel=0.15) and b == pytest.approx(1.5, abs=0.1)
+    a, b = platt(-z, y)  # ranks the wrong way round: the base rate, not the reverse
+    assert a == 0.0 and 1 / (1 + math.exp(-b)) == pytest.approx(y.mean())
+    assert platt(z, np.full(z.size, np.nan)) == (1.0, 0.0)  # nothing labelled: unchanged
 
 
 def test_a_student_trains_on_the_teacher_and_learns(frame, click_teacher: Path, tmp_path) -> None:
@@ -96,6 +122,8 @@ def test_bad_teachers_are_refused(frame, click_teacher: Path, tmp_path) -> None:
     missing = tiny_config(str(tmp_path / "b"), frame, teachers={"click": str(tmp_path / "none")})
     with pytest.raises(InvalidInputError, match="no trained model"):
         train(missing, frame)
+    with pytest.raises(InvalidInputError, match="distill_label_share"):
+        tiny_config(str(tmp_path / "d"), frame, distill_label_share=1.5)
     wrong = tiny_config(str(tmp_path / "c"), frame, teachers={"buy": str(click_teacher)})
     with pytest.raises(InvalidInputError, match="not 'buy'"):
         train(wrong, frame)
