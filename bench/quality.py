@@ -27,6 +27,7 @@ BENCHMARKS.md; every finished run is appended to bench/results/quality_runs.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -393,19 +394,30 @@ def _teachers(
     """Task -> run dir of the same seed's single-task model, trained here when this process
     did not train it (a --resume that took its record from the log): the distilled model
     learns from exactly the models it is compared with."""
-    from trainer.model import FINAL_CHECKPOINT
     from trainer.train import train
 
     teachers = {}
     for task in spec.tasks:
         model = f"single:{task}"
         run_dir = _run_dir(workdir, dataset, model, seed)
-        if not (run_dir / FINAL_CHECKPOINT).exists():
+        cfg = train_config(model, model_config(model, frame, spec, qc), seed, run_dir, qc)
+        if not _trained_with(run_dir, cfg):
             logger.info("%s seed %d: training teacher %s", dataset, seed, model)
-            mcfg = model_config(model, frame, spec, qc)
-            train(train_config(model, mcfg, seed, run_dir, qc), frame)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            train(cfg, frame)
         teachers[task] = str(run_dir)
     return teachers
+
+
+def _trained_with(run_dir: Path, cfg: Any) -> bool:
+    """Whether run_dir holds a finished run of exactly this config (a --workdir kept from an
+    earlier invocation may hold runs of another budget or data)."""
+    from trainer.model import FINAL_CHECKPOINT
+
+    saved = run_dir / "train_config.json"
+    if not (run_dir / FINAL_CHECKPOINT).exists() or not saved.exists():
+        return False
+    return bool(json.loads(saved.read_text()) == json.loads(json.dumps(cfg.to_dict())))
 
 
 def label_counts_on_test(frame: pd.DataFrame, tasks: tuple[str, ...]) -> dict[str, dict[str, int]]:
@@ -717,8 +729,11 @@ def run(
     write_md: bool,
     seed_list: tuple[int, ...] | None = None,
     model_list: tuple[str, ...] | None = None,
+    workdir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run (or, with resume and a complete log, just render) the benchmark."""
+    """Run (or, with resume and a complete log, just render) the benchmark. workdir: where
+    feature tables and the single-task runs (the distilled model's teachers) are kept; a
+    temporary folder when None. Teachers found there that match the budget are reused."""
     import torch
 
     torch.set_num_threads(qc.threads)
@@ -726,11 +741,11 @@ def run(
     log_path = out_dir / ("quality_runs_smoke.jsonl" if qc.smoke else "quality_runs.jsonl")
     t0 = time.perf_counter()
     datasets = []
-    with tempfile.TemporaryDirectory(prefix="userembed-quality-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quality-")))
         for name in qc.datasets:
-            datasets.append(
-                run_dataset(name, qc, Path(tmp), log_path, resume, seed_list, model_list)
-            )
+            datasets.append(run_dataset(name, qc, workdir, log_path, resume, seed_list, model_list))
     if (
         seed_list is not None or model_list is not None
     ):  # a share of the seeds: the full render comes later (--resume)
@@ -796,6 +811,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", type=Path, default=None, help="default bench/results (smoke: a temp dir)"
     )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep feature tables and single-task runs here (default: a temp dir); a later "
+        "run with the same folder reuses them as the distilled model's teachers",
+    )
     ap.add_argument("--resume", action="store_true", help="skip runs in the JSONL log")
     ap.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; never writes BENCHMARKS.md")
@@ -825,7 +847,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out = Path(tempfile.mkdtemp(prefix="quality-smoke-")) if args.smoke else RESULTS
     seed_list = None if args.seed_list is None else tuple(int(x) for x in args.seed_list.split(","))
     model_list = None if args.models is None else tuple(args.models.split(","))
-    report = run(qc, args.out, args.resume, not (args.smoke or args.no_md), seed_list, model_list)
+    report = run(
+        qc, args.out, args.resume, not (args.smoke or args.no_md), seed_list, model_list,
+        args.workdir,
+    )  # fmt: skip
     if seed_list is not None or model_list is not None:
         print(
             json.dumps(

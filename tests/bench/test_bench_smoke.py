@@ -12,7 +12,9 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -110,6 +112,30 @@ def test_difference_to_single_task_is_paired_by_seed() -> None:
     assert paired["n"] == 3
     assert paired["mean"] == pytest.approx((0.01 + 0.01 + 0.012) / 3)
     assert paired["se"] == pytest.approx(np.std([0.01, 0.01, 0.012], ddof=1) / np.sqrt(3))
+
+
+def test_a_kept_teacher_is_reused_only_for_the_same_budget(tmp_path: Path) -> None:
+    """--workdir keeps single-task runs; a later invocation reuses one as the distilled
+    model's teacher only when its saved config is the one it would train now."""
+    quality = _bench_module("quality")
+    from tests.trainer.frames import tiny_frame
+    from trainer.model import FINAL_CHECKPOINT
+
+    frame = tiny_frame(200, seed=1)
+    qc = quality.QualityConfig(steps=8, batch_size=32, eval_every=4, sequence_length=12)
+    spec = SimpleNamespace(model_profile_features=(), tasks=("click",))
+    mcfg = quality.model_config("single:click", frame, spec, qc)
+    run = tmp_path / "single-click-s0"
+    cfg = quality.train_config("single:click", mcfg, 0, run, qc)
+    assert not quality._trained_with(run, cfg)  # nothing there
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps(cfg.to_dict()))
+    assert not quality._trained_with(run, cfg)  # cut short: no final model
+    (run / FINAL_CHECKPOINT).write_bytes(b"")
+    assert quality._trained_with(run, cfg)
+    other = quality.train_config("single:click", mcfg, 0, run, replace(qc, steps=16))
+    assert not quality._trained_with(run, other)  # another budget
+    assert not quality._trained_with(run, cfg.with_(seed=1))
 
 
 def test_auc_standard_error_matches_a_bootstrap_of_the_test_split() -> None:
