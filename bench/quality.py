@@ -71,7 +71,7 @@ MODEL_LABELS: dict[str, str] = {
     "dense_transformer": "dense transformer (no MoE)",
     "supermoe_plain": "SUPERMOE, plain summed loss",
     "supermoe_labelled": "SUPERMOE, indicator loss, labelled-share task weights",
-    "supermoe_distilled": "SUPERMOE, indicator loss, distilled from the single-task models",
+    "supermoe_distilled": "SUPERMOE, distilled from its calibrated single-task models",
     "supermoe": "SUPERMOE, task-indicator loss",
 }
 

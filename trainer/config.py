@@ -98,8 +98,8 @@ class TrainConfig:
     # over the largest share) or 'uncertainty' (Kendall et al. 2018); trainer/loss.py
     task_weighting: str = "fixed"
     task_weights: tuple[float, ...] | None = None  # fixed weights; None = all 1
-    # task -> run dir of a trained model that predicts it: its probabilities, annealed into
-    # the labels, are the training targets (trainer/distill.py). None = labels only.
+    # task -> run dir of a trained model that predicts it: its calibrated probabilities are
+    # the task's training targets (trainer/distill.py). None = labels only.
     teachers: dict[str, str] | None = None
     # With teachers: the label's share of a labelled row's target, reached at max_steps by
     # linear annealing. 0.0 = the (calibrated) teacher is the target on every row; 1.0 =
