@@ -21,9 +21,9 @@ indicator loss unchanged.
 The teacher's probability is Platt-scaled first: sigmoid(a * logit + b), fitted on the
 training rows labelled for t. It keeps the teacher's ranking and gives it the spread its
 labels support. Why: an early-stopped teacher can rank well with a nearly flat output. The
-MovieLens rate_high teachers stop at step 80 with probabilities 0.82 +- 0.003. A soft
-target that flat carries no ranking: the student's rate_high ranked test users with a
-Spearman correlation of -0.04 to its teacher's. The fit gives a = 27 to 36 for those
+MovieLens rate_high teachers stop at step 80 with probabilities 0.82 to 0.88 +- 0.003 on
+their training rows. A soft target that flat carries no ranking: the student's rate_high
+ranked test users with a Spearman correlation of -0.04 (seed 6) to its teacher's. The fit gives a = 27 to 36 for those
 teachers and 1.1 to 1.9 for the other MovieLens ones (seeds 2 and 6). The fit uses the
 teacher's own training rows: the only labels a training run may use, plenty for two numbers.
 
@@ -104,7 +104,8 @@ def teacher_probs(
     calibrate: bool = True,
 ) -> np.ndarray:
     """(N, T) eval-mode probabilities of each task's teacher on `part`; NaN for a task without
-    one. A teacher is a run dir (its final model), scored with its own input spec."""
+    one. A teacher is a run dir (its final model), scored with its own input spec. With
+    `calibrate`, each is Platt-scaled on `part`'s own label_<task> rows: pass training rows."""
     from trainer.model import FINAL_CHECKPOINT, load_unsharded, score_rows
 
     out = np.full((len(part), len(tasks)), np.nan, dtype=np.float32)
