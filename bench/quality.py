@@ -391,9 +391,10 @@ def _run_dir(workdir: Path, dataset: str, model: str, seed: int) -> Path:
 def _teachers(
     frame: pd.DataFrame, spec: Any, qc: QualityConfig, workdir: Path, dataset: str, seed: int
 ) -> dict[str, str]:
-    """Task -> run dir of the same seed's single-task model, trained here when this process
-    did not train it (a --resume that took its record from the log): the distilled model
-    learns from exactly the models it is compared with."""
+    """Task -> run dir of the same seed's single-task model: the one this process trained, or
+    one --workdir kept from an earlier invocation with the same config, else trained here (a
+    --resume that took its record from the log). The distilled model learns from exactly the
+    models it is compared with."""
     from trainer.train import train
 
     teachers = {}
@@ -410,8 +411,9 @@ def _teachers(
 
 
 def _trained_with(run_dir: Path, cfg: Any) -> bool:
-    """Whether run_dir holds a finished run of exactly this config (a --workdir kept from an
-    earlier invocation may hold runs of another budget or data)."""
+    """Whether run_dir holds a finished run of exactly this config: budget, seed and model
+    shape, including the vocabulary sizes taken from the data (a --workdir kept from an
+    earlier invocation may hold runs of another budget)."""
     from trainer.model import FINAL_CHECKPOINT
 
     saved = run_dir / "train_config.json"
