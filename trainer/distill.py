@@ -102,10 +102,12 @@ def teacher_probs(
     tasks: Sequence[str],
     batch_size: int = 1024,
     calibrate: bool = True,
+    log: bool = True,
 ) -> np.ndarray:
     """(N, T) eval-mode probabilities of each task's teacher on `part`; NaN for a task without
     one. A teacher is a run dir (its final model), scored with its own input spec. With
-    `calibrate`, each is Platt-scaled on `part`'s own label_<task> rows: pass training rows."""
+    `calibrate`, each is Platt-scaled on `part`'s own label_<task> rows: pass training rows.
+    log: whether to log each fit (under torchrun only rank 0 does; every rank fits the same)."""
     from trainer.model import FINAL_CHECKPOINT, load_unsharded, score_rows
 
     out = np.full((len(part), len(tasks)), np.nan, dtype=np.float32)
@@ -124,8 +126,11 @@ def teacher_probs(
         if calibrate and label in part.columns:
             y = part[label].to_numpy(dtype=np.float64)
             a, b = platt(_logit(p), y)
-            logger.info("teacher %s: calibrated on %d labelled rows, a=%.3g b=%.3g", task,
-                        int(np.sum(~np.isnan(y))), a, b)  # fmt: skip
+            if log:
+                n = int(np.sum(~np.isnan(y)))
+                logger.info(
+                    "teacher %s: calibrated on %d labelled rows, a=%.3g b=%.3g", task, n, a, b
+                )
             p = _sigmoid(a * _logit(p) + b)
         out[:, list(tasks).index(task)] = p
     return out

@@ -191,7 +191,7 @@ def train(
     train_part = _split(frame, "train")
     train_split = encode_split(train_part, spec, tasks)
     if cfg.teachers:
-        train_split.teacher = teacher_probs(cfg.teachers, train_part, tasks)
+        train_split.teacher = teacher_probs(cfg.teachers, train_part, tasks, log=ctx.is_main)
         if ctx.is_main:
             logger.info("distilling from teachers: %s", cfg.teachers)
     val_split = encode_split(_split(frame, "validation"), spec, tasks)

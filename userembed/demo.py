@@ -99,7 +99,7 @@ def _start_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns the figures printed along the way."""
     from userembed import feast_ops
-    from userembed.pipeline_cli import BuildRequest, build_dataset
+    from userembed.pipeline_cli import BuildRequest, build_dataset, serve_online
 
     total = 7
     out: dict[str, Any] = {}
@@ -114,9 +114,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _done(t, ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int | float | str)))
 
     t = _stage(3, total, "Feast: apply the feature repository, materialise into Redis")
-    store = feast_ops.open_store(cfg.redis_url)
-    feast_ops.apply(store, fresh=True)  # an earlier demo's newer rows would shadow these
-    feast_ops.materialize(store)
+    store = serve_online(cfg.redis_url)
     user = 1
     online = feast_ops.online_features(store, [user])
     print(f"      online features of user {user}, read back from Redis through Feast:")

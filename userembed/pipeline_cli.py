@@ -1,7 +1,7 @@
 """CLI commands of the data pipeline: `userembed data build`, `userembed feast ...`.
 
-Handlers are thin wrappers over `build_dataset` and `build_and_materialize`, which tests and
-the demo call directly. Feast is imported inside handlers (slow import, ~10 s store start).
+Handlers are thin wrappers over `build_dataset`, `serve_online` and `build_and_materialize`,
+which tests and the demo call directly. Feast is imported inside handlers (slow import, ~10 s store start).
 """
 
 from __future__ import annotations
@@ -97,6 +97,18 @@ def load_built() -> tuple[pd.DataFrame, DatasetSpec]:
     return pd.read_parquet(out / "labels.parquet"), DatasetSpec.load(out)
 
 
+def serve_online(redis_url: str | None = None) -> Any:
+    """Put the current data set's features online: `feast apply --fresh`, then materialise
+    into Redis. Fresh: the online rows of an earlier data set, dated later, would shadow the
+    new ones. Returns the FeatureStore."""
+    from userembed import feast_ops
+
+    store = feast_ops.open_store(redis_url)
+    feast_ops.apply(store, fresh=True)
+    feast_ops.materialize(store)
+    return store
+
+
 def build_and_materialize(
     source: str = "synthetic",
     num_users: int = 10_000,
@@ -104,13 +116,9 @@ def build_and_materialize(
     redis_url: str | None = None,
     **paths_kw: Path | None,
 ) -> dict[str, Any]:
-    """The demo's data step: build the data set, `feast apply`, materialise into Redis."""
-    from userembed import feast_ops
-
+    """Build the data set and put its features online (the demo's stages 2 and 3)."""
     summary = build_dataset(BuildRequest(source, num_users, seed, **paths_kw))
-    store = feast_ops.open_store(redis_url)
-    feast_ops.apply(store, fresh=True)  # a new data set: no online rows of the previous one
-    feast_ops.materialize(store)
+    serve_online(redis_url)
     summary["materialized"] = True
     return summary
 

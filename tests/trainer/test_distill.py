@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -66,9 +67,19 @@ def test_targets_go_from_teacher_to_label_and_unlabelled_rows_follow_the_teacher
     assert [annealing(s, 100, 0.0) for s in (0, 100)] == [0.0, 0.0]
 
 
-def test_teacher_probs_are_the_teachers_own_predictions(frame, click_teacher: Path) -> None:
+def test_teacher_probs_are_the_teachers_own_predictions(
+    frame, click_teacher: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     part = frame[frame["split"] == "train"]
-    probs = teacher_probs({"click": str(click_teacher)}, part, ("click", "buy"))
+    with caplog.at_level(logging.INFO, logger="trainer.distill"):
+        probs = teacher_probs({"click": str(click_teacher)}, part, ("click", "buy"))
+        fits = [r for r in caplog.records if "calibrated" in r.getMessage()]
+        assert len(fits) == 1 and fits[0].getMessage().startswith("teacher click")
+        # Under torchrun only rank 0 logs the fit; every rank computes the same targets.
+        caplog.clear()
+        quiet = teacher_probs({"click": str(click_teacher)}, part, ("click", "buy"), log=False)
+        assert not [r for r in caplog.records if "calibrated" in r.getMessage()]
+    np.testing.assert_array_equal(quiet, probs)
     assert probs.shape == (len(part), 2)
     assert np.isnan(probs[:, 1]).all()  # no teacher for buy
     teacher = load_unsharded(click_teacher / FINAL_CHECKPOINT)
