@@ -1,7 +1,8 @@
 """CLI commands of the data pipeline: `userembed data build`, `userembed feast ...`.
 
 Handlers are thin wrappers over `build_dataset`, `serve_online` and `build_and_materialize`,
-which tests and the demo call directly. Feast is imported inside handlers (slow import, ~10 s store start).
+which tests and the demo call directly. Feast is imported inside handlers (slow import, ~10 s
+store start).
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from userembed import paths
 from userembed.datasets.spec import DatasetSpec
 from userembed.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ def load_built() -> tuple[pd.DataFrame, DatasetSpec]:
     return pd.read_parquet(out / "labels.parquet"), DatasetSpec.load(out)
 
 
-def serve_online(redis_url: str | None = None) -> Any:
+def serve_online(redis_url: str | None = None) -> FeatureStore:
     """Put the current data set's features online: `feast apply --fresh`, then materialise
     into Redis. Fresh: the online rows of an earlier data set, dated later, would shadow the
     new ones. Returns the FeatureStore."""
