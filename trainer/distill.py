@@ -23,9 +23,10 @@ training rows labelled for t. It keeps the teacher's ranking and gives it the sp
 labels support. Why: an early-stopped teacher can rank well with a nearly flat output. The
 MovieLens rate_high teachers stop at step 80 with probabilities 0.82 to 0.88 +- 0.003 on
 their training rows. A soft target that flat carries no ranking: the student's rate_high
-ranked test users with a Spearman correlation of -0.04 (seed 6) to its teacher's. The fit gives a = 27 to 36 for those
-teachers and 1.1 to 1.9 for the other MovieLens ones (seeds 2 and 6). The fit uses the
-teacher's own training rows: the only labels a training run may use, plenty for two numbers.
+ranked test users with a Spearman correlation of -0.04 (seed 6) to its teacher's. The fit
+gives a = 27 to 36 for those teachers and 1.1 to 1.9 for the other MovieLens ones (seeds 2
+and 6). The fit uses the teacher's own training rows: the only labels a training run may
+use, plenty for two numbers.
 
 `userembed train --distill` trains the teachers itself, one single-task run per task under
 <run>/teachers/<task>, with the run's own config (train_teachers); a resumed run finishes the
@@ -125,13 +126,14 @@ def teacher_probs(
         label = f"label_{task}"
         if calibrate and label in part.columns:
             y = part[label].to_numpy(dtype=np.float64)
-            a, b = platt(_logit(p), y)
+            z = _logit(p)
+            a, b = platt(z, y)
             if log:
                 n = int(np.sum(~np.isnan(y)))
                 logger.info(
                     "teacher %s: calibrated on %d labelled rows, a=%.3g b=%.3g", task, n, a, b
                 )
-            p = _sigmoid(a * _logit(p) + b)
+            p = _sigmoid(a * z + b)
         out[:, list(tasks).index(task)] = p
     return out
 
