@@ -10,7 +10,8 @@ files the Feast views read), then trains with trainer.train.train, per seed:
 single-task models (the SUPERMOE model on one task each), shared-bottom, MMoE, PLE
 (trainer/baselines.py), the dense transformer (SUPERMOE without MoE layers, FFN width = k x
 expert width so active compute matches), SUPERMOE with the plain summed loss, with
-labelled-share task weights, distilled from the seed's single-task models, and SUPERMOE with
+labelled-share task weights, distilled from single-task models (per task, the mean of the
+single-task models at the seed and the next `distill_teachers - 1` seeds), and SUPERMOE with
 the task-indicator loss. Every model gets the same steps, batch size, learning rate,
 validation-driven model selection and early stopping.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -35,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,7 +74,7 @@ MODEL_LABELS: dict[str, str] = {
     "dense_transformer": "dense transformer (no MoE)",
     "supermoe_plain": "SUPERMOE, plain summed loss",
     "supermoe_labelled": "SUPERMOE, indicator loss, labelled-share task weights",
-    "supermoe_distilled": "SUPERMOE, distilled from its calibrated single-task models",
+    "supermoe_distilled": "SUPERMOE, distilled from calibrated single-task models",
     "supermoe": "SUPERMOE, task-indicator loss",
 }
 
@@ -95,6 +98,7 @@ class QualityConfig:
     user_dim: int = 64
     val_users: int = 3_000  # validation rows kept (fixed sample): evaluation is most of a run
     threads: int = 1  # on a shared 2-core machine 2 torch threads ran up to 10x slower than 1
+    distill_teachers: int = 3  # single-task teachers per task of the distilled model
     smoke: bool = False
 
 
@@ -277,6 +281,7 @@ def load_done(
             rec["dataset"] == dataset
             and rec["budget"] == budget
             and rec.get("frame_rows") == frame_rows
+            and _record_teachers(rec) == _distill_teachers(rec["model"], qc)
         ):
             done[(rec["model"], rec["seed"])] = rec
     return done
@@ -284,7 +289,8 @@ def load_done(
 
 def _budget(qc: QualityConfig) -> dict[str, Any]:
     d = asdict(qc)
-    for k in ("datasets", "seeds", "threads"):
+    # distill_teachers is not budget: only the distilled model's records carry it (load_done)
+    for k in ("datasets", "seeds", "threads", "distill_teachers"):
         d.pop(k)
     return d
 
@@ -327,18 +333,26 @@ def run_dataset(
         teachers = None
         if model == "supermoe_distilled":
             teachers = _teachers(frame, spec, qc, workdir, name, seed)
-        t1 = time.perf_counter()  # the teachers' time is in their own single-task records
-        result = train(train_config(model, mcfg, seed, run_dir, qc, teachers), frame)
-        seconds = time.perf_counter() - t1
+        cfg = train_config(model, mcfg, seed, run_dir, qc, teachers)
+        if model.startswith("single:"):  # also a teacher: maybe trained as one already
+            with _run_lock(run_dir):
+                result = _train_or_reuse(cfg, frame)
+        else:  # the teachers' time is in their own single-task records
+            t1 = time.perf_counter()
+            trained = train(cfg, frame)
+            result = (trained.test_auc, trained.steps, trained.best_step)
+            result += (time.perf_counter() - t1,)
+        test_auc, steps, best_step, seconds = result
         rec: dict[str, Any] = {
             "dataset": name,
             "model": model,
             "seed": seed,
             "budget": _budget(qc),
+            "distill_teachers": _distill_teachers(model, qc),
             "frame_rows": counts,
-            "test_auc": result.test_auc,
-            "steps": result.steps,
-            "best_step": result.best_step,
+            "test_auc": test_auc,
+            "steps": steps,
+            "best_step": best_step,
             "seconds": round(seconds, 1),
             "probe_auc": {},
         }
@@ -377,7 +391,8 @@ def run_dataset(
         "bayes_auc": dict(spec.bayes_auc),
         "frame_rows": counts,
         "test_labels": label_counts_on_test(frame, tuple(spec.tasks)),
-        "train_seconds_total": round(sum(r["seconds"] for r in records), 1),
+        # NaN: a single-task run reused from a --workdir that kept no training time
+        "train_seconds_total": round(float(np.nansum([r["seconds"] for r in records])), 1),
         "probe_users": {"fit": int(probe_fit.sum()), "eval": int((~probe_fit).sum())},
         "summary": summarise(records, tuple(spec.tasks), heldout),
         "probe_reference": probe_reference(probe_part, probe_fit, heldout, spec),
@@ -388,38 +403,92 @@ def _run_dir(workdir: Path, dataset: str, model: str, seed: int) -> Path:
     return workdir / "runs" / dataset / f"{model.replace(':', '-')}-s{seed}"
 
 
+def _distill_teachers(model: str, qc: QualityConfig) -> int | None:
+    """Teachers per task of this model's runs: None but for the distilled model."""
+    return qc.distill_teachers if model == "supermoe_distilled" else None
+
+
+def _record_teachers(rec: dict) -> int | None:
+    """A logged run's teachers per task; distilled records written before teacher ensembles
+    carry none and had one."""
+    return rec.get("distill_teachers", 1 if rec["model"] == "supermoe_distilled" else None)
+
+
 def _teachers(
     frame: pd.DataFrame, spec: Any, qc: QualityConfig, workdir: Path, dataset: str, seed: int
-) -> dict[str, str]:
-    """Task -> run dir of the same seed's single-task model: the one this process trained, or
-    one --workdir kept from an earlier invocation with the same config, else trained here (a
-    --resume that took its record from the log). The distilled model learns from exactly the
-    models it is compared with."""
-    from trainer.train import train
-
-    teachers = {}
+) -> dict[str, tuple[str, ...]]:
+    """Task -> run dirs of the single-task models at seeds seed .. seed + distill_teachers - 1:
+    each the one this process trained, or one --workdir kept from an earlier invocation with
+    the same config, else trained here (a --resume that took its record from the log, or a
+    seed past the last one benchmarked). Teacher 0 is exactly the model the distilled one is
+    compared with; the others are the same model at the next seeds, which is what
+    `userembed train --distill` trains as well (trainer/distill.py)."""
+    teachers: dict[str, tuple[str, ...]] = {}
     for task in spec.tasks:
         model = f"single:{task}"
-        run_dir = _run_dir(workdir, dataset, model, seed)
-        cfg = train_config(model, model_config(model, frame, spec, qc), seed, run_dir, qc)
-        if not _trained_with(run_dir, cfg):
-            logger.info("%s seed %d: training teacher %s", dataset, seed, model)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            train(cfg, frame)
-        teachers[task] = str(run_dir)
+        dirs = []
+        for s in range(seed, seed + qc.distill_teachers):
+            run_dir = _run_dir(workdir, dataset, model, s)
+            cfg = train_config(model, model_config(model, frame, spec, qc), s, run_dir, qc)
+            with _run_lock(run_dir):
+                if not _trained_with(run_dir, cfg):
+                    logger.info("%s seed %d: training teacher %s seed %d", dataset, seed, model, s)
+                _train_or_reuse(cfg, frame)
+            dirs.append(str(run_dir))
+        teachers[task] = tuple(dirs)
     return teachers
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold run_dir for this process. A single-task run is also a teacher, of its own seed
+    and of the seeds before it, so two processes sharing a --workdir with the seeds split
+    between them can reach the same run at once: the second waits, then reuses it."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (run_dir.parent / f"{run_dir.name}.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+SECONDS_FILE = "bench_seconds.json"
+
+
+def _train_or_reuse(cfg: Any, frame: pd.DataFrame) -> tuple[dict[str, float], int, int, float]:
+    """(test AUC per task, steps, best step, training seconds) of cfg's run: read from its
+    run dir when that holds a finished run of exactly this config, else trained there (under
+    _run_lock). Training is deterministic on one machine, so both give the same figures."""
+    from trainer.report import REPORT_FILE
+    from trainer.train import train
+
+    run_dir = Path(cfg.run_dir)
+    if not _trained_with(run_dir, cfg):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        train(cfg, frame)
+        (run_dir / SECONDS_FILE).write_text(json.dumps(time.perf_counter() - t0))
+    report = json.loads((run_dir / REPORT_FILE).read_text())
+    seconds_file = run_dir / SECONDS_FILE
+    seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else math.nan
+    auc = {t: m["auc"] for t, m in report["test"].items()}
+    return auc, int(report["steps"]), int(report["best_step"]), float(seconds)
 
 
 def _trained_with(run_dir: Path, cfg: Any) -> bool:
     """Whether run_dir holds a finished run of exactly this config: budget, seed and model
     shape, including the vocabulary sizes taken from the data (a --workdir kept from an
-    earlier invocation may hold runs of another budget)."""
+    earlier invocation may hold runs of another budget). The saved config is read back as a
+    TrainConfig, so a field added since it was written takes its default."""
+    from trainer.config import TrainConfig
     from trainer.model import FINAL_CHECKPOINT
+    from userembed.errors import InvalidInputError
 
     saved = run_dir / "train_config.json"
     if not (run_dir / FINAL_CHECKPOINT).exists() or not saved.exists():
         return False
-    return bool(json.loads(saved.read_text()) == json.loads(json.dumps(cfg.to_dict())))
+    try:
+        return bool(TrainConfig.from_dict(json.loads(saved.read_text())) == cfg)
+    except (TypeError, KeyError, ValueError, InvalidInputError):  # an incompatible layout
+        return False
 
 
 def label_counts_on_test(frame: pd.DataFrame, tasks: tuple[str, ...]) -> dict[str, dict[str, int]]:
@@ -518,7 +587,7 @@ def summarise(records: list[dict], tasks: tuple[str, ...], heldout: list[str]) -
         entry: dict[str, Any] = {
             "task_auc": task_auc,
             "average": {"mean": avg_m, "std": avg_s, "n": len(per_seed)},
-            "seconds": float(np.mean([r["seconds"] for r in recs])),
+            "seconds": float(np.nanmean([r["seconds"] for r in recs])),
             "steps": float(np.mean([r["steps"] for r in recs])),
         }
         if model != "single_task" and single:

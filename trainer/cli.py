@@ -39,6 +39,11 @@ _OPTIONS: dict[str, tuple[type, str]] = {
         "with teachers: the label's share of a labelled row's target at the last step "
         "(0 = the teacher's all run, the default; 1 = BAM! annealing to the labels)",
     ),
+    "distill_teachers": (
+        int,
+        "with --distill: single-task teachers per task, at seeds seed, seed+1, ... (default 3); "
+        "the target is their mean",
+    ),
     "embedding_dim": (int, "table and transformer width D"),
     "num_layers": (int, "transformer blocks"),
     "user_dim": (int, "universal user vector size"),
@@ -60,22 +65,23 @@ def _quiet_libraries() -> None:
         handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
 
 
-def _teachers(specs: list[str]) -> dict[str, str]:
-    """--teacher TASK=RUN (a run id under $USEREMBED_HOME/runs, or a run dir) -> task -> dir;
-    checked here, before the training frame is built."""
+def _teachers(specs: list[str]) -> dict[str, tuple[str, ...]]:
+    """--teacher TASK=RUN (a run id under $USEREMBED_HOME/runs, or a run dir) -> task -> dirs
+    (a task named again adds a teacher: the target is their mean); checked here, before the
+    training frame is built."""
     from trainer.model import FINAL_CHECKPOINT
 
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, ...]] = {}
     for item in specs:
         task, sep, run = item.partition("=")
         if not sep or not task or not run:
             raise InvalidInputError(f"--teacher {item!r}: expected TASK=RUN")
-        if task in out:
-            raise InvalidInputError(f"--teacher: two teachers for {task!r}")
         path = Path(run) if os.sep in run else runs_dir() / run
         if not (path / FINAL_CHECKPOINT).is_file():
             raise InvalidInputError(f"--teacher {item!r}: no trained model at {path}")
-        out[task] = str(path)
+        if str(path) in out.get(task, ()):
+            raise InvalidInputError(f"--teacher {item!r}: the same teacher twice for {task!r}")
+        out[task] = (*out.get(task, ()), str(path))
     return out
 
 
@@ -125,6 +131,8 @@ def _train(args: argparse.Namespace) -> int:
     tasks = _tasks(args.tasks)
     if args.distill and args.teacher:
         raise InvalidInputError("--distill trains the run's own teachers: drop --teacher")
+    if args.distill_teachers is not None and not args.distill:
+        raise InvalidInputError("--distill-teachers is the number --distill trains: add --distill")
     if args.teacher:
         options["teachers"] = _teachers(args.teacher)
     run_id = args.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -174,13 +182,14 @@ def _add_train(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="TASK=RUN",
-        help="distil TASK from a trained run (run id or dir); repeatable (docs/model.md)",
+        help="distil TASK from a trained run (run id or dir); repeatable, also for one task "
+        "(the target is the teachers' mean; docs/model.md)",
     )
     p.add_argument(
         "--distill",
         action="store_true",
-        help="first train one single-task teacher per task (<run>/teachers/), then distil "
-        "the model from them",
+        help="first train single-task teachers (--distill-teachers per task, under "
+        "<run>/teachers/), then distil the model from them",
     )
     p.set_defaults(func=_train)
 

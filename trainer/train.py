@@ -463,8 +463,9 @@ def train_from_feast(
 ) -> TrainResult:
     """`userembed train`: the frame of the last `data build` via Feast's point-in-time join.
     tasks: a subset of the data set's tasks (default all), e.g. a single-task teacher.
-    distill: first train one single-task teacher per task under <run_dir>/teachers/, then the
-    model distilled from them (trainer/distill.py); a resumed run finishes what was cut short."""
+    distill: first train `distill_teachers` single-task teachers per task under
+    <run_dir>/teachers/, then the model distilled from them (trainer/distill.py); a resumed run
+    finishes what was cut short."""
     from trainer.distill import own_teachers, train_teachers
     from userembed import feast_ops
     from userembed.pipeline_cli import load_built

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,6 +137,12 @@ def test_a_kept_teacher_is_reused_only_for_the_same_budget(tmp_path: Path) -> No
     other = quality.train_config("single:click", mcfg, 0, run, replace(qc, steps=16))
     assert not quality._trained_with(run, other)  # another budget
     assert not quality._trained_with(run, cfg.with_(seed=1))
+    # A config saved before a field was added reads back with the field's default.
+    older = {k: v for k, v in cfg.to_dict().items() if k != "distill_teachers"}
+    (run / "train_config.json").write_text(json.dumps(older))
+    assert quality._trained_with(run, cfg)
+    (run / "train_config.json").write_text("{}")
+    assert not quality._trained_with(run, cfg)
 
 
 def test_auc_standard_error_matches_a_bootstrap_of_the_test_split() -> None:
@@ -201,3 +208,75 @@ def test_train_quality_smoke_reports_every_comparison_beside_bayes() -> None:
         for key in ("multi", "plain", "single", "bayes"):
             assert 0.0 < row[key] < 1.0, row
     assert "within_0.03_of_bayes" in out["bars"]
+
+
+def test_resume_reuses_a_distilled_run_only_with_as_many_teachers(tmp_path: Path) -> None:
+    """The log keeps single-task runs across a change of distill_teachers; a distilled run
+    counts only for the teacher count it was trained with (none logged: one)."""
+    quality = _bench_module("quality")
+    qc = quality.QualityConfig(steps=8)
+    rows = {"train": 10}
+    base = {"dataset": "d", "budget": quality._budget(qc), "frame_rows": rows}
+    log = tmp_path / "runs.jsonl"
+    recs = [
+        {**base, "model": "single:a", "seed": 0},  # logged before teacher ensembles
+        {**base, "model": "supermoe_distilled", "seed": 0},  # idem: one teacher per task
+        {**base, "model": "supermoe_distilled", "seed": 1, "distill_teachers": 3},
+        {**base, "model": "mmoe", "seed": 0, "distill_teachers": None},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert set(quality.load_done(log, "d", qc, rows)) == {
+        ("single:a", 0),
+        ("supermoe_distilled", 1),
+        ("mmoe", 0),
+    }
+    one = replace(qc, distill_teachers=1)
+    assert set(quality.load_done(log, "d", one, rows)) == {
+        ("single:a", 0),
+        ("supermoe_distilled", 0),
+        ("mmoe", 0),
+    }
+    assert quality.load_done(log, "d", replace(qc, steps=9), rows) == {}  # another budget
+
+
+def test_a_single_task_run_is_trained_once_and_its_lock_serialises_processes(
+    tmp_path: Path,
+) -> None:
+    """A single-task run is also a teacher of earlier seeds: whoever comes second reuses it
+    (same figures, no retraining), and the lock makes the second one wait."""
+    import threading
+
+    quality = _bench_module("quality")
+    from tests.trainer.dist_worker import PROFILE
+    from tests.trainer.frames import tiny_frame
+    from trainer.model import FINAL_CHECKPOINT
+
+    frame = tiny_frame(200, seed=1)
+    qc = quality.QualityConfig(steps=8, batch_size=32, eval_every=4, sequence_length=12)
+    spec = SimpleNamespace(model_profile_features=PROFILE, tasks=("click",))
+    run = tmp_path / "runs" / "single-click-s0"
+    cfg = quality.train_config(
+        "single:click", quality.model_config("single:click", frame, spec, qc), 0, run, qc
+    )
+    first = quality._train_or_reuse(cfg, frame)
+    assert set(first[0]) == {"click"} and first[1] == 8 and first[3] > 0
+    stamp = (run / FINAL_CHECKPOINT).stat().st_mtime_ns
+    assert quality._train_or_reuse(cfg, frame) == first  # reused, training time included
+    assert (run / FINAL_CHECKPOINT).stat().st_mtime_ns == stamp
+
+    order: list[str] = []
+    held = threading.Event()
+
+    def holder() -> None:
+        with quality._run_lock(run):
+            held.set()
+            time.sleep(0.3)
+            order.append("holder done")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    with quality._run_lock(run):
+        order.append("second in")
+    t.join()
+    assert order == ["holder done", "second in"]

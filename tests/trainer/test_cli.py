@@ -57,20 +57,20 @@ def test_train_command_reads_the_feast_frame_and_writes_the_run_dir(home: Path, 
     }
     assert cli.main(["train", "--run-id", "r2", "--teacher", "click=t-click", *small]) == 0
     cfg = json.loads((home / "runs" / "r2" / "train_config.json").read_text())
-    assert cfg["teachers"] == {"click": str(home / "runs" / "t-click")}
-    # --distill trains its own teachers; a resume after a cut during the teachers finishes
-    # the missing teacher and then trains the model from its start.
-    assert cli.main(["train", "--run-id", "kd", "--distill", *small]) == 0
+    assert cfg["teachers"] == {"click": [str(home / "runs" / "t-click")]}
+    # --distill trains its own teachers (2 per task here, at seeds 0 and 1); a resume after a
+    # cut during the teachers finishes the missing teacher and then trains the model.
+    distill = ["--distill", "--distill-teachers", "2"]
+    assert cli.main(["train", "--run-id", "kd", *distill, *small]) == 0
     kd = home / "runs" / "kd"
-    assert json.loads((kd / "train_config.json").read_text())["teachers"]["churn"] == str(
-        kd / "teachers" / "churn"
-    )
+    churn = [str(kd / "teachers" / f"churn-s{s}") for s in (0, 1)]
+    assert json.loads((kd / "train_config.json").read_text())["teachers"]["churn"] == churn
     for done in ("model.pt", "checkpoints"):
         shutil.rmtree(kd / done) if (kd / done).is_dir() else (kd / done).unlink()
-    shutil.rmtree(kd / "teachers" / "churn")
+    shutil.rmtree(churn[1])
     capsys.readouterr()
     assert cli.main(["train", "--run-id", "kd", "--resume"]) == 0
-    assert (kd / "teachers" / "churn" / "model.pt").is_file() and (kd / "model.pt").is_file()
+    assert (Path(churn[1]) / "model.pt").is_file() and (kd / "model.pt").is_file()
     assert "run kd: 10 steps" in capsys.readouterr().out
     assert cli.main(["train", "--run-id", "r3", "--tasks", "click,clicks"]) == 2
     assert "unknown tasks ['clicks']: this data set has click, purchase" in capsys.readouterr().err
@@ -105,9 +105,19 @@ def test_resume_with_a_teacher_is_refused(home: Path, capsys) -> None:
     assert "--teacher would be ignored" in capsys.readouterr().err
 
 
+def test_the_same_teacher_twice_is_refused(home: Path, capsys) -> None:
+    (home / "runs" / "t").mkdir(parents=True)
+    (home / "runs" / "t" / "model.pt").write_bytes(b"")
+    argv = ["train", "--run-id", "r1", "--teacher", "click=t", "--teacher", "click=t"]
+    assert cli.main(argv) == 2
+    assert "the same teacher twice for 'click'" in capsys.readouterr().err
+
+
 def test_distill_with_a_teacher_or_on_resume_is_refused(home: Path, capsys) -> None:
     assert cli.main(["train", "--run-id", "r1", "--distill", "--teacher", "click=t"]) == 2
     assert "drop --teacher" in capsys.readouterr().err
+    assert cli.main(["train", "--run-id", "r1", "--distill-teachers", "2"]) == 2
+    assert "add --distill" in capsys.readouterr().err
     assert cli.main(["train", "--run-id", "r1", "--resume", "--distill"]) == 2
     assert "--distill would be ignored" in capsys.readouterr().err
 

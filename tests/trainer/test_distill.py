@@ -15,6 +15,7 @@ import torch
 from tests.trainer.dist_worker import tiny_config
 from tests.trainer.frames import tiny_frame
 from trainer.batches import encode_split
+from trainer.config import TrainConfig
 from trainer.distill import (
     annealing,
     distill_targets,
@@ -143,15 +144,38 @@ def test_bad_teachers_are_refused(frame, click_teacher: Path, tmp_path) -> None:
 def test_a_run_trains_its_own_teachers_resumes_a_cut_one_and_skips_finished_ones(
     frame, tmp_path
 ) -> None:
-    cfg = tiny_config(str(tmp_path / "kd"), frame, max_steps=20, eval_every=10)
+    cfg = tiny_config(str(tmp_path / "kd"), frame, max_steps=20, eval_every=10, seed=5)
+    cfg = cfg.with_(distill_teachers=2)
     cfg = cfg.with_(teachers=own_teachers(cfg))
-    buy = teacher_config(cfg, "buy")
-    assert buy.model.task_names == ("buy",) and buy.teachers is None
-    assert buy.run_dir == str(tmp_path / "kd" / "teachers" / "buy")
+    buy = teacher_config(cfg, "buy", 1)  # the second buy teacher: the next seed
+    assert buy.model.task_names == ("buy",) and buy.teachers is None and buy.seed == 6
+    assert buy.run_dir == str(tmp_path / "kd" / "teachers" / "buy-s6")
     train(buy, frame, stop_after_steps=10)  # cut short: a checkpoint, no model.pt
 
-    assert train_teachers(cfg, frame) == ["click", "buy"]
-    for task in ("click", "buy"):
-        report = json.loads((tmp_path / "kd" / "teachers" / task / "report.json").read_text())
-        assert report["steps"] == 20 and set(report["test"]) == {task}
-    assert train_teachers(cfg, frame) == []  # both finished: nothing is trained again
+    assert train_teachers(cfg, frame) == ["click-s5", "click-s6", "buy-s5", "buy-s6"]
+    for name in ("click-s5", "click-s6", "buy-s5", "buy-s6"):
+        report = json.loads((tmp_path / "kd" / "teachers" / name / "report.json").read_text())
+        assert report["steps"] == 20 and set(report["test"]) == {name.split("-")[0]}
+    assert train_teachers(cfg, frame) == []  # all finished: nothing is trained again
+
+    # The target is the mean of a task's teachers' calibrated probabilities; two seeds give
+    # two different teachers, so the mean is a real average.
+    part = frame[frame["split"] == "train"]
+    tasks = ("click", "buy")
+    assert cfg.teachers is not None
+    each = [teacher_probs({"click": (d,)}, part, tasks, log=False) for d in cfg.teachers["click"]]
+    assert np.abs(each[0][:, 0] - each[1][:, 0]).max() > 1e-3
+    both = teacher_probs(cfg.teachers, part, tasks, log=False)
+    np.testing.assert_allclose(both[:, 0], (each[0][:, 0] + each[1][:, 0]) / 2, rtol=1e-6)
+    assert not np.isnan(both).any()  # buy has teachers too
+
+
+def test_teachers_read_back_from_json_and_bad_counts_are_refused(frame, tmp_path) -> None:
+    # A bare run dir (configs saved before teacher ensembles) is a one-teacher tuple.
+    cfg = tiny_config(str(tmp_path / "a"), frame, teachers={"click": "/runs/t"})
+    assert cfg.teachers == {"click": ("/runs/t",)}
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(InvalidInputError, match="no teacher run given for tasks \\['click'\\]"):
+        tiny_config(str(tmp_path / "b"), frame, teachers={"click": ()})
+    with pytest.raises(InvalidInputError, match="distill_teachers 0"):
+        tiny_config(str(tmp_path / "c"), frame, distill_teachers=0)
