@@ -340,8 +340,8 @@ def run_dataset(
         else:  # the teachers' time is in their own single-task records
             t1 = time.perf_counter()
             trained = train(cfg, frame)
-            result = (trained.test_auc, trained.steps, trained.best_step)
-            result += (time.perf_counter() - t1,)
+            seconds = time.perf_counter() - t1
+            result = (trained.test_auc, trained.steps, trained.best_step, seconds)
         test_auc, steps, best_step, seconds = result
         rec: dict[str, Any] = {
             "dataset": name,

@@ -31,10 +31,10 @@ use, plenty for two numbers.
 Several teachers per task: `distill_teachers` (3 by default) single-task runs per task, at
 seeds seed, seed + 1, ..., and the target is the mean of their calibrated probabilities. An
 average of independently trained models ranks better than any one of them (their errors are
-partly independent), and the student learns that better ranking. On MovieLens-100K, 24 seeds:
-with one teacher per task the student was 0.005 and 0.012 AUC below its single-task models on
-active and rate_high; with three it is ahead of them on every task (docs/model.md). The price
-is training time: three single-task runs per task before the model.
+partly independent), and the student learns that better ranking. On MovieLens-100K, 24
+seeds: with one teacher per task the student was 0.005 and 0.012 AUC below its single-task
+models on active and rate_high; with three it is level with or ahead of them on every task
+(docs/model.md). The price is training time: three single-task runs per task first.
 
 `userembed train --distill` trains the teachers itself, under <run>/teachers/<task>-s<seed>,
 with the run's own config (train_teachers); a resumed run finishes the teachers it was
