@@ -98,22 +98,24 @@ def train_teachers(cfg: TrainConfig, frame: pd.DataFrame) -> list[str]:
         if own.get(task) == dirs
         for k in range(len(dirs))
     ]
+    distributed = dist.is_available() and dist.is_initialized()
+    log = logger.info if not distributed or dist.get_rank() == 0 else logger.debug
     trained = []
     for i, (task, k) in enumerate(mine, 1):
         tcfg = teacher_config(cfg, task, k)
         run_dir = Path(tcfg.run_dir)
         name = f"{task} seed {tcfg.seed}"
         if (run_dir / FINAL_CHECKPOINT).exists():
-            logger.info("teacher %d/%d %s: already trained (%s)", i, len(mine), name, run_dir)
+            log("teacher %d/%d %s: already trained (%s)", i, len(mine), name, run_dir)
             continue
         partial = has_checkpoint(run_dir)
-        logger.info(
+        log(
             "teacher %d/%d %s: %s in %s", i, len(mine), name, "resuming" if partial else "training",
             run_dir,
         )  # fmt: skip
         train(tcfg, frame, resume=partial)
         trained.append(f"{task}-s{tcfg.seed}")
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         dist.barrier()  # rank 0 writes each teacher's model.pt; every rank reads them next
     return trained
 
