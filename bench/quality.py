@@ -431,9 +431,7 @@ def _teachers(
             run_dir = _run_dir(workdir, dataset, model, s)
             cfg = train_config(model, model_config(model, frame, spec, qc), s, run_dir, qc)
             with _run_lock(run_dir):
-                if not _trained_with(run_dir, cfg):
-                    logger.info("%s seed %d: training teacher %s seed %d", dataset, seed, model, s)
-                _train_or_reuse(cfg, frame)
+                _train_or_reuse(cfg, frame, f"{dataset} seed {seed}: teacher {model} seed {s}")
             dirs.append(str(run_dir))
         teachers[task] = tuple(dirs)
     return teachers
@@ -453,15 +451,20 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
 SECONDS_FILE = "bench_seconds.json"
 
 
-def _train_or_reuse(cfg: Any, frame: pd.DataFrame) -> tuple[dict[str, float], int, int, float]:
+def _train_or_reuse(
+    cfg: Any, frame: pd.DataFrame, what: str = ""
+) -> tuple[dict[str, float], int, int, float]:
     """(test AUC per task, steps, best step, training seconds) of cfg's run: read from its
     run dir when that holds a finished run of exactly this config, else trained there (under
-    _run_lock). Training is deterministic on one machine, so both give the same figures."""
+    _run_lock; `what` names it in the log). Training is deterministic on one machine, so both
+    give the same figures."""
     from trainer.report import REPORT_FILE
     from trainer.train import train
 
     run_dir = Path(cfg.run_dir)
     if not _trained_with(run_dir, cfg):
+        if what:
+            logger.info("%s: training", what)
         shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.perf_counter()
         train(cfg, frame)
