@@ -121,7 +121,7 @@ def train_teachers(cfg: TrainConfig, frame: pd.DataFrame) -> list[str]:
 
 
 def teacher_probs(
-    teachers: Mapping[str, Sequence[str] | str],
+    teachers: Mapping[str, Sequence[str]],
     part: pd.DataFrame,
     tasks: Sequence[str],
     batch_size: int = 1024,
@@ -129,14 +129,14 @@ def teacher_probs(
     log: bool = True,
 ) -> np.ndarray:
     """(N, T) eval-mode probabilities of each task's teachers on `part`, averaged over the
-    task's teachers; NaN for a task without one. A teacher is a run dir (its final model),
-    scored with its own input spec. With `calibrate`, each is Platt-scaled on `part`'s own
-    label_<task> rows (pass training rows) before the mean. log: whether to log each fit
-    (under torchrun only rank 0 does; every rank fits the same)."""
+    task's teachers (a tuple of run dirs, as in TrainConfig); NaN for a task without one. A
+    teacher is a run dir (its final model), scored with its own input spec. With `calibrate`,
+    each is Platt-scaled on `part`'s own label_<task> rows (pass training rows) before the
+    mean. log: whether to log each fit (under torchrun only rank 0 does; every rank fits the
+    same)."""
     out = np.full((len(part), len(tasks)), np.nan, dtype=np.float32)
     for task, run_dirs in teachers.items():
-        dirs = (run_dirs,) if isinstance(run_dirs, str) else run_dirs  # one teacher, bare
-        probs = [_one_teacher(task, d, part, batch_size, calibrate, log) for d in dirs]
+        probs = [_one_teacher(task, d, part, batch_size, calibrate, log) for d in run_dirs]
         out[:, list(tasks).index(task)] = np.mean(np.stack(probs), axis=0)
     return out
 

@@ -73,12 +73,12 @@ def test_teacher_probs_are_the_teachers_own_predictions(
 ) -> None:
     part = frame[frame["split"] == "train"]
     with caplog.at_level(logging.INFO, logger="trainer.distill"):
-        probs = teacher_probs({"click": str(click_teacher)}, part, ("click", "buy"))
+        probs = teacher_probs({"click": (str(click_teacher),)}, part, ("click", "buy"))
         fits = [r for r in caplog.records if "calibrated" in r.getMessage()]
         assert len(fits) == 1 and fits[0].getMessage().startswith("teacher click")
         # Under torchrun only rank 0 logs the fit; every rank computes the same targets.
         caplog.clear()
-        quiet = teacher_probs({"click": str(click_teacher)}, part, ("click", "buy"), log=False)
+        quiet = teacher_probs({"click": (str(click_teacher),)}, part, ("click", "buy"), log=False)
         assert not [r for r in caplog.records if "calibrated" in r.getMessage()]
     np.testing.assert_array_equal(quiet, probs)
     assert probs.shape == (len(part), 2)
@@ -88,7 +88,7 @@ def test_teacher_probs_are_the_teachers_own_predictions(
     expected, _ = predict(
         teacher, encode_split(part, teacher.cfg.input_spec, ()), cfg, DistContext()
     )
-    raw = teacher_probs({"click": str(click_teacher)}, part, ("click",), calibrate=False)
+    raw = teacher_probs({"click": (str(click_teacher),)}, part, ("click",), calibrate=False)
     np.testing.assert_allclose(raw[:, 0], expected[:, 0], atol=1e-6)
     assert raw[:, 0].std() > 0.05  # a trained teacher, not a constant
     # Calibrated: the same ranking (a monotone map of the logit), the labels' base rate.
