@@ -10,7 +10,8 @@ ONNX of embeddings, 2 position-wise FFN layers, mean pool and projection, hidden
 sequence length 50, loads features into the real Feast
 online store (apply + materialize), writes stored vectors, then runs `userembed serve --port 0`
 and, each in its own process, a grpc.aio load generator (bounded loops). References:
-- a no-op grpc.aio server of the same service returning a constant vector (stored path),
+- a no-op grpc.aio server of the same service returning a constant vector (stored path), on
+  the same event loop as the server (`USEREMBED_EVENT_LOOP`: uvloop by default),
 - `feast serve` (HTTP, 1 worker, --max-requests 0) serving the same vectors as a feature,
 - raw redis-py MGET of the same vectors (batch path), raw onnxruntime at the server's batch
   size (miss path).
@@ -602,6 +603,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import psutil
     import redis
 
+    from embed_server.event_loop import loop_factory
+    from embed_server.settings import load_settings
     from userembed import feast_ops
     from userembed.local_redis import redis_server_argv
     from userembed.vectors import VectorStore
@@ -616,6 +619,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "seq_len": SEQ_LEN,
         "encoder": args.encoder,
         "cores": os.cpu_count(),
+        # the loop of the server and of the echo reference (USEREMBED_EVENT_LOOP)
+        "event_loop": loop_factory(load_settings().event_loop)[0],
+        "read_hold_ms": load_settings().read_hold_ms,  # USEREMBED_READ_HOLD_MS
     }
     try:
         port = free_port()
@@ -965,7 +971,11 @@ if __name__ == "__main__":
     elif a.role == "httpload":
         print(json.dumps(asyncio.run(_http_load(json.loads(a.spec)))))
     elif a.role == "echo":
-        asyncio.run(_echo_server())
+        # the server's own loop choice (USEREMBED_EVENT_LOOP, uvloop by default): same kind
+        from embed_server.event_loop import run
+        from embed_server.settings import load_settings
+
+        run(_echo_server(), load_settings().event_loop)
     else:
         res = main(a)
         print(json.dumps(res))

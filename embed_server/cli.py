@@ -51,15 +51,14 @@ def register(sub: Any) -> None:
 
 def run_server(settings: Any) -> None:
     """Run until SIGTERM/SIGINT; prints `listening on HOST:PORT` once bound and loaded."""
-    import asyncio
-
+    from embed_server.event_loop import run
     from embed_server.server import EmbeddingServer, serve
 
     def started(srv: EmbeddingServer) -> None:
         metrics = f", metrics on :{srv.metrics_port}" if srv.metrics_port else ""
         print(f"listening on {settings.host}:{srv.port}{metrics}", flush=True)
 
-    asyncio.run(serve(settings, on_started=started))
+    run(serve(settings, on_started=started), settings.event_loop)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -155,6 +155,7 @@ class EmbeddingLookup:
                 VECTOR_FIELDS,
                 max_keys=max(settings.batch_size, 256),
                 on_batch=self.metrics.batch_size.labels("stored_read").observe,
+                hold_s=settings.read_hold_ms / 1000.0,
             )
         self._counters: dict[tuple[str, str], Any] = {}  # prometheus children, looked up once
         self._keys: dict[str, VectorKeys] = {}

@@ -23,6 +23,7 @@ from userembed.errors import InvalidInputError
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "USEREMBED_"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # embed_server/event_loop.py
 
 
 def usable_cores() -> int:
@@ -63,6 +64,9 @@ class ServerSettings:
     feature_repo: str = field(default_factory=lambda: str(paths.FEATURE_REPO))
     vector_ttl_s: int = 7 * 24 * 3600  # TTL of vectors written back after a miss
     redis_script_reads: int = 1  # 1: one Lua call per read batch; 0: pipeline (Redis Cluster)
+    # stored reads that come clustered (a busy server) wait up to this long to share one Redis
+    # round trip; a lone caller never waits (redis_reads.ReadCoalescer). 0: never wait
+    read_hold_ms: float = 2.0
     # request limits and batching
     max_batch_ids: int = 1000  # ids per BatchGetUserEmbeddings call
     max_user_id_length: int = 128
@@ -71,6 +75,8 @@ class ServerSettings:
     compute_workers: int = 2  # micro-batches computed at once (features overlap the encoder)
     queue_size: int = 4096  # pending users per model before RESOURCE_EXHAUSTED
     drain_grace_s: float = 10.0  # on SIGTERM: NOT_SERVING, finish in-flight calls, then stop
+    # auto: uvloop when installed (less CPU per call, docs/serving.md), else asyncio's loop
+    event_loop: str = "auto"
 
     def encoder_threads(self) -> int:
         """intra_op_threads, with 0 resolved against this machine's cores."""
@@ -82,6 +88,8 @@ class ServerSettings:
         problems = []
         if self.intra_op_threads < 0:
             problems.append("intra_op_threads must be >= 0 (0: automatic)")
+        if self.read_hold_ms < 0:
+            problems.append("read_hold_ms must be >= 0 (0: never hold)")
         if self.compute_workers < 1:
             problems.append("compute_workers must be >= 1")
         if self.batch_size < 1:
@@ -92,6 +100,8 @@ class ServerSettings:
             problems.append("max_batch_ids must be >= 1")
         if self.max_user_id_length < 1:
             problems.append("max_user_id_length must be >= 1")
+        if self.event_loop not in EVENT_LOOPS:
+            problems.append(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key must be set together")
         if self.default_model and self.models and self.default_model not in self.models:

@@ -4,6 +4,8 @@ coalescer (one Redis round trip per event-loop turn)."""
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 
 import pytest
 import redis
@@ -158,3 +160,67 @@ def test_stored_reads_fail_as_connection_errors_while_redis_is_down(redis_url, r
         conn.close()
 
     run(main())
+
+
+def test_one_caller_at_a_time_never_waits_out_the_hold(redis_url):
+    """A lone caller's next read starts after the last reply: never clustered, never held."""
+    redis.Redis.from_url(redis_url).hset("k:solo", mapping={"vector": "v"})
+    batches: list[int] = []
+
+    async def main():
+        conn = PipelinedRedis(redis_url)
+        reads = ReadCoalescer(conn, ("vector",), on_batch=batches.append, hold_s=5.0)
+        t0 = asyncio.get_running_loop().time()
+        rows = [await reads.read(b"k:solo") for _ in range(50)]
+        took = asyncio.get_running_loop().time() - t0
+        conn.close()
+        return rows, took, reads.clustered
+
+    rows, took, clustered = run(main())
+    assert rows == [[b"v"]] * 50 and batches == [1] * 50
+    assert took < 2.5 and clustered == 0.0  # one 5 s hold would have shown
+
+
+def test_clustered_reads_wait_to_share_a_round_trip_and_a_full_batch_goes_at_once(redis_url):
+    """Reads that arrive a third of a round trip apart (a busy server: the handler's own work
+    between two arrivals) share round trips once the coalescer holds; max_keys caps a batch and
+    a full batch goes without waiting out the hold. Without a hold they go in small batches."""
+    r = redis.Redis.from_url(redis_url)
+    for i in range(8):
+        r.hset(f"k:c{i}", mapping={"vector": f"v{i}"})
+
+    def busy(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    async def main(hold_s: float) -> tuple[list[int], bool, float]:
+        batches: list[int] = []
+        conn = PipelinedRedis(redis_url)
+        reads = ReadCoalescer(
+            conn, ("vector",), max_keys=16, on_batch=batches.append, hold_s=hold_s
+        )
+        t0 = time.perf_counter()
+        for _ in range(20):  # one caller at a time: learns the round trip, never holds
+            await reads.read(b"k:c0")
+        round_trip = (time.perf_counter() - t0) / 20
+        del batches[:]
+        t0 = time.perf_counter()
+        futs = []
+        for i in range(200):
+            futs.append(reads.read(f"k:c{i % 8}".encode()))
+            busy(round_trip / 3)
+            await asyncio.sleep(0)
+        rows = await asyncio.gather(*futs)
+        took = time.perf_counter() - t0
+        assert rows == [[f"v{i % 8}".encode()] for i in range(200)]
+        holding = reads.holding
+        conn.close()
+        return batches, holding, took
+
+    held, holding, took = run(main(hold_s=0.5))
+    assert holding and sum(held) == 200
+    assert held.count(16) >= 8  # capped at max_keys, and most batches full
+    assert took < 2.0  # 8+ full batches each waiting out 0.5 s would take 4 s or more
+    plain, holding, _ = run(main(hold_s=0.0))
+    assert not holding and sum(plain) == 200 and statistics.median(plain) < 16

@@ -121,7 +121,8 @@ def test_miss_path_reads_real_feast_and_survives_redis_restart(
 @pytest.mark.timeout(180)
 def test_cli_serve_embed_models_and_sigterm_drain(feast_store, registry, tmp_path, redis_url):
     """`userembed serve --port 0` prints its port; `embed` and `models` talk to it; SIGTERM
-    drains and exits 0. Real Feast (the environment of the fixture), real Redis."""
+    drains and exits 0, on uvloop (the default event loop). Real Feast (the environment of the
+    fixture), real Redis."""
     version = publish_tiny(registry, tmp_path / "staging", seed=1)
     env = {
         **os.environ,
@@ -130,11 +131,12 @@ def test_cli_serve_embed_models_and_sigterm_drain(feast_store, registry, tmp_pat
         "USEREMBED_DRAIN_GRACE_S": "1",
     }
     exe = str(Path(sys.executable).parent / "userembed")
+    log = tmp_path / "serve.log"
     proc = subprocess.Popen(
         [exe, "serve", "--port", "0", "--metrics-port", "-1"],
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log.open("w"),
         text=True,
     )
     try:
@@ -165,6 +167,7 @@ def test_cli_serve_embed_models_and_sigterm_drain(feast_store, registry, tmp_pat
         assert (out.returncode, out.stdout.strip()) == (0, "SERVING")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        assert "event loop: uvloop" in log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
