@@ -11,7 +11,10 @@ line: bench/serving.py (stored path, batch path, miss path), bench/refresh.py, b
 `--role train-speed`: dense transformer vs top-2 MoE with 2 / 4 / 8 experts).
 It adds its own reference: redis-benchmark GET against a private redis-server, for the stored
 path. Each figure is reported as value, reference, ratio. The last line is one JSON object;
---write-md replaces the perf section of BENCHMARKS.md.
+--write-md replaces the perf section of BENCHMARKS.md. `--only X --merge --out FILE` re-measures
+the suites X and keeps the others' results from FILE (a saved report), so one area can be
+re-measured without re-running (and re-drawing the noise of) the rest; each suite's table rows
+then say when they were measured.
 """
 
 from __future__ import annotations
@@ -210,7 +213,8 @@ SUITES: tuple[Suite, ...] = (
             "full": ("--users", "20000"),
             "quick": ("--users", "20000", "--scale", "0.25", "--rss-requests", "20000"),
             "smoke": ("--users", "200", "--feast-users", "100", "--scale", "0.02",
-                      "--no-feast-serve", "--rss-requests", "0"),
+                      "--no-feast-serve", "--rss-requests", "0",
+                      "--baseline-env", "USEREMBED_READ_HOLD_MS=0"),
         },
         1800, serving_figures,
     ),
@@ -277,6 +281,10 @@ def run_suite(suite: Suite, preset: str) -> dict[str, Any]:
         return {"ok": False, "error": f"bench/{suite.script} not found", "seconds": 0.0}
     cmd = [sys.executable, str(script), *args]
     logger.info("%s: %s", suite.name, " ".join(cmd[1:]))
+    stamp = {
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -302,6 +310,7 @@ def run_suite(suite: Suite, preset: str) -> dict[str, Any]:
             "result": last_json(proc.stdout),
             "seconds": seconds,
             "command": cmd[1:],
+            **stamp,
         }
     except ValueError as e:
         return {"ok": False, "error": str(e), "seconds": seconds}
@@ -463,6 +472,23 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['load_average_1m']} on {os.cpu_count()} cores (the machine is shared: "
         "absolute figures move with the load, ratios within one run much less).",
         "",
+    ]
+    when = {
+        name: (v.get("measured", report["generated"]), v.get("load_average_1m"))
+        for name, v in report["suites"].items()
+        if v.get("ok")
+    }
+    if report.get("merged"):  # say which rows are older
+        lines += [
+            "Suites measured at different times (`--merge`): "
+            + "; ".join(
+                f"{name} {w}" + (f" (load {load})" if load is not None else "")
+                for name, (w, load) in when.items()
+            )
+            + ".",
+            "",
+        ]
+    lines += [
         "| suite | figure | value | reference | reference value | ratio |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -507,6 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         "--write-md", action="store_true", help="replace the perf section of BENCHMARKS.md"
     )
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the suites not in --only (and their references) from the report at --out",
+    )
     ap.add_argument("--render", type=Path, default=None, help="only rewrite the md from a report")
     args = ap.parse_args(argv)
     if args.render:  # re-render a saved report (figures recomputed from the raw results)
@@ -531,8 +562,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = wanted - {s.name for s in SUITES}
     if unknown:
         ap.error(f"unknown suites: {sorted(unknown)}")
+    saved: dict[str, Any] = {}
+    if args.merge:
+        if args.out is None or not args.out.exists():
+            ap.error("--merge needs --out pointing at a saved report")
+        saved = json.loads(args.out.read_text())
+        if saved.get("preset") != preset:
+            ap.error(f"--merge: {args.out} was measured with preset {saved.get('preset')!r}")
+        for v in saved["suites"].values():  # rows of older reports: their report's time
+            v.setdefault("measured", saved["generated"])
+            v.setdefault("load_average_1m", saved.get("load_average_1m"))
     load = round(os.getloadavg()[0], 2)
-    refs: dict[str, Any] = {}
+    refs: dict[str, Any] = dict(saved.get("references", {}))
     if "serving" in wanted:
         n = 2_000 if preset == "smoke" else args.redis_requests
         refs["redis_benchmark"] = redis_benchmark((1, 16, 64), n)
@@ -541,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[Figure] = []
     for suite in SUITES:
         if suite.name not in wanted:
+            if suite.name in saved.get("suites", {}):
+                suites[suite.name] = res = saved["suites"][suite.name]
+                if res["ok"]:
+                    figures += suite.figures(res["result"], refs)
             continue
         res = run_suite(suite, preset)
         suites[suite.name] = res
@@ -560,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             ["python bench/perf.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "preset": preset,
+        "merged": bool(args.merge),
         "load_average_1m": load,
         "references": refs,
         "figures": [f.to_dict() for f in figures],

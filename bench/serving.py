@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serving.py [--users 20000] [--scale 1.0] [--rounds 3] [--load-procs 2]
                                      [--no-feast-serve] [--encoder supermoe|synthetic]
+                                     [--baseline-env USEREMBED_READ_HOLD_MS=0,...]
 
 Starts a private redis-server on a free port, publishes an encoder to a temporary registry
 (default: the trainer's default SUPERMOE model with random weights, exported by the trainer's
@@ -17,7 +18,9 @@ and, each in its own process, a grpc.aio load generator (bounded loops). Referen
   size (miss path).
 Each comparison alternates the server and its reference in `--rounds` short runs and reports the
 median run of each side (other jobs on a shared machine swing throughput 2x within a minute);
-every run's figure is kept in the JSON (`runs_*`). Load generators above concurrency 1 are
+every run's figure is kept in the JSON (`runs_*`), with each stored-path side's CPU time per call.
+`--baseline-env` adds a second server with other settings to the stored-path rounds, so a change
+is measured side by side with what it replaces. Load generators above concurrency 1 are
 `--load-procs` processes started together, so one client process' Python is not the limit.
 Prints progress lines, then one JSON object as the last line.
 """
@@ -680,6 +683,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         echo = Proc([sys.executable, __file__, "--role", "echo"], env, "listening on")
         procs.append(echo)
         echo_target = echo.line.split("listening on ")[1]
+        base_target = None
+        if args.baseline_env:  # the same server with other settings, side by side
+            base_env = {**env, **_env_pairs(args.baseline_env)}
+            base = Proc([exe, "serve", "--port", "0"], base_env, "listening on")
+            procs.append(base)
+            base_target = base.line.split("listening on ")[1].split(",")[0]
+        cpu_of = {
+            t: psutil.Process(p.pid)
+            for t, p in ((target, server), (echo_target, echo))
+            + (((base_target, base),) if base_target else ())
+        }
+
+        def cpu_s(t: str) -> float:
+            c = cpu_of[t].cpu_times()
+            return c.user + c.system
+
         ps = psutil.Process(server.pid)
 
         g = dict(users=args.users, seed=1)
@@ -696,14 +715,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         total = sum(warm_calls.values()) + sum(min(200, n // 10) for n in warm_calls.values())
         stored: dict[str, Any] = {}
         echo_res: dict[str, Any] = {}
+        base_res: dict[str, Any] = {}
+        cpu_us: dict[str, dict[str, float]] = {}
         rounds = args.rounds
+        sides = [("echo", echo_target), ("server", target)]
+        if base_target:
+            sides.append(("baseline", base_target))
         for conc, n in ((1, int(2000 * s)), (16, int(6000 * s)), (64, int(6000 * s))):
-            # Alternate echo and server for `rounds` short runs each and keep the median of each
-            # side: other jobs on this machine swing throughput by 2x within a minute.
-            e_runs, s_runs = [], []
+            # Alternate echo and server (and baseline) for `rounds` short runs each and keep the
+            # median of each side: other jobs on this machine swing throughput by 2x within a
+            # minute. CPU per call (the process' CPU time over the calls it answered, warm-up
+            # included) moves much less with the machine's load than calls/s.
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in sides}
+            cpu = {name: 0.0 for name, _ in sides}
             for _ in range(rounds):
-                for runs, tgt in ((e_runs, echo_target), (s_runs, target)):
-                    runs.append(
+                for name, tgt in sides:
+                    c0 = cpu_s(tgt)
+                    runs[name].append(
                         loadgen(
                             env,
                             processes=args.load_procs if conc > 1 else 1,
@@ -714,12 +742,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                             **g,
                         )
                     )
-            echo_res[str(conc)], stored[str(conc)] = median_of(e_runs), median_of(s_runs)
+                    cpu[name] += cpu_s(tgt) - c0
+            calls = rounds * (n // rounds + min(200, n // rounds // 10))
+            cpu_us[str(conc)] = {k: round(v / calls * 1e6, 1) for k, v in cpu.items()}
+            echo_res[str(conc)], stored[str(conc)] = (
+                median_of(runs["echo"]),
+                median_of(runs["server"]),
+            )
+            if base_target:
+                base_res[str(conc)] = median_of(runs["baseline"])
             total += n + rounds * min(200, n // rounds // 10)
             log(
                 f"stored c={conc}: server {stored[str(conc)]['req_s']} req/s "
                 f"(p50 {stored[str(conc)]['p50_ms']} p99 {stored[str(conc)]['p99_ms']} ms) "
                 f"vs echo {echo_res[str(conc)]['req_s']} req/s"
+                + (f", baseline {base_res[str(conc)]['req_s']} req/s" if base_target else "")
+                + f"; CPU us per call {cpu_us[str(conc)]}"
             )
         result["stored_path"] = {
             c: {
@@ -731,9 +769,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "echo_runs_req_s": echo_res[c]["runs_req_s"],
                 "echo_p99_ms": echo_res[c]["p99_ms"],
                 "ratio_vs_echo": round(stored[c]["req_s"] / echo_res[c]["req_s"], 3),
+                "cpu_us_per_call": cpu_us[c],
+                **(
+                    {
+                        "baseline_req_s": base_res[c]["req_s"],
+                        "baseline_runs_req_s": base_res[c]["runs_req_s"],
+                        "baseline_p50_ms": base_res[c]["p50_ms"],
+                        "baseline_p99_ms": base_res[c]["p99_ms"],
+                        "speedup_vs_baseline": round(stored[c]["req_s"] / base_res[c]["req_s"], 3),
+                    }
+                    if base_target
+                    else {}
+                ),
             }
             for c in stored
         }
+        if base_target:
+            result["baseline_env"] = _env_pairs(args.baseline_env)
         echo.stop()
         rss_trace["after_stored"] = ps.memory_info().rss
 
@@ -937,6 +989,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _env_pairs(text: str) -> dict[str, str]:
+    """ "A=1,B=2" -> {"A": "1", "B": "2"} (the baseline server's environment overrides)."""
+    pairs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, eq, v = part.partition("=")
+        if not eq or not k:
+            raise ValueError(f"--baseline-env: expected NAME=VALUE, got {part!r}")
+        pairs[k] = v
+    return pairs
+
+
 def _run_http(env: dict[str, str], **kw: Any) -> dict[str, Any]:
     args = [sys.executable, __file__, "--role", "httpload", "--spec", json.dumps(kw)]
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
@@ -955,6 +1018,12 @@ if __name__ == "__main__":
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies request counts")
     ap.add_argument("--no-feast-serve", dest="feast_serve", action="store_false")
     ap.add_argument("--rounds", type=int, default=3, help="alternating echo/server runs")
+    ap.add_argument(
+        "--baseline-env",
+        default="",
+        help="also run a second server with these environment overrides (NAME=VALUE,...) in the "
+        "stored-path rounds, e.g. USEREMBED_READ_HOLD_MS=0,USEREMBED_EVENT_LOOP=asyncio",
+    )
     ap.add_argument(
         "--encoder",
         default="supermoe",

@@ -178,10 +178,34 @@ def test_perf_smoke_reports_each_figure_beside_its_reference(tmp_path: Path) -> 
     assert {"batch path users/s (100 per call)", "stored path req/s, concurrency 16"} <= serving
     assert "miss path users/s (online features + encoder)" in serving
     assert "miss path users/s, 64 ids per call" in serving
+    stored = out["suites"]["serving"]["result"]["stored_path"]["16"]
+    assert stored["speedup_vs_baseline"] > 0 and stored["baseline_req_s"] > 0  # --baseline-env
+    assert set(stored["cpu_us_per_call"]) == {"echo", "server", "baseline"}
     for suite in ("serving", "encoder", "moe_scaling", "refresh", "training"):
         assert by_suite[suite], suite
         for f in by_suite[suite]:
             assert f["value"] > 0 and f["reference_value"] > 0 and f["ratio"] > 0, f
+
+
+def test_perf_merge_remeasures_only_the_suites_asked_for(tmp_path: Path) -> None:
+    saved = tmp_path / "perf.json"
+    first = _run(["bench/perf.py", "--smoke", "--only", "data", "--out", str(saved)], 600)
+    merged = _run(
+        ["bench/perf.py", "--smoke", "--only", "encoder", "--merge", "--out", str(saved)], 600
+    )
+    assert set(merged["suites"]) == {"data", "encoder"} and merged["merged"]
+    assert merged["suites"]["data"] == first["suites"]["data"]  # kept, with its own time
+    assert {f["suite"] for f in merged["figures"]} == {"data", "encoder"}
+    assert json.loads(saved.read_text())["suites"]["data"] == first["suites"]["data"]
+    md = _bench_module("perf").markdown(merged)
+    assert f"data {first['suites']['data']['measured']}" in md, md
+    assert "Suites measured at different times" not in _bench_module("perf").markdown(first)
+    refused = subprocess.run(
+        [sys.executable, "bench/perf.py", "--smoke", "--only", "data", "--merge",
+         "--out", str(tmp_path / "missing.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--merge needs --out" in refused.stderr
 
 
 def test_moe_gpu_bench_runs_on_cpu_and_compares_both_dispatches() -> None:
