@@ -473,12 +473,12 @@ def markdown(report: dict[str, Any]) -> str:
         "absolute figures move with the load, ratios within one run much less).",
         "",
     ]
-    when = {
-        name: (v.get("measured", report["generated"]), v.get("load_average_1m"))
-        for name, v in report["suites"].items()
-        if v.get("ok")
-    }
     if report.get("merged"):  # say which rows are older
+        when = {
+            name: (v.get("measured", report["generated"]), v.get("load_average_1m"))
+            for name, v in report["suites"].items()
+            if v.get("ok")
+        }
         lines += [
             "Suites measured at different times (`--merge`): "
             + "; ".join(

@@ -612,6 +612,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from userembed.local_redis import redis_server_argv
     from userembed.vectors import VectorStore
 
+    baseline = _env_pairs(args.baseline_env)  # a typo fails here, before any set-up
+    served = load_settings()  # the server's settings from this environment
     root = Path(tempfile.mkdtemp(prefix="userembed-bench-"))
     procs: list[Proc] = []
     redis_proc = None
@@ -623,8 +625,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "encoder": args.encoder,
         "cores": os.cpu_count(),
         # the loop of the server and of the echo reference (USEREMBED_EVENT_LOOP)
-        "event_loop": loop_factory(load_settings().event_loop)[0],
-        "read_hold_ms": load_settings().read_hold_ms,  # USEREMBED_READ_HOLD_MS
+        "event_loop": loop_factory(served.event_loop)[0],
+        "read_hold_ms": served.read_hold_ms,  # USEREMBED_READ_HOLD_MS
     }
     try:
         port = free_port()
@@ -684,8 +686,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         procs.append(echo)
         echo_target = echo.line.split("listening on ")[1]
         base_target = None
-        if args.baseline_env:  # the same server with other settings, side by side
-            base_env = {**env, **_env_pairs(args.baseline_env)}
+        if baseline:  # the same server with other settings, side by side
+            base_env = {**env, **baseline}
             base = Proc([exe, "serve", "--port", "0"], base_env, "listening on")
             procs.append(base)
             base_target = base.line.split("listening on ")[1].split(",")[0]
@@ -785,7 +787,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for c in stored
         }
         if base_target:
-            result["baseline_env"] = _env_pairs(args.baseline_env)
+            result["baseline_env"] = baseline
         echo.stop()
         rss_trace["after_stored"] = ps.memory_info().rss
 
@@ -990,7 +992,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _env_pairs(text: str) -> dict[str, str]:
-    """ "A=1,B=2" -> {"A": "1", "B": "2"} (the baseline server's environment overrides)."""
+    """NAME=VALUE pairs, comma separated -> a dict: the baseline server's environment overrides."""
     pairs = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         k, eq, v = part.partition("=")

@@ -135,14 +135,15 @@ def test_concurrent_stored_reads_share_one_redis_round_trip_in_order(redis_url):
         conn = PipelinedRedis(redis_url)
         reads = ReadCoalescer(conn, ("vector", "dtype"), on_batch=batches.append)
         together = await asyncio.gather(*(reads.read(f"k:{k}".encode()) for k in "abxc"))
-        alone = await reads.read(b"k:b")
+        alone = await reads.read(b"k:b")  # one key: a plain HMGET, same row shape
+        missing = await reads.read(b"k:x")
         conn.close()
-        return together, alone
+        return together, alone, missing
 
-    together, alone = run(main())
+    together, alone, missing = run(main())
     assert together == [[b"v-a", b"f32"], [b"v-b", b"f32"], [None, None], [b"v-c", b"f32"]]
-    assert alone == [b"v-b", b"f32"]
-    assert batches == [4, 1]
+    assert alone == [b"v-b", b"f32"] and missing == [None, None]
+    assert batches == [4, 1, 1]
 
 
 def test_stored_reads_fail_as_connection_errors_while_redis_is_down(redis_url, redis_server):
