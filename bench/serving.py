@@ -685,20 +685,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         echo = Proc([sys.executable, __file__, "--role", "echo"], env, "listening on")
         procs.append(echo)
         echo_target = echo.line.split("listening on ")[1]
+        # stored-path sides: name, target, process (for its CPU time per call)
+        sides = [("echo", echo_target, echo), ("server", target, server)]
         base_target = None
         if baseline:  # the same server with other settings, side by side
-            base_env = {**env, **baseline}
-            base = Proc([exe, "serve", "--port", "0"], base_env, "listening on")
+            base = Proc([exe, "serve", "--port", "0"], {**env, **baseline}, "listening on")
             procs.append(base)
             base_target = base.line.split("listening on ")[1].split(",")[0]
-        cpu_of = {
-            t: psutil.Process(p.pid)
-            for t, p in ((target, server), (echo_target, echo))
-            + (((base_target, base),) if base_target else ())
-        }
+            sides.append(("baseline", base_target, base))
 
-        def cpu_s(t: str) -> float:
-            c = cpu_of[t].cpu_times()
+        def cpu_s(p: Proc) -> float:
+            c = psutil.Process(p.pid).cpu_times()
             return c.user + c.system
 
         ps = psutil.Process(server.pid)
@@ -720,19 +717,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         base_res: dict[str, Any] = {}
         cpu_us: dict[str, dict[str, float]] = {}
         rounds = args.rounds
-        sides = [("echo", echo_target), ("server", target)]
-        if base_target:
-            sides.append(("baseline", base_target))
         for conc, n in ((1, int(2000 * s)), (16, int(6000 * s)), (64, int(6000 * s))):
             # Alternate echo and server (and baseline) for `rounds` short runs each and keep the
             # median of each side: other jobs on this machine swing throughput by 2x within a
             # minute. CPU per call (the process' CPU time over the calls it answered, warm-up
             # included) moves much less with the machine's load than calls/s.
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in sides}
-            cpu = {name: 0.0 for name, _ in sides}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in sides}
+            cpu = {name: 0.0 for name, _, _ in sides}
             for _ in range(rounds):
-                for name, tgt in sides:
-                    c0 = cpu_s(tgt)
+                for name, tgt, proc in sides:
+                    c0 = cpu_s(proc)
                     runs[name].append(
                         loadgen(
                             env,
@@ -744,7 +738,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                             **g,
                         )
                     )
-                    cpu[name] += cpu_s(tgt) - c0
+                    cpu[name] += cpu_s(proc) - c0
             calls = rounds * (n // rounds + min(200, n // rounds // 10))
             cpu_us[str(conc)] = {k: round(v / calls * 1e6, 1) for k, v in cpu.items()}
             echo_res[str(conc)], stored[str(conc)] = (
