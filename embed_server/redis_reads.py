@@ -196,17 +196,18 @@ class ReadCoalescer:
     (about 70 us here) is shorter than the gap between two calls of a busy server (about 300 us
     at 3,000 calls/s), so most reads still went alone (1.3 keys per round trip at concurrency
     16 and 64). When reads come clustered, the first read of a batch waits up to `hold_s` for
-    more. Clustered means that more than `CLUSTERED` of the recent reads arrived within one
-    round trip of the read before them: those reads would have shared a round trip anyway.
-    A lone client (one call at a time, however fast) never looks clustered. Its next call
-    cannot start before the reply to its last read, so the gap is always longer than a round
-    trip, and it never waits. Under load a hold of 2 ms made 6-8 keys per round trip at
+    more. Clustered means that more than `CLUSTERED` of the recent reads arrived within the last
+    measured round trip of the read before them: those reads would have shared a round trip
+    anyway. A lone client (one call at a time, however fast) never looks clustered. Its next
+    call cannot start before the reply to its last read, whose round trip is the last one
+    measured, so the gap is always longer, and it never waits. (A running mean of round trips
+    would not do: after one slow reply it stays above the next gaps of a lone client.) Under load a hold of 2 ms made 6-8 keys per round trip at
     concurrency 16 and 64, and brought the server's CPU per call from about 1.3x the no-op echo
     server's to about 1.0x (docs/serving.md).
     """
 
     CLUSTERED = 0.1  # share of recent reads that arrived within one round trip of the last
-    _EWMA = 1 / 32  # weight of the newest read in the running shares
+    _EWMA = 1 / 32  # weight of the newest read in the running share
 
     def __init__(
         self,
@@ -234,7 +235,7 @@ class ReadCoalescer:
         # perf_counter, not loop.time(): uvloop's clock ticks in milliseconds
         self._last_read = 0.0
         self._first_queued = 0.0  # when the oldest queued key came
-        self._round_trip = 0.0  # running mean of send -> reply, seconds
+        self._round_trip = 0.0  # send -> reply of the last batch, seconds
         self.clustered = 0.0  # running share of reads within one round trip of the last one
 
     def command(self, keys: Sequence[bytes]) -> bytes:
@@ -332,7 +333,7 @@ class ReadCoalescer:
     ) -> None:
         self._in_flight -= 1
         if sent:
-            self._round_trip += (time.perf_counter() - sent - self._round_trip) * self._EWMA
+            self._round_trip = time.perf_counter() - sent
         if self._keys and not self._scheduled:  # the keys that queued up during this trip
             if self.holding and len(self._keys) < self.max_keys:
                 self._schedule(asyncio.get_running_loop())  # wait out the oldest one's hold

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 import time
 
 import pytest
@@ -164,15 +165,27 @@ def test_stored_reads_fail_as_connection_errors_while_redis_is_down(redis_url, r
 
 
 def test_one_caller_at_a_time_never_waits_out_the_hold(redis_url):
-    """A lone caller's next read starts after the last reply: never clustered, never held."""
-    redis.Redis.from_url(redis_url).hset("k:solo", mapping={"vector": "v"})
+    """A lone caller's next read starts after the last reply: never clustered, never held,
+    also after one slow reply (Redis busy for 50 ms in a script of another client)."""
+    r = redis.Redis.from_url(redis_url)
+    r.hset("k:solo", mapping={"vector": "v"})
     batches: list[int] = []
+    busy_redis = (
+        "local t = redis.call('TIME'); local t0 = t[1] * 1e6 + t[2]; repeat "
+        "t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > tonumber(ARGV[1])"
+    )
 
     async def main():
         conn = PipelinedRedis(redis_url)
         reads = ReadCoalescer(conn, ("vector",), on_batch=batches.append, hold_s=5.0)
         t0 = asyncio.get_running_loop().time()
-        rows = [await reads.read(b"k:solo") for _ in range(50)]
+        rows = [await reads.read(b"k:solo") for _ in range(10)]
+        slow = threading.Thread(target=r.eval, args=(busy_redis, 0, 50_000))
+        slow.start()
+        await asyncio.sleep(0.01)  # the script is running: the next reply comes late
+        rows.append(await reads.read(b"k:solo"))
+        slow.join()
+        rows += [await reads.read(b"k:solo") for _ in range(39)]
         took = asyncio.get_running_loop().time() - t0
         conn.close()
         return rows, took, reads.clustered
