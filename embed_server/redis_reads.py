@@ -206,7 +206,7 @@ class ReadCoalescer:
     server's to about 1.0x (docs/serving.md).
     """
 
-    CLUSTERED = 0.1  # share of recent reads that arrived within one round trip of the last
+    CLUSTERED = 0.1  # share of recent reads within the last round trip of the read before
     _EWMA = 1 / 32  # weight of the newest read in the running share
 
     def __init__(
@@ -236,7 +236,7 @@ class ReadCoalescer:
         self._last_read = 0.0
         self._first_queued = 0.0  # when the oldest queued key came
         self._round_trip = 0.0  # send -> reply of the last batch, seconds
-        self.clustered = 0.0  # running share of reads within one round trip of the last one
+        self.clustered = 0.0  # running share of reads within the last round trip of the one before
 
     def command(self, keys: Sequence[bytes]) -> bytes:
         """`EVAL READ_SCRIPT n key... field...` as RESP."""
