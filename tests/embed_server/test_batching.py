@@ -198,7 +198,8 @@ def test_one_caller_at_a_time_never_waits_out_the_hold(redis_url):
 def test_clustered_reads_wait_to_share_a_round_trip_and_a_full_batch_goes_at_once(redis_url):
     """Reads that arrive a third of a round trip apart (a busy server: the handler's own work
     between two arrivals) share round trips once the coalescer holds; max_keys caps a batch and
-    a full batch goes without waiting out the hold. Without a hold they go in small batches."""
+    a full batch goes without waiting out the hold. Once the burst is over a lone caller waits
+    out at most one hold. Without a hold they go in small batches."""
     r = redis.Redis.from_url(redis_url)
     for i in range(8):
         r.hset(f"k:c{i}", mapping={"vector": f"v{i}"})
@@ -208,7 +209,7 @@ def test_clustered_reads_wait_to_share_a_round_trip_and_a_full_batch_goes_at_onc
         while time.perf_counter() < end:
             pass
 
-    async def main(hold_s: float) -> tuple[list[int], bool, float]:
+    async def main(hold_s: float) -> tuple[list[int], bool, float, float]:
         batches: list[int] = []
         conn = PipelinedRedis(redis_url)
         reads = ReadCoalescer(
@@ -228,13 +229,19 @@ def test_clustered_reads_wait_to_share_a_round_trip_and_a_full_batch_goes_at_onc
         rows = await asyncio.gather(*futs)
         took = time.perf_counter() - t0
         assert rows == [[f"v{i % 8}".encode()] for i in range(200)]
-        holding = reads.holding
+        holding, burst = reads.holding, list(batches)
+        # the burst is over: one caller at a time again waits out at most one hold
+        t0 = time.perf_counter()
+        for _ in range(20):
+            await reads.read(b"k:c1")
+        quiet = time.perf_counter() - t0
         conn.close()
-        return batches, holding, took
+        return burst, holding, took, quiet
 
-    held, holding, took = run(main(hold_s=0.5))
+    held, holding, took, quiet = run(main(hold_s=0.5))
     assert holding and sum(held) == 200
+    assert quiet < 0.9  # one hold (0.5 s) at most; the running share alone kept 70 holds
     assert held.count(16) >= 8  # capped at max_keys, and most batches full
     assert took < 2.0  # 8+ full batches each waiting out 0.5 s would take 4 s or more
-    plain, holding, _ = run(main(hold_s=0.0))
+    plain, holding, _, _ = run(main(hold_s=0.0))
     assert not holding and sum(plain) == 200 and statistics.median(plain) < 16
