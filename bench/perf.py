@@ -86,6 +86,13 @@ def serving_figures(r: dict[str, Any], refs: dict[str, Any]) -> list[Figure]:
                 "no-op gRPC echo server", _num(row, "echo_req_s"),
             )
         )  # fmt: skip
+        if "echo_redis_req_s" in row:
+            out.append(
+                Figure(
+                    "serving", f"stored path req/s, concurrency {conc}", _num(row, "req_s"),
+                    "req/s", "echo + one HMGET of the vector", _num(row, "echo_redis_req_s"),
+                )
+            )  # fmt: skip
         if str(conc) in bench:
             out.append(
                 Figure(

@@ -1,6 +1,7 @@
 """Serving benchmark: the embedding server beside its references, measured in one run.
 
-    .venv/bin/python bench/serving.py [--users 20000] [--scale 1.0] [--rounds 3] [--load-procs 2]
+    .venv/bin/python bench/serving.py [--users 20000] [--scale 1.0] [--rounds 3]
+                                     [--client h2|grpcio] [--load-procs N]
                                      [--no-feast-serve] [--encoder supermoe|synthetic]
                                      [--baseline-env USEREMBED_READ_HOLD_MS=0,...]
 
@@ -10,18 +11,22 @@ exporter, so the miss path pays what the real model costs; `--encoder synthetic`
 ONNX of embeddings, 2 position-wise FFN layers, mean pool and projection, hidden 64), with
 sequence length 50, loads features into the real Feast
 online store (apply + materialize), writes stored vectors, then runs `userembed serve --port 0`
-and, each in its own process, a grpc.aio load generator (bounded loops). References:
+and, each in its own process, closed-loop load generators. References:
 - a no-op grpc.aio server of the same service returning a constant vector (stored path), on
   the same event loop as the server (`USEREMBED_EVENT_LOOP`: uvloop by default),
 - `feast serve` (HTTP, 1 worker, --max-requests 0) serving the same vectors as a feature,
 - raw redis-py MGET of the same vectors (batch path), raw onnxruntime at the server's batch
   size (miss path).
+The load generators share the 2 cores with the servers, so they are kept cheap and of one
+kind: raw-protocol asyncio clients, HTTP/1.1 for `feast serve` and HTTP/2 frames for gRPC
+(`--client h2`, bench/h2grpc.py, about 50 us of CPU per call). `--client grpcio` drives the
+gRPC servers with grpc.aio instead (about 400 us per call, more than the servers it measures).
 Each comparison alternates the server and its reference in `--rounds` short runs and reports the
 median run of each side (other jobs on a shared machine swing throughput 2x within a minute);
 every run's figure is kept in the JSON (`runs_*`), with each stored-path side's CPU time per call.
 `--baseline-env` adds a second server with other settings to the stored-path rounds, so a change
-is measured side by side with what it replaces. Load generators above concurrency 1 are
-`--load-procs` processes started together, so one client process' Python is not the limit.
+is measured side by side with what it replaces. Above concurrency 1 the gRPC load runs in
+`--load-procs` processes started together (default 1 for h2, 2 for grpcio).
 Prints progress lines, then one JSON object as the last line.
 """
 
@@ -389,61 +394,114 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # --- load generator (separate process) ------------------------------------------------------------
 
 
-async def _grpc_load(spec: dict[str, Any]) -> dict[str, Any]:
-    import grpc
+SERVICE = "/userembed.v1.UserEmbeddingService/"
 
+
+async def _grpc_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """Closed-loop calls from `concurrency` tasks over one connection; figures of the measured
+    part. `client`: "h2" (bench/h2grpc.py, raw HTTP/2 frames, ~50 us of CPU per call) or
+    "grpcio" (grpc.aio, ~400 us per call: on 2 shared cores it takes CPU from the server)."""
     from embed_server._proto import embedding_service_pb2 as pb
-    from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
 
     mode, conc, total, users = spec["mode"], spec["concurrency"], spec["requests"], spec["users"]
     rng = random.Random(spec.get("seed", 0))
-    async with grpc.aio.insecure_channel(spec["target"]) as ch:
-        stub = pb_grpc.UserEmbeddingServiceStub(ch)
-        prefer = pb.FORCE_RECOMPUTE if mode == "force" else pb.ACCEPT_STORED
-        lat: list[float] = []
-        errors: dict[str, int] = {}
-        sources: dict[int, int] = {}
-        count = 0
-        warm = min(200, total // 10)
+    prefer = pb.FORCE_RECOMPUTE if mode == "force" else pb.ACCEPT_STORED
+    batched = mode in ("batch", "batch_force")
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    sources: dict[int, int] = {}
+    count = 0
+    warm = min(200, total // 10)
 
-        async def one() -> None:
-            if mode in ("batch", "batch_force"):
-                ids = [str(rng.randrange(users)) for _ in range(spec.get("ids", 100))]
-                req = pb.BatchGetUserEmbeddingsRequest(
-                    user_ids=ids,
-                    packed=True,
-                    prefer=pb.FORCE_RECOMPUTE if mode == "batch_force" else pb.ACCEPT_STORED,
-                )
-                resp = await stub.BatchGetUserEmbeddings(req, timeout=30)
-                bad = sum(1 for c in resp.packed.codes if c)
-                if bad:
-                    errors["item"] = errors.get("item", 0) + bad
-            else:
-                req = pb.GetUserEmbeddingRequest(user_id=str(rng.randrange(users)), prefer=prefer)
-                resp = await stub.GetUserEmbedding(req, timeout=30)
-                sources[resp.embedding.source] = sources.get(resp.embedding.source, 0) + 1
+    if spec.get("client", "h2") == "h2":
+        from h2grpc import CallFailed, H2Channel, request_headers
 
-        async def worker(record: bool, n: int) -> None:
-            nonlocal count
-            while count < n:
-                count += 1
-                t0 = time.perf_counter()
-                try:
-                    await one()
-                except grpc.aio.AioRpcError as e:
-                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
-                    continue
-                if record:
-                    lat.append(time.perf_counter() - t0)
+        host, _, port = spec["target"].rpartition(":")
+        channel = await H2Channel.connect(host, int(port))
+        get_h = request_headers(spec["target"], SERVICE + "GetUserEmbedding")
+        batch_h = request_headers(spec["target"], SERVICE + "BatchGetUserEmbeddings")
 
-        await asyncio.gather(*(worker(False, warm) for _ in range(conc)))
-        if spec.get("sync"):  # several load processes: start measuring together
-            print("ready", flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        count = 0
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(True, total) for _ in range(conc)))
-        wall = time.perf_counter() - t0
+        async def get(req: Any) -> Any:
+            return pb.GetUserEmbeddingResponse.FromString(
+                await channel.call(get_h, req.SerializeToString())
+            )
+
+        async def batch(req: Any) -> Any:
+            return pb.BatchGetUserEmbeddingsResponse.FromString(
+                await channel.call(batch_h, req.SerializeToString())
+            )
+
+        failure: tuple[type[Exception], ...] = (CallFailed,)
+
+        async def close() -> None:
+            channel.close()
+    else:
+        import grpc
+
+        from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
+
+        aio_channel = grpc.aio.insecure_channel(spec["target"])
+        stub = pb_grpc.UserEmbeddingServiceStub(aio_channel)
+
+        async def get(req: Any) -> Any:
+            return await stub.GetUserEmbedding(req, timeout=30)
+
+        async def batch(req: Any) -> Any:
+            return await stub.BatchGetUserEmbeddings(req, timeout=30)
+
+        failure = (grpc.aio.AioRpcError,)
+
+        async def close() -> None:
+            await aio_channel.close()
+
+    def error_name(e: Exception) -> str:
+        code = getattr(e, "code", None)
+        return code().name if callable(code) else "grpc_error"  # h2: the status is not decoded
+
+    async def one() -> None:
+        if batched:
+            ids = [str(rng.randrange(users)) for _ in range(spec.get("ids", 100))]
+            req = pb.BatchGetUserEmbeddingsRequest(
+                user_ids=ids,
+                packed=True,
+                prefer=pb.FORCE_RECOMPUTE if mode == "batch_force" else pb.ACCEPT_STORED,
+            )
+            resp = await batch(req)
+            bad = sum(1 for c in resp.packed.codes if c)
+            if bad:
+                errors["item"] = errors.get("item", 0) + bad
+            if len(resp.packed.vectors) != len(ids) * DIM:  # zeros where an id failed
+                errors["bad_reply"] = errors.get("bad_reply", 0) + 1
+        else:
+            uid = str(rng.randrange(users))
+            resp = await get(pb.GetUserEmbeddingRequest(user_id=uid, prefer=prefer))
+            e = resp.embedding
+            if e.user_id != uid or len(e.vector) != DIM:
+                errors["bad_reply"] = errors.get("bad_reply", 0) + 1
+            sources[e.source] = sources.get(e.source, 0) + 1
+
+    async def worker(record: bool, n: int) -> None:
+        nonlocal count
+        while count < n:
+            count += 1
+            t0 = time.perf_counter()
+            try:
+                await one()
+            except failure as e:
+                errors[error_name(e)] = errors.get(error_name(e), 0) + 1
+                continue
+            if record:
+                lat.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker(False, warm) for _ in range(conc)))
+    if spec.get("sync"):  # several load processes: start measuring together
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    count = 0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(True, total) for _ in range(conc)))
+    wall = time.perf_counter() - t0
+    await close()
     per_call = spec.get("ids", 100) if mode in ("batch", "batch_force") else 1
     return {
         "req_s": round(len(lat) / wall, 1),
@@ -516,21 +574,32 @@ async def _http_load(spec: dict[str, Any]) -> dict[str, Any]:
 # --- reference servers (separate processes) -------------------------------------------------------
 
 
-async def _echo_server() -> None:
-    """The same service, doing nothing: returns one constant vector."""
+async def _echo_server(read_redis: str = "") -> None:
+    """The same service, doing nothing: returns one constant vector. With `read_redis` (a Redis
+    URL) it first reads the caller's stored vector hash with one HMGET on the server's own
+    lean connection (embed_server/redis_reads.py) and returns that vector: the least any
+    stored-path server must do, so the server's gap to it is its own code."""
     import grpc
 
     from embed_server._proto import embedding_service_pb2 as pb
     from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
+    from embed_server.redis_reads import PipelinedRedis, ReadCoalescer
+    from userembed.vectors import VECTOR_FIELDS, VectorKeys
 
     vec = np.arange(DIM, dtype=np.float32).tolist()
+    keys = VectorKeys(MODEL)
+    reads = ReadCoalescer(PipelinedRedis(read_redis), VECTOR_FIELDS) if read_redis else None
 
     class Echo(pb_grpc.UserEmbeddingServiceServicer):
         async def GetUserEmbedding(self, request: Any, context: Any) -> Any:
             resp = pb.GetUserEmbeddingResponse()
             e = resp.embedding
             e.user_id = request.user_id
-            e.vector.extend(vec)
+            if reads is None:
+                e.vector.extend(vec)
+            else:
+                row = await reads.read(keys.vector(EV, request.user_id).encode())
+                e.vector.extend(np.frombuffer(row[0], dtype="<f4").tolist())
             e.model_name, e.model_version, e.embedding_version = MODEL, "v", EV
             e.source = pb.STORED
             return resp
@@ -627,6 +696,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # the loop of the server and of the echo reference (USEREMBED_EVENT_LOOP)
         "event_loop": loop_factory(served.event_loop)[0],
         "read_hold_ms": served.read_hold_ms,  # USEREMBED_READ_HOLD_MS
+        "load_client": args.client,  # the gRPC load generator (--client)
     }
     try:
         port = free_port()
@@ -685,8 +755,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         echo = Proc([sys.executable, __file__, "--role", "echo"], env, "listening on")
         procs.append(echo)
         echo_target = echo.line.split("listening on ")[1]
+        read_spec = json.dumps({"read_redis": url})
+        echo_redis = Proc(
+            [sys.executable, __file__, "--role", "echo", "--spec", read_spec], env, "listening on"
+        )
+        procs.append(echo_redis)
         # stored-path sides: name, target, process (for its CPU time per call)
-        sides = [("echo", echo_target, echo), ("server", target, server)]
+        sides = [
+            ("echo", echo_target, echo),
+            ("echo_redis", echo_redis.line.split("listening on ")[1], echo_redis),
+            ("server", target, server),
+        ]
         base_target = None
         if baseline:  # the same server with other settings, side by side
             base = Proc([exe, "serve", "--port", "0"], {**env, **baseline}, "listening on")
@@ -700,7 +779,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         ps = psutil.Process(server.pid)
 
-        g = dict(users=args.users, seed=1)
+        g = dict(users=args.users, seed=1, client=args.client)
         # The RSS baseline comes after 1,000 calls of every kind, so that one-time growth
         # (onnxruntime's arena sized by the first concurrent batches, connection pools) is in
         # it and the 100k check sees what keeps growing.
@@ -714,6 +793,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         total = sum(warm_calls.values()) + sum(min(200, n // 10) for n in warm_calls.values())
         stored: dict[str, Any] = {}
         echo_res: dict[str, Any] = {}
+        echo_redis_res: dict[str, Any] = {}
         base_res: dict[str, Any] = {}
         cpu_us: dict[str, dict[str, float]] = {}
         rounds = args.rounds
@@ -745,13 +825,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 median_of(runs["echo"]),
                 median_of(runs["server"]),
             )
+            echo_redis_res[str(conc)] = median_of(runs["echo_redis"])
             if base_target:
                 base_res[str(conc)] = median_of(runs["baseline"])
             total += n + rounds * min(200, n // rounds // 10)
             log(
                 f"stored c={conc}: server {stored[str(conc)]['req_s']} req/s "
                 f"(p50 {stored[str(conc)]['p50_ms']} p99 {stored[str(conc)]['p99_ms']} ms) "
-                f"vs echo {echo_res[str(conc)]['req_s']} req/s"
+                f"vs echo {echo_res[str(conc)]['req_s']} req/s, "
+                f"echo + HMGET {echo_redis_res[str(conc)]['req_s']} req/s"
                 + (f", baseline {base_res[str(conc)]['req_s']} req/s" if base_target else "")
                 + f"; CPU us per call {cpu_us[str(conc)]}"
             )
@@ -765,6 +847,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "echo_runs_req_s": echo_res[c]["runs_req_s"],
                 "echo_p99_ms": echo_res[c]["p99_ms"],
                 "ratio_vs_echo": round(stored[c]["req_s"] / echo_res[c]["req_s"], 3),
+                # the echo that also reads the stored vector (one HMGET): what the Redis round
+                # trip alone costs, and the server's own overhead beyond it
+                "echo_redis_req_s": echo_redis_res[c]["req_s"],
+                "echo_redis_runs_req_s": echo_redis_res[c]["runs_req_s"],
+                "echo_redis_vs_echo": round(echo_redis_res[c]["req_s"] / echo_res[c]["req_s"], 3),
+                "ratio_vs_echo_redis": round(stored[c]["req_s"] / echo_redis_res[c]["req_s"], 3),
                 "cpu_us_per_call": cpu_us[c],
                 **(
                     {
@@ -783,6 +871,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if base_target:
             result["baseline_env"] = baseline
         echo.stop()
+        echo_redis.stop()
         rss_trace["after_stored"] = ps.memory_info().rss
 
         def server_load(mode: str, concurrency: int, calls: int, ids: int = 1) -> dict[str, Any]:
@@ -934,6 +1023,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                 requests=n // args.rounds,
                                 users=args.feast_users,
                                 seed=2,
+                                client=args.client,
                             )
                         )
                     f_runs = [{**x, "errors": {"http": x["errors"]}} for x in f_runs]
@@ -1028,19 +1118,34 @@ if __name__ == "__main__":
         "torch-free 2-layer FFN, much cheaper per user",
     )
     ap.add_argument(
-        "--load-procs", type=int, default=2, help="load generator processes (concurrency > 1)"
+        "--client",
+        default="h2",
+        choices=["h2", "grpcio"],
+        help="gRPC load generator: h2 (raw HTTP/2 frames, bench/h2grpc.py, ~50 us of CPU per "
+        "call, like the raw HTTP/1.1 client that drives feast serve) or grpcio (grpc.aio, ~400 us "
+        "per call, more than the servers it measures)",
+    )
+    ap.add_argument(
+        "--load-procs",
+        type=int,
+        default=None,
+        help="load generator processes above concurrency 1 (default: 1 for h2, 2 for grpcio)",
     )
     a = ap.parse_args()
-    if a.role == "loadgen":
-        print(json.dumps(asyncio.run(_grpc_load(json.loads(a.spec)))))
-    elif a.role == "httpload":
-        print(json.dumps(asyncio.run(_http_load(json.loads(a.spec)))))
+    if a.load_procs is None:
+        a.load_procs = 1 if a.client == "h2" else 2
+    if a.role in ("loadgen", "httpload"):
+        # both load generators on the same loop (uvloop when installed)
+        from embed_server.event_loop import run
+
+        load = _grpc_load if a.role == "loadgen" else _http_load
+        print(json.dumps(run(load(json.loads(a.spec)), "auto")))
     elif a.role == "echo":
         # the server's own loop choice (USEREMBED_EVENT_LOOP, uvloop by default): same kind
         from embed_server.event_loop import run
         from embed_server.settings import load_settings
 
-        run(_echo_server(), load_settings().event_loop)
+        run(_echo_server(json.loads(a.spec).get("read_redis", "")), load_settings().event_loop)
     else:
         res = main(a)
         print(json.dumps(res))
