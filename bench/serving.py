@@ -999,7 +999,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                             raise RuntimeError("feast serve did not start") from None
                         time.sleep(0.5)
                 fr, sv = {}, {}
-                for conc, n in ((1, int(1000 * s)), (16, int(3000 * s))):
+                # as many calls as the stored-path runs: short runs were the noisiest figures
+                for conc, n in ((1, int(2000 * s)), (16, int(6000 * s))):
                     # alternate feast serve and the server (same users) in short runs
                     f_runs, s_runs = [], []
                     for _ in range(args.rounds):

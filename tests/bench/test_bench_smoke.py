@@ -176,11 +176,15 @@ def test_perf_smoke_reports_each_figure_beside_its_reference(tmp_path: Path) -> 
         by_suite.setdefault(f["suite"], []).append(f)
     serving = {f["name"] for f in by_suite["serving"]}
     assert {"batch path users/s (100 per call)", "stored path req/s, concurrency 16"} <= serving
+    references = {f["reference"] for f in by_suite["serving"]}
+    assert "echo + one HMGET of the vector" in references
     assert "miss path users/s (online features + encoder)" in serving
     assert "miss path users/s, 64 ids per call" in serving
     stored = out["suites"]["serving"]["result"]["stored_path"]["16"]
     assert stored["speedup_vs_baseline"] > 0 and stored["baseline_req_s"] > 0  # --baseline-env
-    assert set(stored["cpu_us_per_call"]) == {"echo", "server", "baseline"}
+    assert set(stored["cpu_us_per_call"]) == {"echo", "echo_redis", "server", "baseline"}
+    assert stored["echo_redis_req_s"] > 0 and stored["ratio_vs_echo_redis"] > 0
+    assert out["suites"]["serving"]["result"]["load_client"] == "h2"  # the default client
     for suite in ("serving", "encoder", "moe_scaling", "refresh", "training"):
         assert by_suite[suite], suite
         for f in by_suite[suite]:
