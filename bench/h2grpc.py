@@ -20,6 +20,9 @@ What it does and does not do:
   SETTINGS and PING (gRPC servers send BDP pings). GOAWAY or a lost connection fails every
   open call.
 - No TLS, no compression, no CONTINUATION frames from the client (header blocks are small).
+  It does not count open streams against the server's MAX_CONCURRENT_STREAMS (grpc.aio
+  servers do not limit it by default; the bench opens at most 64), nor per-stream send
+  windows (a request is far smaller than the 64 KiB a stream starts with).
 """
 
 from __future__ import annotations
@@ -187,8 +190,8 @@ class H2Channel(asyncio.Protocol):
             code = int.from_bytes(payload[4:8], "big")
             self._fail_all(ConnectionError(f"GOAWAY, HTTP/2 error code {code}"))
         elif kind == CONTINUATION:
-            # Trailers long enough to need CONTINUATION would carry an error message; the
-            # END_STREAM flag sits on the HEADERS frame, so the call already ended above.
+            # the rest of a header block: never decoded here, and END_STREAM sits on the
+            # HEADERS frame that started it, so a call has already ended there
             pass
 
     def _end(self, stream: int, error: Exception | None) -> None:
