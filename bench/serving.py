@@ -584,11 +584,15 @@ async def _echo_server(read_redis: str = "") -> None:
     from embed_server._proto import embedding_service_pb2 as pb
     from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
     from embed_server.redis_reads import PipelinedRedis, ReadCoalescer
+    from embed_server.settings import load_settings
     from userembed.vectors import VECTOR_FIELDS, VectorKeys
 
     vec = np.arange(DIM, dtype=np.float32).tolist()
     keys = VectorKeys(MODEL)
-    reads = ReadCoalescer(PipelinedRedis(read_redis), VECTOR_FIELDS) if read_redis else None
+    reads = None
+    if read_redis:  # the server's read path and settings: a lone read goes at once, and so on
+        hold_s = load_settings().read_hold_ms / 1000.0
+        reads = ReadCoalescer(PipelinedRedis(read_redis), VECTOR_FIELDS, hold_s=hold_s)
 
     class Echo(pb_grpc.UserEmbeddingServiceServicer):
         async def GetUserEmbedding(self, request: Any, context: Any) -> Any:
