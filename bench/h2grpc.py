@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
+from typing import cast
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
@@ -119,9 +120,10 @@ class H2Channel(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        # a cast, not isinstance: uvloop's TCP transport is not an asyncio.Transport subclass
+        self.transport = t = cast(asyncio.Transport, transport)
         settings = struct.pack(">HI", 0x2, 0) + struct.pack(">HI", 0x4, WIDE)  # no push, window
-        transport.write(
+        t.write(
             PREFACE
             + _frame(SETTINGS, 0, 0, settings)
             + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", WIDE - 65_535))

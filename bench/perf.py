@@ -548,16 +548,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", type=Path, default=None, help="only rewrite the md from a report")
     args = ap.parse_args(argv)
     if args.render:  # re-render a saved report (figures recomputed from the raw results)
-        saved = json.loads(args.render.read_text())
+        report = json.loads(args.render.read_text())
         figs = [
             f
             for s in SUITES
-            if saved["suites"].get(s.name, {}).get("ok")
-            for f in s.figures(saved["suites"][s.name]["result"], saved["references"])
+            if report["suites"].get(s.name, {}).get("ok")
+            for f in s.figures(report["suites"][s.name]["result"], report["references"])
         ]
-        saved["figures"] = [f.to_dict() for f in figs]
-        args.render.write_text(json.dumps(saved, indent=2) + "\n")
-        write_section(markdown(saved))
+        report["figures"] = [f.to_dict() for f in figs]
+        args.render.write_text(json.dumps(report, indent=2) + "\n")
+        write_section(markdown(report))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.role == "train-speed":

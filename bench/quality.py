@@ -189,7 +189,7 @@ def train_config(
     seed: int,
     run_dir: Path,
     qc: QualityConfig,
-    teachers: dict[str, str] | None = None,
+    teachers: dict[str, tuple[str, ...]] | None = None,
 ) -> Any:
     from trainer.config import TrainConfig
 

@@ -46,7 +46,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -269,12 +269,12 @@ def raw_redis(url: str, users: int, seconds: float) -> dict[str, float]:
         while time.perf_counter() - t0 < seconds:
             ids = [str(rng.randrange(users)) for _ in range(100)]
             if mode == "mget":
-                vals = r.mget([f"bench:mget:{{{u}}}" for u in ids])
+                vals = cast(list[bytes], r.mget([f"bench:mget:{{{u}}}" for u in ids]))
                 [np.frombuffer(v, dtype="<f4") for v in vals]
             else:
                 pipe = r.pipeline(transaction=False)
                 for u in ids:
-                    pipe.hmget(keys.vector(EV, u), VECTOR_FIELDS)
+                    pipe.hmget(keys.vector(EV, u), list(VECTOR_FIELDS))
                 [np.frombuffer(v[0], dtype="<f4") for v in pipe.execute()]
             n += 100
         out[mode] = n / (time.perf_counter() - t0)
@@ -414,7 +414,7 @@ async def _grpc_load(spec: dict[str, Any]) -> dict[str, Any]:
     warm = min(200, total // 10)
 
     if spec.get("client", "h2") == "h2":
-        from h2grpc import CallFailed, H2Channel, request_headers
+        from bench.h2grpc import CallFailed, H2Channel, request_headers
 
         host, _, port = spec["target"].rpartition(":")
         channel = await H2Channel.connect(host, int(port))
