@@ -243,5 +243,13 @@ def test_clustered_reads_wait_to_share_a_round_trip_and_a_full_batch_goes_at_onc
     assert quiet < 0.9  # one hold (0.5 s) at most; the running share alone kept 70 holds
     assert held.count(16) >= 8  # capped at max_keys, and most batches full
     assert took < 2.0  # 8+ full batches each waiting out 0.5 s would take 4 s or more
-    plain, holding, _, _ = run(main(hold_s=0.0))
-    assert not holding and sum(plain) == 200 and statistics.median(plain) < 16
+    # Without a hold, batch sizes follow how long each round trip takes: on a loaded machine
+    # a slow trip can fill them, so the small-batch check gets three tries.
+    medians = []
+    for _ in range(3):
+        plain, holding, _, _ = run(main(hold_s=0.0))
+        assert not holding and sum(plain) == 200
+        medians.append(statistics.median(plain))
+        if medians[-1] < 16:
+            break
+    assert min(medians) < 16, medians
