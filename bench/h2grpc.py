@@ -36,7 +36,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
     0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9
 )  # fmt: skip
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
+END_STREAM, ACK, END_HEADERS, PADDED = 0x1, 0x1, 0x4, 0x8
 WIDE = 2**31 - 1  # the largest window HTTP/2 allows
 TOP_UP = 1 << 20  # give the server back this many bytes of connection window at a time
 

@@ -576,9 +576,10 @@ async def _http_load(spec: dict[str, Any]) -> dict[str, Any]:
 
 async def _echo_server(read_redis: str = "") -> None:
     """The same service, doing nothing: returns one constant vector. With `read_redis` (a Redis
-    URL) it first reads the caller's stored vector hash with one HMGET on the server's own
-    lean connection (embed_server/redis_reads.py) and returns that vector: the least any
-    stored-path server must do, so the server's gap to it is its own code."""
+    URL) it first reads the caller's stored vector hash through the server's own read path and
+    `read_hold_ms` (embed_server/redis_reads.py: a lone read is one HMGET, concurrent reads
+    share a round trip) and returns that vector: the least any stored-path server must do, so
+    the server's gap to it is its own code."""
     import grpc
 
     from embed_server._proto import embedding_service_pb2 as pb
@@ -795,10 +796,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         rss_1k = ps.memory_info().rss
         rss_trace = {"after_warm_up": rss_1k}
         total = sum(warm_calls.values()) + sum(min(200, n // 10) for n in warm_calls.values())
-        stored: dict[str, Any] = {}
-        echo_res: dict[str, Any] = {}
-        echo_redis_res: dict[str, Any] = {}
-        base_res: dict[str, Any] = {}
+        med: dict[str, dict[str, dict[str, Any]]] = {}  # concurrency -> side -> median run
         cpu_us: dict[str, dict[str, float]] = {}
         rounds = args.rounds
         for conc, n in ((1, int(2000 * s)), (16, int(6000 * s)), (64, int(6000 * s))):
@@ -825,52 +823,49 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     cpu[name] += cpu_s(proc) - c0
             calls = rounds * (n // rounds + min(200, n // rounds // 10))
             cpu_us[str(conc)] = {k: round(v / calls * 1e6, 1) for k, v in cpu.items()}
-            echo_res[str(conc)], stored[str(conc)] = (
-                median_of(runs["echo"]),
-                median_of(runs["server"]),
-            )
-            echo_redis_res[str(conc)] = median_of(runs["echo_redis"])
-            if base_target:
-                base_res[str(conc)] = median_of(runs["baseline"])
+            m = med[str(conc)] = {name: median_of(r) for name, r in runs.items()}
             total += n + rounds * min(200, n // rounds // 10)
             log(
-                f"stored c={conc}: server {stored[str(conc)]['req_s']} req/s "
-                f"(p50 {stored[str(conc)]['p50_ms']} p99 {stored[str(conc)]['p99_ms']} ms) "
-                f"vs echo {echo_res[str(conc)]['req_s']} req/s, "
-                f"echo + HMGET {echo_redis_res[str(conc)]['req_s']} req/s"
-                + (f", baseline {base_res[str(conc)]['req_s']} req/s" if base_target else "")
+                f"stored c={conc}: server {m['server']['req_s']} req/s "
+                f"(p50 {m['server']['p50_ms']} p99 {m['server']['p99_ms']} ms) "
+                f"vs echo {m['echo']['req_s']} req/s, echo + HMGET {m['echo_redis']['req_s']} req/s"
+                + (f", baseline {m['baseline']['req_s']} req/s" if base_target else "")
                 + f"; CPU us per call {cpu_us[str(conc)]}"
             )
+
+        def ratio(m: dict[str, dict[str, Any]], a: str, b: str) -> float:
+            return round(m[a]["req_s"] / m[b]["req_s"], 3)
+
         result["stored_path"] = {
             c: {
                 **{
-                    k: stored[c][k]
+                    k: m["server"][k]
                     for k in ("req_s", "p50_ms", "p99_ms", "errors", "sources", "runs_req_s")
                 },
-                "echo_req_s": echo_res[c]["req_s"],
-                "echo_runs_req_s": echo_res[c]["runs_req_s"],
-                "echo_p99_ms": echo_res[c]["p99_ms"],
-                "ratio_vs_echo": round(stored[c]["req_s"] / echo_res[c]["req_s"], 3),
-                # the echo that also reads the stored vector (one HMGET): what the Redis round
-                # trip alone costs, and the server's own overhead beyond it
-                "echo_redis_req_s": echo_redis_res[c]["req_s"],
-                "echo_redis_runs_req_s": echo_redis_res[c]["runs_req_s"],
-                "echo_redis_vs_echo": round(echo_redis_res[c]["req_s"] / echo_res[c]["req_s"], 3),
-                "ratio_vs_echo_redis": round(stored[c]["req_s"] / echo_redis_res[c]["req_s"], 3),
+                "echo_req_s": m["echo"]["req_s"],
+                "echo_runs_req_s": m["echo"]["runs_req_s"],
+                "echo_p99_ms": m["echo"]["p99_ms"],
+                "ratio_vs_echo": ratio(m, "server", "echo"),
+                # the echo that also reads the stored vector on the server's read path: what the
+                # Redis round trip alone costs, and the server's own overhead beyond it
+                "echo_redis_req_s": m["echo_redis"]["req_s"],
+                "echo_redis_runs_req_s": m["echo_redis"]["runs_req_s"],
+                "echo_redis_vs_echo": ratio(m, "echo_redis", "echo"),
+                "ratio_vs_echo_redis": ratio(m, "server", "echo_redis"),
                 "cpu_us_per_call": cpu_us[c],
                 **(
                     {
-                        "baseline_req_s": base_res[c]["req_s"],
-                        "baseline_runs_req_s": base_res[c]["runs_req_s"],
-                        "baseline_p50_ms": base_res[c]["p50_ms"],
-                        "baseline_p99_ms": base_res[c]["p99_ms"],
-                        "speedup_vs_baseline": round(stored[c]["req_s"] / base_res[c]["req_s"], 3),
+                        "baseline_req_s": m["baseline"]["req_s"],
+                        "baseline_runs_req_s": m["baseline"]["runs_req_s"],
+                        "baseline_p50_ms": m["baseline"]["p50_ms"],
+                        "baseline_p99_ms": m["baseline"]["p99_ms"],
+                        "speedup_vs_baseline": ratio(m, "server", "baseline"),
                     }
                     if base_target
                     else {}
                 ),
             }
-            for c in stored
+            for c, m in med.items()
         }
         if base_target:
             result["baseline_env"] = baseline

@@ -5,24 +5,15 @@ going past the default 64 KiB windows, and fail open calls when the server goes 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from bench import h2grpc as h2  # the module bench/serving.py imports
 from embed_server._proto import embedding_service_pb2 as pb
 from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
-
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_h2grpc", ROOT / "bench" / "h2grpc.py")
-assert _spec is not None and _spec.loader is not None
-h2 = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = h2
-_spec.loader.exec_module(h2)
 
 GET = "/userembed.v1.UserEmbeddingService/GetUserEmbedding"
 
