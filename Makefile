@@ -11,5 +11,5 @@ test: setup
 	deploy/native/test.sh
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy userembed trainer embed_server \
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy userembed trainer embed_server refresh \
 	  && .venv/bin/mypy --explicit-package-bases bench/*.py

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,20 +24,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config import ModelConfig, MoEConfig
-from trainer.export import ExportableEncoder, export_onnx, random_inputs
-from trainer.model import FINAL_CHECKPOINT, DenseArch, load_final
-from trainer.tables import table_name
-from userembed.features import (
-    BEHAVIOR_VIEW,
-    PROFILE_FEATURES,
-    PROFILE_VIEW,
-    SEQUENCE_FEATURES,
-    FeatureSpec,
-    InputSpec,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* as a script
 
-SIZES = {"item_seq": 100_000, "category_seq": 1_000, "event_type_seq": 8, "gap_bucket_seq": 17}
+from bench.common import input_spec
+from trainer.config import ModelConfig, MoEConfig
+from trainer.dense import DenseArch
+from trainer.export import ExportableEncoder, export_onnx, random_inputs
+from trainer.export.rebuild import final_model, rebuild
+from trainer.tables import table_name
+from userembed.features import PROFILE_FEATURES, InputSpec
+from userembed.onnx_encoder import new_session
+
+SIZES = {
+    "item_seq": 100_000,
+    "category_seq": 1_000,
+    "event_type_seq": 8,
+    "gap_bucket_seq": 17,
+    **dict.fromkeys(PROFILE_FEATURES, 64),
+}
 
 
 def random_encoder(spec: InputSpec, user_dim: int = 64) -> ExportableEncoder:
@@ -55,12 +60,7 @@ def random_encoder(spec: InputSpec, user_dim: int = 64) -> ExportableEncoder:
 
 def default_encoder(sequence_length: int) -> ExportableEncoder:
     """random_encoder on this bench's table sizes (V=64)."""
-    spec = InputSpec(
-        sequence_length=sequence_length,
-        sequence_features=tuple(FeatureSpec(f, SIZES[f], BEHAVIOR_VIEW) for f in SEQUENCE_FEATURES),
-        profile_features=tuple(FeatureSpec(f, 64, PROFILE_VIEW) for f in PROFILE_FEATURES),
-    )
-    return random_encoder(spec)
+    return random_encoder(input_spec(sequence_length, SIZES))
 
 
 def timed(fn, min_s: float, min_reps: int = 5) -> float:  # type: ignore[no-untyped-def]
@@ -85,13 +85,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="minimum time per measurement")
     args = ap.parse_args()
 
-    import onnxruntime as ort
-
     torch.set_num_threads(args.threads)
     if args.run:
-        p = Path(args.run)
-        cfg, tables, dense = load_final(p / FINAL_CHECKPOINT if p.is_dir() else p)
-        enc = ExportableEncoder(cfg, tables, dense).eval()
+        enc = rebuild(final_model(args.run))
     else:
         enc = default_encoder(args.sequence_length)
     spec = enc.cfg.input_spec
@@ -102,10 +98,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "encoder.onnx"
         export_onnx(enc, path, inputs[batches[0]])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = args.threads
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = new_session(path, args.threads, quiet=True)
 
     rows = []
     for b in batches:

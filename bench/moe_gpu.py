@@ -159,7 +159,7 @@ def host_copies(device: torch.device, args: argparse.Namespace) -> None:
 def onnx_check(npz_path: str) -> dict[str, Any]:
     import numpy as np
 
-    from embed_server.encoder import OnnxEncoder
+    from userembed.onnx_encoder import OnnxEncoder
 
     data = np.load(npz_path)
     inputs = {k[3:]: data[k] for k in data.files if k.startswith("in_")}

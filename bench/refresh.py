@@ -5,9 +5,9 @@
 
 Writes the offline parquet files directly with pyarrow (vectorised; 10% of users also get an
 older snapshot row, so the latest-row selection has work to do), publishes the serving bench's
-encoder (bench/serving.py `--encoder`: the trainer's default SUPERMOE with random weights, or
-the cheap synthetic FFN; 4 sequence features, L=50) to a scratch registry, starts a private
-redis-server, then:
+encoder (bench/serving_data.py, `--encoder`: the trainer's default SUPERMOE with random
+weights, or the cheap synthetic FFN; 4 sequence features, L=50) to a scratch registry, starts
+a private redis-server, then:
 - raw onnxruntime users/s on pre-encoded inputs of the same batch size (before and after),
 - the refresh as a subprocess (`userembed refresh --json`): total seconds, users/s, peak RSS
   of that process (getrusage of the waited child).
@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,24 +32,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving  # noqa: E402  (bench/serving.py: the synthetic encoder shared by the benches)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* as a script
 
-from embed_server.encoder import OnnxEncoder  # noqa: E402
-from embed_server.refresh_source import BEHAVIOR_FILE, PROFILE_FILE  # noqa: E402
-from userembed.features import encode_arrow  # noqa: E402
+from bench.common import log, private_redis, raw_onnxruntime
+from bench.serving_data import DIM, ENCODERS, MODEL, SEQ_LEN, input_spec, publish_encoder
+from refresh.config import RefreshConfig
+from userembed.features import encode_arrow
+from userembed.snapshots import BEHAVIOR_FILE, PROFILE_FILE
 
 T0_MS = 1_764_000_000_000
-
-
-def log(msg: str) -> None:
-    print(f"[bench/refresh] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def list_column(rng: np.random.Generator, lens: np.ndarray, hi: int) -> pa.ListArray:
@@ -95,102 +85,87 @@ def write_offline(directory: Path, users: int, seq_len: int, row_group: int) -> 
     pq.write_table(pa.table(prof), directory / PROFILE_FILE)
 
 
-def raw_onnxruntime(onnx_path: Path, spec: Any, offline: Path, batch: int, seconds: float) -> float:
-    """users/s of onnxruntime alone on one pre-encoded batch of real rows, 2 threads."""
+def first_rows(offline: Path, spec: Any, batch: int) -> dict[str, np.ndarray]:
+    """Encoder inputs of the first `batch` behaviour rows and their profiles."""
     t = pq.ParquetFile(offline / BEHAVIOR_FILE).read_row_group(0).slice(0, batch)
     p = pq.read_table(offline / PROFILE_FILE).take(pa.array(t["user_id"].to_numpy()))
     cols = {n: t[n] for n in t.column_names} | {n: p[n] for n in p.column_names if n != "user_id"}
-    inputs = encode_arrow(cols, spec)
-    enc = OnnxEncoder(onnx_path, serving.DIM, intra_op_threads=2)
-    enc.run(inputs)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        enc.run(inputs)
-        n += batch
-    return n / (time.perf_counter() - t0)
+    return encode_arrow(cols, spec)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=1_000_000)
-    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=RefreshConfig.batch_size)
     ap.add_argument("--part-rows", type=int, default=65_536)
     ap.add_argument("--ort-seconds", type=float, default=5.0)
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
-    ap.add_argument("--encoder", default="supermoe", choices=serving.ENCODERS)
+    ap.add_argument("--encoder", default="supermoe", choices=ENCODERS)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-refresh-"))
-    redis_proc = None
     try:
-        spec = serving.input_spec()
+        spec = input_spec()
         t = time.perf_counter()
         offline = work / "offline"
-        write_offline(offline, args.users, serving.SEQ_LEN, args.part_rows)
+        write_offline(offline, args.users, SEQ_LEN, args.part_rows)
         log(f"wrote offline parquet for {args.users} users in {time.perf_counter() - t:.1f}s")
-        version, onnx_path = serving.publish_encoder(work, spec, args.encoder)
-
-        port = free_port()
-        redis_proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(work)],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        url = f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.5)
-
-        ort_before = raw_onnxruntime(onnx_path, spec, offline, args.batch_size, args.ort_seconds)
-        log(f"raw onnxruntime: {ort_before:.0f} users/s at batch {args.batch_size}")
-
-        cmd = [
-            str(Path(sys.executable).with_name("userembed")), "refresh", "--model", serving.MODEL,
-            "--json", "--batch-size", str(args.batch_size), "--part-rows", str(args.part_rows),
-            "--offline-dir", str(offline), "--registry-root", str(work / "models"),
-            "--redis-url", url,
-        ]  # fmt: skip
-        t = time.perf_counter()
-        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, env=os.environ.copy())
-        wall = time.perf_counter() - t
-        # ru_maxrss of waited children, KiB on Linux: only the refresh has been waited for yet.
-        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
-
-        ort_after = raw_onnxruntime(onnx_path, spec, offline, args.batch_size, args.ort_seconds)
-        log(f"raw onnxruntime after: {ort_after:.0f} users/s")
-        ort = (ort_before + ort_after) / 2
-        rate = summary["users"] / summary["seconds"]
-        result = {
-            "bench": "refresh",
-            "users": summary["users"],
-            "encoder": args.encoder,
-            "model_version": version,
-            "embedding_version": summary["embedding_version"],
-            "batch_size": args.batch_size,
-            "part_rows": args.part_rows,
-            "refresh_seconds": summary["seconds"],
-            "process_wall_seconds": round(wall, 2),
-            "refresh_users_per_s": round(rate),
-            "raw_ort_users_per_s": round(ort),
-            "raw_ort_before_after": [round(ort_before), round(ort_after)],
-            "ratio_to_raw_ort": round(rate / ort, 3),
-            "peak_rss_mib": round(peak_mib),
-            "cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
-        }
-        print(
-            f"refresh: {result['users']} users in {summary['seconds']:.1f}s = {rate:.0f} users/s; "
-            f"raw ORT {ort:.0f} users/s; ratio {result['ratio_to_raw_ort']}; "
-            f"peak RSS {peak_mib:.0f} MiB"
-        )
-        print(json.dumps(result))
+        version, onnx_path = publish_encoder(work, spec, args.encoder)
+        inputs = first_rows(offline, spec, args.batch_size)
+        with private_redis(work) as url:
+            print(json.dumps(measure(args, work, url, onnx_path, version, inputs)))
     finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
         if args.keep:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(
+    args: argparse.Namespace, work: Path, url: str, onnx_path: Path, version: str, inputs: Any
+) -> dict[str, Any]:
+    """Raw onnxruntime, the refresh as a subprocess, raw onnxruntime again."""
+    ort_before = raw_onnxruntime(onnx_path, DIM, inputs, args.ort_seconds)
+    log(f"raw onnxruntime: {ort_before:.0f} users/s at batch {args.batch_size}")
+    cmd = [
+        str(Path(sys.executable).with_name("userembed")), "refresh", "--model", MODEL,
+        "--json", "--batch-size", str(args.batch_size), "--part-rows", str(args.part_rows),
+        "--offline-dir", str(work / "offline"), "--registry-root", str(work / "models"),
+        "--redis-url", url,
+    ]  # fmt: skip
+    t = time.perf_counter()
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, env=os.environ.copy())
+    wall = time.perf_counter() - t
+    # ru_maxrss of waited children, KiB on Linux: only the refresh has been waited for yet.
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+    ort_after = raw_onnxruntime(onnx_path, DIM, inputs, args.ort_seconds)
+    log(f"raw onnxruntime after: {ort_after:.0f} users/s")
+    ort = (ort_before + ort_after) / 2
+    rate = summary["users"] / summary["seconds"]
+    print(
+        f"refresh: {summary['users']} users in {summary['seconds']:.1f}s = {rate:.0f} users/s; "
+        f"raw ORT {ort:.0f} users/s; ratio {round(rate / ort, 3)}; peak RSS {peak_mib:.0f} MiB"
+    )
+    return {
+        "bench": "refresh",
+        "users": summary["users"],
+        "encoder": args.encoder,
+        "model_version": version,
+        "embedding_version": summary["embedding_version"],
+        "batch_size": args.batch_size,
+        "part_rows": args.part_rows,
+        "refresh_seconds": summary["seconds"],
+        "process_wall_seconds": round(wall, 2),
+        "refresh_users_per_s": round(rate),
+        "raw_ort_users_per_s": round(ort),
+        "raw_ort_before_after": [round(ort_before), round(ort_after)],
+        "ratio_to_raw_ort": round(rate / ort, 3),
+        "peak_rss_mib": round(peak_mib),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 if __name__ == "__main__":

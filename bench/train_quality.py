@@ -56,7 +56,8 @@ def run_one(
     run_dir: Path,
     **options: Any,
 ) -> dict[str, float]:
-    from trainer.train import config_for, train
+    from trainer.options import config_for
+    from trainer.train import train
 
     keep = [c for c in frame.columns if not c.startswith("label_") or c == "label_timestamp"]
     sub = frame[keep + [f"label_{t}" for t in tasks]]

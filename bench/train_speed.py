@@ -32,15 +32,16 @@ def _frame(users: int) -> tuple[Any, Any]:
 
 
 def measure(users: int, steps: int, batch_size: int, num_experts: int, top_k: int) -> dict:
-    """Timed training steps (forward, backward, fused sparse + AdamW step) after 5 warm-up steps."""
+    """Timed training steps (trainer.step.train_step: forward, backward with the fused sparse
+    optimizer, clipping, AdamW) after 5 warm-up steps."""
     import numpy as np
     import torch
-    from torch.distributed.optim import _apply_optimizer_in_backward
 
     from trainer.batches import encode_split, iterate_batches
-    from trainer.distributed import init_distributed, shard_model, unwrap
+    from trainer.distributed import init_distributed
     from trainer.model import SuperMoEModel
-    from trainer.train import config_for
+    from trainer.options import config_for
+    from trainer.step import prepare, train_step
 
     ctx = init_distributed()
     frame, spec = _frame(users)
@@ -58,12 +59,7 @@ def measure(users: int, steps: int, batch_size: int, num_experts: int, top_k: in
         frame[frame["split"] == "train"], cfg.model.input_spec, cfg.model.task_names
     )
     torch.manual_seed(0)
-    model: Any = SuperMoEModel(cfg.model)
-    _apply_optimizer_in_backward(torch.optim.Adagrad, model.sparse_arch.parameters(), {"lr": 0.05})
-    if ctx.sharded:
-        model = shard_model(model, ctx)
-    inner = unwrap(model)
-    opt = torch.optim.AdamW(inner.dense_arch.parameters(), lr=1e-3)
+    model, optim = prepare(SuperMoEModel(cfg.model), cfg, ctx)
 
     def batches():  # type: ignore[no-untyped-def]
         for epoch in range(10**6):  # as many epochs as the steps need
@@ -76,10 +72,7 @@ def measure(users: int, steps: int, batch_size: int, num_experts: int, top_k: in
         if i >= steps + 5:
             break
         t0 = time.perf_counter()
-        out, loss = model(b.seq_kjt, b.profile_kjt, b.labels)
-        (loss.total + inner.aux_loss(out)).backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(model, b, optim)
         if i >= 5:
             times.append(time.perf_counter() - t0)
     step = float(np.median(times))

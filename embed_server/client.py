@@ -21,23 +21,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embed_server._proto import embedding_service_pb2 as pb
 from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
+from embed_server.embedding import COMPUTED, STORED, Embedding
 
 logger = logging.getLogger(__name__)
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
-_SOURCES = {pb.STORED: "stored", pb.COMPUTED: "computed"}
-
-
-@dataclass(frozen=True)
-class Embedding:
-    user_id: str
-    vector: np.ndarray  # (D,) float32
-    model_name: str
-    model_version: str
-    embedding_version: str
-    computed_at_ms: int
-    feature_ts_ms: int
-    source: str  # "stored" | "computed"
+_SOURCES = {pb.STORED: STORED, pb.COMPUTED: COMPUTED}
 
 
 @dataclass(frozen=True)

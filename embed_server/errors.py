@@ -15,13 +15,13 @@ logger = logging.getLogger(__name__)
 class NotReadyError(UserEmbedError):
     """No model is loaded yet, or the server is draining."""
 
-    grpc_status = grpc.StatusCode.UNAVAILABLE
+    grpc_status = "UNAVAILABLE"
 
 
 class DeadlineExceededError(UserEmbedError):
     """The client's deadline passed before the work was done; the work was skipped."""
 
-    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+    grpc_status = "DEADLINE_EXCEEDED"
 
 
 # Redis client errors that mean "cannot reach Redis" (the Feast online store is Redis too).
@@ -32,11 +32,16 @@ def as_unavailable(what: str, e: BaseException) -> BackendUnavailableError:
     return BackendUnavailableError(f"{what} unavailable: {type(e).__name__}: {e}")
 
 
+def grpc_code(e: UserEmbedError) -> grpc.StatusCode:
+    """The gRPC status code an error of the platform names (`UserEmbedError.grpc_status`)."""
+    return grpc.StatusCode[e.grpc_status]
+
+
 def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status of an exception raised while serving. Unexpected ones are logged with
     their traceback and become INTERNAL without leaking internals to the client."""
     if isinstance(e, UserEmbedError):
-        return e.grpc_status, str(e)
+        return grpc_code(e), str(e)
     if isinstance(e, REDIS_OUTAGE):
         return grpc.StatusCode.UNAVAILABLE, str(as_unavailable("redis", e))
     logger.error("internal error while serving", exc_info=e)

@@ -1,10 +1,8 @@
 """The event loop the server runs on: uvloop when it is installed (the default), else asyncio's.
 
-Why uvloop: grpc.aio runs on it unchanged, and measured here (bench/serving.py, docs/serving.md)
-a stored call cost the server about 18% less CPU on it than on asyncio's loop at concurrency 16
-(the no-op echo about 7%); a suspension on a future costs about 10 us there. `feast serve`
-(uvicorn) picks uvloop the same way. `event_loop: asyncio` is there to rule the loop out when
-debugging.
+Why uvloop: grpc.aio runs on it unchanged and a stored call costs the server less CPU there
+(BENCHMARKS.md, serving); `feast serve` (uvicorn) picks uvloop the same way. `event_loop:
+asyncio` is there to rule the loop out when debugging.
 """
 
 from __future__ import annotations

@@ -64,9 +64,6 @@ class ServerMetrics:
             ["model", "outcome"],
             registry=r,
         )
-        self.queue_pending = Gauge(
-            "userembed_queue_pending", "Users waiting in the compute queue", ["model"], registry=r
-        )
         self._http: Any = None
         self.port: int | None = None
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from embed_server.encoder import OnnxEncoder
 from embed_server.errors import NotReadyError
 from embed_server.metrics import ServerMetrics
 from embed_server.settings import ServerSettings
 from userembed.errors import CorruptModelError, ModelNotFoundError, UserEmbedError
 from userembed.features import InputSpec
 from userembed.manifest import Manifest
+from userembed.onnx_encoder import OnnxEncoder
 from userembed.registry import Registry
 from userembed.vectors import now_ms
 
@@ -80,14 +79,12 @@ class ModelManager:
         settings: ServerSettings,
         registry: Registry,
         metrics: ServerMetrics,
-        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
         self._models: dict[str, ServingModel] = {}
         self._refused: dict[str, str] = {}  # model -> version refused (not retried)
-        self._on_change = on_change
 
     # -- request side ------------------------------------------------------------------------
     @property
@@ -180,13 +177,3 @@ class ModelManager:
             current.version if current else "nothing",
             new.encoder.provider,
         )
-        if self._on_change is not None:
-            self._on_change()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Poll until `stop` is set."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.settings.reload_interval_s)
-            except TimeoutError:
-                await self.poll_once()

@@ -72,7 +72,7 @@ class FeastFeatureSource:
         entity_ids = [parse_user_id(u) for u in user_ids]
         names = [f.name for f in spec.sequence_features + spec.profile_features]
         try:
-            resp = self.store.get_online_features(  # columnar entity rows: 5% less time
+            resp = self.store.get_online_features(  # columnar entity rows: no dict per user
                 features=spec.feast_refs(), entity_rows={USER_ID: entity_ids}
             )
         except REDIS_OUTAGE as e:

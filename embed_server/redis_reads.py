@@ -1,12 +1,12 @@
-"""The stored-vector read path: a lean pipelined Redis connection and a read coalescer.
+"""Redis transport of the stored-vector reads: a lean pipelined connection and a read coalescer.
 
-Why not redis.asyncio here: one of its round trips costs about 250-290 us of Python on this
-machine versus about 70 us for a bare asyncio protocol with the hiredis parser (measured with
-one Lua read of one vector hash), and the stored path is one round trip per call. Everything
-else (write-backs, pointers, version registry, Redis Cluster pipelines) stays on redis-py.
+Why not redis.asyncio: the stored path is one Redis round trip per call, and a round trip
+through redis.asyncio costs several times the Python of a bare asyncio protocol with the
+hiredis parser (BENCHMARKS.md, serving). Everything else (write-backs, pointers, the version
+registry, Redis Cluster) stays on redis-py.
 
-`ReadCoalescer` folds the single-id reads that arrive in the same event-loop turn into one
-`EVAL` of the read script (many keys, one round trip); a lone read goes out at once.
+`ReadCoalescer` folds concurrent single-key reads into one `EVAL` of the read script (many
+keys, one round trip); a lone read goes out at once as a plain `HMGET`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import hiredis
 import redis
 from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
+from userembed import resp
+
 logger = logging.getLogger(__name__)
 
 # One round trip for a batch of stored reads on a single Redis server: HMGET of each key.
@@ -37,16 +39,11 @@ end
 return out
 """
 
+# Short timeouts: an unreachable Redis must become UNAVAILABLE within seconds.
+CONNECT_TIMEOUT_S = 2.0
+REPLY_TIMEOUT_S = 5.0
+
 _URL_KEYS = {"host", "port", "db", "username", "password", "path", "connection_class"}
-
-
-def _bulk(x: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(x), x)
-
-
-def encode_command(*args: bytes) -> bytes:
-    """RESP array of bulk strings."""
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
 
 
 class _Protocol(asyncio.Protocol):
@@ -86,7 +83,12 @@ class PipelinedRedis:
     Reconnects on the next call after a loss; a reply slower than `timeout_s` closes the
     connection (every waiter gets redis.TimeoutError, then the next call reconnects)."""
 
-    def __init__(self, url: str, connect_timeout_s: float = 2.0, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        timeout_s: float = REPLY_TIMEOUT_S,
+    ) -> None:
         kw = parse_url(url)
         unknown = set(kw) - _URL_KEYS
         if unknown:
@@ -131,9 +133,9 @@ class PipelinedRedis:
             try:
                 if kw.get("password"):
                     auth = [b"AUTH"] + ([kw["username"].encode()] if kw.get("username") else [])
-                    await self._send(proto, encode_command(*auth, kw["password"].encode()))
+                    await self._send(proto, resp.command(*auth, kw["password"].encode()))
                 if kw.get("db"):
-                    await self._send(proto, encode_command(b"SELECT", str(kw["db"]).encode()))
+                    await self._send(proto, resp.command(b"SELECT", str(kw["db"]).encode()))
             except redis.ResponseError as e:
                 # Wrong password or db: for the caller this Redis is unusable, i.e. UNAVAILABLE.
                 self._drop(proto)
@@ -187,25 +189,22 @@ class ReadCoalescer:
     """Stored reads of single keys -> few `EVAL READ_SCRIPT` round trips (adaptive batching).
 
     `read(key)` queues the key. While `max_in_flight` reads are out, keys wait for the next
-    reply and then leave together, so under load one round trip (one send syscall, one script
-    call) serves many requests. Otherwise a read that is not clustered (below) goes at once;
-    with `hold_s` 0 it goes two event-loop turns later, to catch the RPCs gRPC hands the loop
-    (about one per turn). A batch of one key is a plain HMGET (no script call in Redis).
+    reply and then leave together, so under load one round trip (one send, one script call)
+    serves many requests. Otherwise a read that is not clustered (below) goes at once; with
+    `hold_s` 0 it goes two event-loop turns later, to catch the RPCs gRPC hands the loop (about
+    one per turn). A batch of one key is a plain HMGET (no script call in Redis).
 
-    Hold (`hold_s` > 0): waiting for the reply in flight is not enough on its own. A round trip
-    (about 70 us here) is shorter than the gap between two calls of a busy server (about 300 us
-    at 3,000 calls/s), so most reads still went alone (1.3 keys per round trip at concurrency
-    16 and 64). When reads come clustered, the first read of a batch waits up to `hold_s` for
-    more. Clustered means that more than `CLUSTERED` of the recent reads arrived within the last
-    measured round trip of the read before them: those reads would have shared a round trip
-    anyway. A lone client (one call at a time, however fast) never looks clustered. Its next
-    call cannot start before the reply to its last read, whose round trip is the last one
-    measured, so the gap is always longer, and it never waits. (A running mean of round trips
-    would not do: after one slow reply it stays above the next gaps of a lone client.) A hold
-    that catches no other read ends holding at once, so after a burst a lone client waits out
-    at most one hold. Under load a hold of 2 ms made 6-8 keys per round trip at
-    concurrency 16 and 64, and brought the server's CPU per call from about 1.3x the no-op echo
-    server's to about 1.0x (docs/serving.md).
+    Hold (`hold_s` > 0): a round trip is shorter than the gap between two calls of a busy
+    server, so waiting for the reply in flight alone leaves most reads going one by one. When
+    reads come clustered, the first read of a batch waits up to `hold_s` for more. Clustered
+    means that more than `CLUSTERED` of the recent reads arrived within the last measured round
+    trip of the read before them: those reads would have shared a round trip anyway. A lone
+    client (one call at a time, however fast) never looks clustered: its next call cannot
+    start before the reply to its last read, whose round trip is the last one measured, so its
+    gap is always longer. (A running mean of round trips would not do: after one slow reply it
+    stays above the next gaps of a lone client.) A hold that catches no other read ends
+    holding at once, so after a burst a lone client waits out at most one hold. Held calls
+    also finish together, which lowers the server's CPU per call under load (docs/serving.md).
     """
 
     CLUSTERED = 0.1  # share of recent reads within the last round trip of the read before
@@ -227,9 +226,10 @@ class ReadCoalescer:
         self._in_flight = 0
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
-        self._head = _bulk(b"EVAL") + _bulk(READ_SCRIPT.encode())
-        self._fields = b"".join(_bulk(f.encode()) for f in fields)
+        self._head = resp.bulk(b"EVAL") + resp.bulk(READ_SCRIPT.encode())
+        self._fields = b"".join(resp.bulk(f.encode()) for f in fields)
         self._n_fields = len(fields)
+        self._hmget_head = resp.array_header(2 + len(fields)) + resp.bulk(b"HMGET")
         self._keys: list[bytes] = []
         self._futures: list[asyncio.Future[Any]] = []
         self._on_batch = on_batch
@@ -245,17 +245,17 @@ class ReadCoalescer:
         n = len(keys)
         return b"".join(
             (
-                b"*%d\r\n" % (3 + n + self._n_fields),
+                resp.array_header(3 + n + self._n_fields),
                 self._head,
-                _bulk(b"%d" % n),
-                *[_bulk(k) for k in keys],
+                resp.bulk(b"%d" % n),
+                *[resp.bulk(k) for k in keys],
                 self._fields,
             )
         )
 
     def hmget(self, key: bytes) -> bytes:
         """`HMGET key field...` as RESP: the reply is the one row `command` would give."""
-        return b"*%d\r\n" % (2 + self._n_fields) + _bulk(b"HMGET") + _bulk(key) + self._fields
+        return self._hmget_head + resp.bulk(key) + self._fields
 
     async def read_many(self, keys: Sequence[bytes]) -> list[Any]:
         """One round trip: the raw field values of each key (None where absent)."""
@@ -296,9 +296,9 @@ class ReadCoalescer:
             loop.call_soon(self._flush_later)
 
     def _flush_held(self) -> None:
-        # A hold that caught nobody: the reads are not clustered (any more). Without this, a
-        # server that falls quiet after a burst kept holding its lone reads until the running
-        # share decayed, up to 70 reads of `hold_s` each.
+        # A hold that caught nobody: the reads are not clustered (any more). Otherwise a server
+        # that falls quiet after a burst would hold its lone reads until the running share
+        # decays, dozens of reads of `hold_s` each.
         if len(self._keys) == 1:
             self.clustered = 0.0
         self._flush()

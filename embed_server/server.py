@@ -102,7 +102,7 @@ class EmbeddingServer:
     async def _poll(self) -> None:
         await self.manager.poll_once()
         assert self.lookup is not None
-        await self.lookup.refresh_pointers()
+        await self.lookup.versions.refresh_pointers()
         if not self._draining:
             await self._set_health(self.manager.ready)
 

@@ -13,8 +13,9 @@ import grpc
 
 from embed_server._proto import embedding_service_pb2 as pb
 from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
-from embed_server.errors import NotReadyError, status_of
-from embed_server.lookup import COMPUTED, STORED, BatchResult, Embedding, EmbeddingLookup
+from embed_server.embedding import COMPUTED, STORED, Embedding
+from embed_server.errors import NotReadyError, grpc_code, status_of
+from embed_server.lookup import BatchResult, EmbeddingLookup
 from embed_server.metrics import ServerMetrics
 from embed_server.model_manager import ModelManager
 
@@ -98,7 +99,7 @@ def _pack(p: pb.PackedEmbeddings, r: BatchResult) -> None:
     p.embedding_versions.extend(r.embedding_versions)
     p.computed_at_ms.extend(r.computed_at_ms)
     p.feature_timestamp_ms.extend(r.feature_ts_ms)
-    p.codes.extend([0 if e is None else e.grpc_status.value[0] for e in r.errors])
+    p.codes.extend([0 if e is None else grpc_code(e).value[0] for e in r.errors])
     p.messages.extend(["" if e is None else str(e) for e in r.errors])
 
 
@@ -167,7 +168,7 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
         )
         for e in result.errors:
             if e is not None:
-                self.metrics.item_errors.labels(model.name, e.grpc_status.name).inc()
+                self.metrics.item_errors.labels(model.name, e.grpc_status).inc()
         if request.packed:
             _pack(resp.packed, result)
             return resp
@@ -176,7 +177,7 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
             if e is None:
                 _fill(item.embedding, result.embedding(i, uid))
             else:
-                item.status.code = e.grpc_status.value[0]
+                item.status.code = grpc_code(e).value[0]
                 item.status.message = str(e)
         return resp
 
@@ -193,8 +194,8 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
                 alias=self.manager.settings.model_alias,
                 dim=m.dim,
                 is_default=name == default,
-                current_embedding_version=self.lookup.pointer(name) or "",
-                serving_embedding_version=self.lookup.serving_version(m),
+                current_embedding_version=self.lookup.versions.pointer(name) or "",
+                serving_embedding_version=self.lookup.versions.serving_version(m),
                 loaded_at_ms=m.loaded_at_ms,
                 execution_provider=m.encoder.provider,
             )

@@ -14,7 +14,7 @@ from feast.types import Array, Int64
 from feast.value_type import ValueType
 
 from userembed import features as F
-from userembed.paths import offline_dir
+from userembed.paths import BEHAVIOR_FILE, PROFILE_FILE, offline_dir
 
 _OFFLINE = offline_dir().resolve()
 
@@ -22,12 +22,12 @@ user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
 
 behavior_source = FileSource(
     name="behavior_source",
-    path=str(_OFFLINE / "behavior.parquet"),
+    path=str(_OFFLINE / BEHAVIOR_FILE),
     timestamp_field="event_timestamp",
 )
 profile_source = FileSource(
     name="profile_source",
-    path=str(_OFFLINE / "profile.parquet"),
+    path=str(_OFFLINE / PROFILE_FILE),
     timestamp_field="event_timestamp",
 )
 # Fresh behaviour is pushed online through this source; its batch source backs training.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from userembed.demo import DemoConfig, run_demo
+from userembed.commands.demo import DemoConfig, run_demo
 
 
 @pytest.mark.slow

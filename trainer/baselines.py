@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
-from trainer.model import DenseOutput
+from trainer.dense import DenseOutput
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from userembed.errors import SchemaError
 from userembed.features import (
     BEHAVIOR_VIEW,
     DEFAULT_SEQUENCE_LENGTH,
+    PROFILE_INPUT,
     PROFILE_VIEW,
     SEQUENCE_FEATURES,
     TRAINING_FEATURE_SERVICE,
@@ -99,7 +100,7 @@ def encode_split(frame: pd.DataFrame, spec: InputSpec, task_names: Sequence[str]
         if len(task_names)
         else np.zeros((len(frame), 0), dtype=np.float32)
     )
-    profile = enc.pop("profile")
+    profile = enc.pop(PROFILE_INPUT)
     return EncodedSplit(sequences=enc, profile=profile, labels=labels)
 
 

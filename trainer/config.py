@@ -100,14 +100,14 @@ class TrainConfig:
     task_weights: tuple[float, ...] | None = None  # fixed weights; None = all 1
     # task -> run dirs of trained models that predict it: the mean of their calibrated
     # probabilities is the task's training target (trainer/distill.py). None = labels only.
-    # A bare run dir (configs saved before ensembles) reads as a one-teacher tuple.
+    # A bare run dir reads as a one-teacher tuple.
     teachers: dict[str, tuple[str, ...]] | None = None
-    # `--distill` (own_teachers): single-task teachers trained per task, with seeds seed,
-    # seed + 1, ...; an ensemble of 3 ranked better than one on MovieLens (docs/model.md).
+    # `--distill` (trainer/teachers.py): single-task teachers trained per task, at seeds
+    # seed, seed + 1, ...; their mean ranks better than any one of them (docs/model.md).
     distill_teachers: int = 3
     # With teachers: the label's share of a labelled row's target, reached at max_steps by
     # linear annealing. 0.0 = the (calibrated) teacher is the target on every row; 1.0 =
-    # BAM!'s annealing to plain labels. 0.0 measured best on MovieLens (docs/model.md).
+    # BAM!'s annealing to plain labels (trainer/distill.py says why 0.0 is the default).
     distill_label_share: float = 0.0
     plots: bool = True
     log_every: int = 50

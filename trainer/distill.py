@@ -1,123 +1,38 @@
-"""Distillation from single-task teachers (after BAM!, Clark et al. 2019).
+"""Distillation from single-task teachers: the training targets of a distilled run.
 
-Each task t may name teachers: trained models that predict t (in the quality benchmark, t's
-own single-task model at the run's seed and the next ones). The mean of their calibrated
-probabilities, p_t(x), on every training row enters the targets at step s:
+Each task may name teachers (TrainConfig.teachers), trained models that predict it. The mean
+of their calibrated probabilities p_t(x) on a training row enters the targets at step s:
     labelled row:    target = lam(s) * y + (1 - lam(s)) * p_t(x),
                      lam(s) = min(distill_label_share, s / max_steps)
     unlabelled row:  target = p_t(x) for the whole run
-With distill_label_share = 1 the first line is BAM!'s teacher annealing: the shared model
-starts as a copy of each task's single-task model and ends in plain supervised learning.
-The default, 0, keeps the teacher as the target all run. On MovieLens-100K that measured
-better: the teachers are early-stopped single-task models, and the labels the annealing
-hands over to are the same few hundred rows those models stopped fitting (12 seeds:
-rate_high -0.014 +- 0.009 below its single-task model with annealing, -0.005 +- 0.010
-without; docs/model.md). The second line gives a sparsely labelled task a target on every
-row: on MovieLens-100K the rating tasks are labelled on 12% of the rows, and without a
-teacher the other 88% tell the shared encoder nothing about them. A soft teacher target is
-not the "unlabelled = negative" of the plain loss. Tasks without a teacher keep the
-indicator loss unchanged.
+Tasks without a teacher keep their labels. So a sparsely labelled task gets a target on every
+row, and the shared model learns each task's single-task ranking. distill_label_share = 1 is
+teacher annealing (BAM!, Clark et al., ACL 2019); the default 0 keeps the teacher as the target
+all run, since the teachers are early-stopped and annealing would hand the target back to the
+labels they stopped fitting.
 
-The teacher's probability is Platt-scaled first: sigmoid(a * logit + b), fitted on the
-training rows labelled for t. It keeps the teacher's ranking and gives it the spread its
-labels support. Why: an early-stopped teacher can rank well with a nearly flat output. The
-MovieLens rate_high teachers stop at step 80 with probabilities 0.82 to 0.88 +- 0.003 on
-their training rows. A soft target that flat carries no ranking: the student's rate_high
-ranked test users with a Spearman correlation of -0.04 (seed 6) to its teacher's. The fit
-gives a = 27 to 36 for those teachers and 1.1 to 1.9 for the other MovieLens ones (seeds 2
-and 6). The fit uses the teacher's own training rows: the only labels a training run may
-use, plenty for two numbers.
-
-Several teachers per task: `distill_teachers` (3 by default) single-task runs per task, at
-seeds seed, seed + 1, ..., and the target is the mean of their calibrated probabilities. An
-average of independently trained models ranks better than any one of them (their errors are
-partly independent), and the student learns that better ranking. On MovieLens-100K, 24
-seeds: with one teacher per task the student was 0.005 and 0.012 AUC below its single-task
-models on active and rate_high; with three it is level with or ahead of them on every task
-(docs/model.md). The price is training time: three single-task runs per task first.
-
-`userembed train --distill` trains the teachers itself, under <run>/teachers/<task>-s<seed>,
-with the run's own config (train_teachers); a resumed run finishes the teachers it was
-training, then the model.
+Each teacher is Platt-scaled on the training rows labelled for its task before the mean: an
+early-stopped teacher can rank well with a nearly flat output, and a flat soft target carries
+no ranking. Several teachers per task average out their partly independent errors.
+trainer/teachers.py trains a run's own teachers (`--distill`); docs/model.md has the figures.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from trainer.config import TrainConfig
+from trainer.evaluate import score_rows
+from trainer.model import load_unsharded
+from trainer.run_dir import RunDir
 from userembed.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
-
-TEACHERS_DIR = "teachers"
-
-
-def own_teachers(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
-    """Task -> <run dir>/teachers/<task>-s<seed> for seed, seed + 1, ... (distill_teachers of
-    them): the teachers `--distill` trains for this run."""
-    root = Path(cfg.run_dir) / TEACHERS_DIR
-    seeds = [cfg.seed + k for k in range(cfg.distill_teachers)]
-    return {t: tuple(str(root / f"{t}-s{s}") for s in seeds) for t in cfg.model.task_names}
-
-
-def teacher_config(cfg: TrainConfig, task: str, k: int = 0) -> TrainConfig:
-    """Teacher k of a task is the run's own config (data, shape, budget) with one task, no
-    teachers and seed + k: teacher 0 is exactly the single-task model the run is compared
-    with, the others are that model at the next seeds."""
-    return cfg.with_(
-        run_dir=own_teachers(cfg)[task][k],
-        seed=cfg.seed + k,
-        teachers=None,
-        model=replace(cfg.model, task_names=(task,)),
-    )
-
-
-def train_teachers(cfg: TrainConfig, frame: pd.DataFrame) -> list[str]:
-    """Train the run's own teachers (those under <run dir>/teachers/) that have no final model
-    yet, resuming one that was cut short; teachers elsewhere are other runs and are only read.
-    Returns the teachers trained, as <task>-s<seed>. Under torchrun every rank calls this
-    (training is collective)."""
-    import torch.distributed as dist
-
-    from trainer.model import FINAL_CHECKPOINT
-    from trainer.train import has_checkpoint, train
-
-    own = own_teachers(cfg)
-    mine = [
-        (task, k)
-        for task, dirs in (cfg.teachers or {}).items()
-        if own.get(task) == dirs
-        for k in range(len(dirs))
-    ]
-    distributed = dist.is_available() and dist.is_initialized()
-    log = logger.info if not distributed or dist.get_rank() == 0 else logger.debug
-    trained = []
-    for i, (task, k) in enumerate(mine, 1):
-        tcfg = teacher_config(cfg, task, k)
-        run_dir = Path(tcfg.run_dir)
-        name = f"{task} seed {tcfg.seed}"
-        if (run_dir / FINAL_CHECKPOINT).exists():
-            log("teacher %d/%d %s: already trained (%s)", i, len(mine), name, run_dir)
-            continue
-        partial = has_checkpoint(run_dir)
-        log(
-            "teacher %d/%d %s: %s in %s", i, len(mine), name, "resuming" if partial else "training",
-            run_dir,
-        )  # fmt: skip
-        train(tcfg, frame, resume=partial)
-        trained.append(f"{task}-s{tcfg.seed}")
-    if distributed:
-        dist.barrier()  # rank 0 writes each teacher's model.pt; every rank reads them next
-    return trained
 
 
 def teacher_probs(
@@ -144,9 +59,7 @@ def teacher_probs(
 def _one_teacher(
     task: str, run_dir: str, part: pd.DataFrame, batch_size: int, calibrate: bool, log: bool
 ) -> np.ndarray:
-    from trainer.model import FINAL_CHECKPOINT, load_unsharded, score_rows
-
-    final = Path(run_dir) / FINAL_CHECKPOINT
+    final = RunDir(run_dir).model
     if not final.exists():
         raise InvalidInputError(f"teacher for {task!r}: no trained model at {final}")
     model = load_unsharded(final)

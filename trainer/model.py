@@ -1,75 +1,40 @@
-"""SuperMoEModel = SparseArch (TorchRec tables) + DenseArch (plain torch, exportable).
+"""SuperMoEModel = SparseArch (TorchRec tables) + a dense arch (plain torch, exportable), and
+its saved form, a run's model.pt (trainer/run_dir.py).
 
-The split is the export contract: trainer/export.py rebuilds the encoder as `nn.Embedding`
-tables carrying `table_weights()` + this `DenseArch` unchanged.
+The split is the export contract: trainer/export/rebuild.py rebuilds the encoder as
+`nn.Embedding` tables carrying `table_weights()` + the dense arch unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
+from trainer.baselines import build_baseline
 from trainer.config import ModelConfig
-from trainer.encoder import EncoderArch, sequence_stats
-from trainer.heads import TaskHeadsArch
+from trainer.dense import DenseArch, DenseOutput
+from trainer.encoder import sequence_stats
 from trainer.loss import LossOutput, TaskLoss
-from trainer.moe import RouterStats
 from trainer.tables import SparseArch, table_name
 
 logger = logging.getLogger(__name__)
-
-FINAL_CHECKPOINT = "model.pt"
-HELDOUT_INPUTS = "heldout_inputs.npz"  # encoded test rows: the export's parity inputs
-
-
-@dataclass
-class DenseOutput:
-    user_vector: Tensor  # (B, V), L2-normalised
-    task_logits: Tensor  # (B, T)
-    balance_loss: Tensor  # () summed over MoE layers
-    z_loss: Tensor  # () summed over MoE layers
-    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
-
-
-class DenseArch(nn.Module):
-    """Everything after the table lookups. No TorchRec, no data-dependent control flow in eval."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.encoder = EncoderArch(cfg)
-        self.heads = TaskHeadsArch(cfg.user_dim, cfg.task_names, cfg.tower_hidden)
-
-    def forward(
-        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
-    ) -> DenseOutput:
-        user_vector, stats = self.encoder(seq_emb, mask, profile_emb, seq_stats)
-        zero = user_vector.new_zeros(())
-        return DenseOutput(
-            user_vector=user_vector,
-            task_logits=self.heads(user_vector),
-            balance_loss=sum((s.balance_loss for s in stats), zero),
-            z_loss=sum((s.z_loss for s in stats), zero),
-            router_stats=stats,
-        )
 
 
 def build_dense_arch(cfg: ModelConfig) -> nn.Module:
     """cfg.dense_arch -> DenseArch ('supermoe') or a baseline of trainer/baselines.py."""
     if cfg.dense_arch == "supermoe":
         return DenseArch(cfg)
-    from trainer.baselines import build_baseline  # lazy: baselines imports DenseOutput from here
-
     return build_baseline(cfg)
 
 
 class SuperMoEModel(nn.Module):
+    """The training model: tables, dense arch (cfg.dense_arch) and the task loss."""
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -146,25 +111,3 @@ def load_unsharded(path: Path) -> SuperMoEModel:
     model.dense_arch.load_state_dict(dense.state_dict())
     model.load_table_weights(tables)
     return model.eval()
-
-
-@torch.no_grad()
-def score_rows(
-    model: SuperMoEModel, part: Any, batch_size: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
-    """Eval-mode (user vectors (N, V), task probabilities (N, T)) of an unsharded model on
-    training-frame rows `part` (a DataFrame), encoded with the model's own input spec."""
-    from trainer.batches import encode_split, iterate_batches
-
-    model.eval()
-    spec = model.cfg.input_spec
-    vectors, probs = [], []
-    for b in iterate_batches(encode_split(part, spec, ()), spec, batch_size):
-        o, _ = model(b.seq_kjt, b.profile_kjt, None)
-        vectors.append(o.user_vector.numpy())
-        probs.append(torch.sigmoid(o.task_logits).numpy())
-    if not vectors:
-        return np.zeros((0, model.cfg.user_dim), np.float32), np.zeros(
-            (0, len(model.cfg.task_names)), np.float32
-        )
-    return np.concatenate(vectors), np.concatenate(probs)

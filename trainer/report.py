@@ -1,54 +1,24 @@
-"""Evaluation report of a run: per-task test AUC / log-loss, expert load, curves.
-
-Writes `report.json` and PNG plots (loss curves, per-task AUC, expert load) into the run dir.
-"""
+"""A run's report: `report.json` (test metrics, expert load, history, config) and the plots
+(loss curves, per-task AUC, expert load), written into the run folder (trainer/run_dir.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import log_loss, roc_auc_score
+
+from trainer.config import TrainConfig
+from trainer.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
-
-REPORT_FILE = "report.json"
-
-
-def task_metrics(
-    probs: np.ndarray, labels: np.ndarray, task_names: Sequence[str]
-) -> dict[str, dict[str, float]]:
-    """Per task over its labelled rows: AUC, log-loss, and the prior's log-loss as baseline."""
-    out: dict[str, dict[str, float]] = {}
-    for j, t in enumerate(task_names):
-        y = labels[:, j]
-        keep = ~np.isnan(y)
-        y, p = y[keep], np.clip(probs[keep, j], 1e-7, 1 - 1e-7)
-        if len(y) == 0 or y.min() == y.max():
-            out[t] = {
-                "auc": float("nan"),
-                "log_loss": float("nan"),
-                "prior_log_loss": float("nan"),
-                "n": float(len(y)),
-            }
-            continue
-        prior = float(y.mean())
-        out[t] = {
-            "auc": float(roc_auc_score(y, p)),
-            "log_loss": float(log_loss(y, p, labels=[0, 1])),
-            "prior_log_loss": float(log_loss(y, np.full_like(p, prior), labels=[0, 1])),
-            "n": float(len(y)),
-        }
-    return out
 
 
 def write_report(
     run_dir: Path,
-    cfg: Any,
+    cfg: TrainConfig,
     test_metrics: dict[str, dict[str, float]],
     history: dict[str, list[dict[str, Any]]],
     expert_load: list[np.ndarray],
@@ -74,14 +44,15 @@ def write_report(
         "history": history,
         "config": cfg.to_dict(),
     }
-    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    run = RunDir(run_dir)
+    run.report.write_text(json.dumps(report, indent=2))
     if cfg.plots:
-        _plots(run_dir, test_metrics, history, expert_load)
+        _plots(run, test_metrics, history, expert_load)
     return report
 
 
 def _plots(
-    run_dir: Path,
+    run: RunDir,
     test_metrics: dict[str, dict[str, float]],
     history: dict[str, list[dict[str, Any]]],
     expert_load: list[np.ndarray],
@@ -98,7 +69,7 @@ def _plots(
         ax.plot([h["step"] for h in train], [h["loss"][t] for h in train], label=t)
     ax.set(xlabel="step", ylabel="train loss (labelled samples)", title="Loss")
     ax.legend()
-    fig.savefig(run_dir / "loss.png", dpi=80, bbox_inches="tight")
+    fig.savefig(run.plot("loss.png"), dpi=80, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -108,7 +79,7 @@ def _plots(
         ax.axhline(test_metrics[t]["auc"], color=line.get_color(), ls="--", lw=0.8)
     ax.set(xlabel="step", ylabel="AUC", title="Per-task AUC (dashed: test, best model)")
     ax.legend()
-    fig.savefig(run_dir / "auc.png", dpi=80, bbox_inches="tight")
+    fig.savefig(run.plot("auc.png"), dpi=80, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -119,5 +90,5 @@ def _plots(
         ax.axhline(1.0 / len(expert_load[0]), color="grey", ls="--", lw=0.8)
     ax.set(xlabel="expert", ylabel="token share (test)", title="Expert load")
     ax.legend()
-    fig.savefig(run_dir / "expert_load.png", dpi=80, bbox_inches="tight")
+    fig.savefig(run.plot("expert_load.png"), dpi=80, bbox_inches="tight")
     plt.close(fig)

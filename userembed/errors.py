@@ -1,23 +1,20 @@
-"""Errors of the platform. Each knows the gRPC status it maps to, so one place can translate."""
+"""Errors of the platform. Each names the gRPC status it maps to (`grpc_status`, a
+`grpc.StatusCode` member name), so one place in the server translates without this package
+importing grpc."""
 
 from __future__ import annotations
-
-import grpc
 
 
 class UserEmbedError(Exception):
     """Base class of every error the platform raises on purpose."""
 
-    grpc_status: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-    def grpc_status_code(self) -> grpc.StatusCode:
-        return self.grpc_status
+    grpc_status: str = "INTERNAL"
 
 
 class InvalidInputError(UserEmbedError):
     """Input data or a request that breaks the documented schema."""
 
-    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    grpc_status = "INVALID_ARGUMENT"
 
 
 class SchemaError(InvalidInputError):
@@ -33,30 +30,30 @@ class SchemaError(InvalidInputError):
 class DataNotFoundError(UserEmbedError):
     """An input file or data set that should exist is absent."""
 
-    grpc_status = grpc.StatusCode.NOT_FOUND
+    grpc_status = "NOT_FOUND"
 
 
 class ModelNotFoundError(UserEmbedError):
-    grpc_status = grpc.StatusCode.NOT_FOUND
+    grpc_status = "NOT_FOUND"
 
 
 class UserNotFoundError(UserEmbedError):
     """The user is unknown to the feature store (not an outage)."""
 
-    grpc_status = grpc.StatusCode.NOT_FOUND
+    grpc_status = "NOT_FOUND"
 
 
 class CorruptModelError(UserEmbedError):
     """A registry entry whose manifest or files do not check out."""
 
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    grpc_status = "FAILED_PRECONDITION"
 
 
 class BackendUnavailableError(UserEmbedError):
     """Redis or the feature store cannot be reached."""
 
-    grpc_status = grpc.StatusCode.UNAVAILABLE
+    grpc_status = "UNAVAILABLE"
 
 
 class OverloadedError(UserEmbedError):
-    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    grpc_status = "RESOURCE_EXHAUSTED"

@@ -31,6 +31,8 @@ SEQUENCE_FEATURES: tuple[str, ...] = (
 # Profile attributes (Feast Int64). A model declares which of them it uses.
 PROFILE_FEATURES: tuple[str, ...] = ("age_bucket", "gender", "occupation", "region")
 SEQ_LEN_FEATURE = "seq_len"
+# The encoder input holding every profile feature, (B, P) int64 (manifest input name).
+PROFILE_INPUT = "profile"
 
 TRAINING_FEATURE_SERVICE = "user_training_v1"
 SERVING_FEATURE_SERVICE = "user_serving_v1"
@@ -129,7 +131,7 @@ def encode_inputs(rows: Mapping[str, Sequence[Any]], spec: InputSpec) -> dict[st
             [-1 if v is None or v != v else int(v) for v in rows[f.name]], dtype=np.int64
         )
         profile[:, j] = hash_ids(col, f.num_embeddings)
-    out["profile"] = profile
+    out[PROFILE_INPUT] = profile
     return out
 
 
@@ -193,5 +195,5 @@ def encode_arrow(columns: Mapping[str, Any], spec: InputSpec) -> dict[str, np.nd
     for j, f in enumerate(spec.profile_features):
         col = pc.fill_null(column(f.name), -1).to_numpy(zero_copy_only=False)
         profile[:, j] = hash_ids(col.astype(np.int64), f.num_embeddings)
-    out["profile"] = profile
+    out[PROFILE_INPUT] = profile
     return out

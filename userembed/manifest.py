@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from userembed.errors import CorruptModelError
-from userembed.features import InputSpec
+from userembed.features import PROFILE_INPUT, InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ NORMALIZATIONS: tuple[str, ...] = ("l2", "none")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -200,7 +196,7 @@ def single_onnx_manifest(
             OnnxVariant(
                 name="fp32",
                 file=FileEntry.of(directory, filename),
-                inputs=tuple(f.name for f in input_spec.sequence_features) + ("profile",),
+                inputs=tuple(f.name for f in input_spec.sequence_features) + (PROFILE_INPUT,),
                 outputs=("user_vector",),
             ),
         ),

@@ -10,12 +10,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# File names of a built data set: raw tables under data_dir(), Feast offline tables under
+# offline_dir() (userembed.snapshots writes them, feature_repo/ and the refresh read them).
+EVENTS_FILE = "events.parquet"
+USERS_FILE = "users.parquet"
+LABELS_FILE = "labels.parquet"
+BEHAVIOR_FILE = "behavior.parquet"
+PROFILE_FILE = "profile.parquet"
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FEATURE_REPO = Path(os.environ.get("USEREMBED_FEATURE_REPO", REPO_ROOT / "feature_repo"))
 
 
 def home() -> Path:
     return Path(os.environ.get("USEREMBED_HOME", Path.cwd() / "var")).resolve()
+
+
+def data_dir() -> Path:
+    """Raw tables + spec.json of the current data set (`userembed data build`)."""
+    return home() / "data"
+
+
+def runs_dir() -> Path:
+    """Training runs, one folder each (trainer.run_dir.RunDir)."""
+    return home() / "runs"
 
 
 def offline_dir() -> Path:

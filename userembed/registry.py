@@ -48,6 +48,8 @@ from userembed.manifest import (
 
 logger = logging.getLogger(__name__)
 
+# The model name every command defaults to (export --model-name, refresh, rollback, demo).
+DEFAULT_MODEL = "supermoe"
 LATEST = "latest"
 ALIASES_DIR = "aliases"
 VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")

@@ -31,11 +31,10 @@ from userembed.features import (
     SEQUENCE_FEATURES,
     gap_buckets,
 )
+from userembed.paths import BEHAVIOR_FILE, PROFILE_FILE
 
 logger = logging.getLogger(__name__)
 
-BEHAVIOR_FILE = "behavior.parquet"
-PROFILE_FILE = "profile.parquet"
 # Raw event column behind each sequence feature (gap_bucket_seq is derived from timestamps).
 _SEQ_SOURCE = {"item_seq": "item_id", "category_seq": "category_id", "event_type_seq": "event_type"}
 _TS_TYPE = pa.timestamp("us", tz="UTC")

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import redis
 
+from userembed import resp
+
 DTYPES: dict[str, np.dtype[Any]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
 VECTOR_FIELDS = ("vector", "dtype", "model_version", "computed_at", "feature_ts")
 
@@ -51,11 +53,6 @@ class EmbeddingVersion:
     created_at_ms: int
     status: str
     users: int
-
-
-def _bulk(x: bytes) -> bytes:
-    """One RESP bulk string."""
-    return b"$%d\r\n%b\r\n" % (len(x), x)
 
 
 def encode_vector(vector: np.ndarray, dtype: str = "f32") -> bytes:
@@ -214,36 +211,37 @@ class VectorStore:
         dtype: str,
         at: int,
     ) -> None:
-        """The same HSET + EXPIRE commands as the redis-py pipeline, packed as RESP by hand
-        into one buffer and sent on one pooled connection. Why: redis-py spends ~8 us of
-        Python per user packing and parsing two commands, which the batch refresh pays on the
-        cores onnxruntime and Redis share. Single server only (no per-slot routing)."""
+        """The same HSET + EXPIRE commands as the redis-py pipeline, packed as RESP into one
+        buffer and sent on one pooled connection: redis-py's Python cost of packing and parsing
+        two commands per user would be paid on the cores the batch refresh shares with
+        onnxruntime and Redis. Single server only (no per-slot routing)."""
         row = data.shape[1] * data.itemsize
         buf = memoryview(data.tobytes())  # one copy of the batch, sliced per user without copies
-        head = _bulk(b"HSET")
-        vec_head = _bulk(b"vector") + b"$%d\r\n" % row
+        head = resp.array_header(12) + resp.bulk(b"HSET")
+        vector_head = resp.bulk(b"vector") + resp.bulk_header(row)
         # fields after the vector, the same for every user except feature_ts' value
-        mid = (
-            b"\r\n"
-            + _bulk(b"dtype")
-            + _bulk(dtype.encode())
-            + _bulk(b"model_version")
-            + _bulk(model_version.encode())
-            + _bulk(b"computed_at")
-            + _bulk(b"%d" % at)
-            + _bulk(b"feature_ts")
+        middle = (
+            resp.CRLF
+            + resp.bulk(b"dtype")
+            + resp.bulk(dtype.encode())
+            + resp.bulk(b"model_version")
+            + resp.bulk(model_version.encode())
+            + resp.bulk(b"computed_at")
+            + resp.bulk(b"%d" % at)
+            + resp.bulk(b"feature_ts")
         )
-        expire = _bulk(b"%d" % self.ttl_s) if self.ttl_s else b""
+        expire_head = resp.array_header(3) + resp.bulk(b"EXPIRE")
+        ttl = resp.bulk(b"%d" % self.ttl_s) if self.ttl_s else b""
         keys = self.keys.vector_keys(ev, [str(u) for u in user_ids])
         parts: list[bytes | memoryview] = []
         for i, name in enumerate(keys):
-            key = _bulk(name)
+            key = resp.bulk(name)
             fts = int(feature_ts_ms[i]) if feature_ts_ms is not None else 0
-            parts += (b"*12\r\n", head, key, vec_head, buf[i * row : (i + 1) * row], mid)
-            parts.append(_bulk(b"%d" % fts))
-            if expire:
-                parts += (b"*3\r\n$6\r\nEXPIRE\r\n", key, expire)
-        replies = len(user_ids) * (2 if expire else 1)
+            parts += (head, key, vector_head, buf[i * row : (i + 1) * row], middle)
+            parts.append(resp.bulk(b"%d" % fts))
+            if ttl:
+                parts += (expire_head, key, ttl)
+        replies = len(user_ids) * (2 if ttl else 1)
         pool = self.r.connection_pool
         conn = pool.get_connection()
         try:

@@ -30,13 +30,14 @@ COPY protos protos
 COPY userembed userembed
 COPY trainer trainer
 COPY embed_server embed_server
+COPY refresh refresh
 # The contract of this image, checked at build time: no torch, and the onnxruntime module only
 # from onnxruntime-gpu.
 RUN pip install "$(python deploy/docker/requirements.py dev | grep '^grpcio-tools')" \
  && VENV=/opt/venv protos/generate.sh \
  && pip uninstall -y grpcio-tools \
  && pip install --no-deps . \
- && python -c "import embed_server.server, embed_server.refresh, onnxruntime, ray" \
+ && python -c "import embed_server.server, refresh.job, onnxruntime, ray" \
  && ! pip show torch >/dev/null 2>&1 \
  && ! pip show onnxruntime >/dev/null 2>&1 \
  && pip show onnxruntime-gpu >/dev/null

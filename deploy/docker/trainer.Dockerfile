@@ -23,13 +23,14 @@ COPY protos protos
 COPY userembed userembed
 COPY trainer trainer
 COPY embed_server embed_server
+COPY refresh refresh
 # Generated gRPC code (gitignored) is produced here by the project's one script; grpcio-tools is
 # a build-time tool only.
 RUN pip install "$(python deploy/docker/requirements.py dev | grep '^grpcio-tools')" \
  && VENV=/opt/venv protos/generate.sh \
  && pip uninstall -y grpcio-tools \
  && pip install --no-deps . \
- && python -c "import torchrec, fbgemm_gpu, onnxruntime, trainer.cli, embed_server._proto"
+ && python -c "import torchrec, fbgemm_gpu, onnxruntime, userembed.commands.train, embed_server._proto"
 
 FROM ${PYTHON_IMAGE} AS runtime
 # libgomp: OpenMP runtime of the fbgemm CPU kernels.

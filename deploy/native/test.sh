@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy userembed embed_server trainer
+.venv/bin/mypy userembed embed_server trainer refresh
 .venv/bin/mypy --explicit-package-bases bench/*.py
 # One math thread per process: the suite runs several torch / onnxruntime processes at once on
 # small machines, and oversubscribed thread pools slow them by orders of magnitude.

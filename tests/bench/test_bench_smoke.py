@@ -62,15 +62,21 @@ def test_quality_smoke_reports_every_model_with_seesaw_and_probes(tmp_path: Path
     assert (md.read_text() if md.exists() else None) == before  # smoke never edits the doc
 
 
-def test_quality_section_is_replaced_on_rerun_and_the_rest_kept(tmp_path: Path) -> None:
-    quality = _bench_module("quality")
+def test_a_generated_section_is_replaced_on_rerun_and_the_rest_kept(tmp_path: Path) -> None:
+    from bench.common import write_section
+
+    quality, perf = _bench_module("quality"), _bench_module("perf")
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nhand-written intro\n")
-    quality.write_section(quality.BEGIN + "\nfirst\n" + quality.END, doc)
-    quality.write_section(quality.BEGIN + "\nsecond\n" + quality.END, doc)
+    for run in ("first", "second"):
+        write_section(
+            f"{quality.BEGIN}\nquality {run}\n{quality.END}", quality.BEGIN, quality.END, doc
+        )
+        write_section(f"{perf.BEGIN}\nperf {run}\n{perf.END}", perf.BEGIN, perf.END, doc)
     text = doc.read_text()
-    assert "hand-written intro" in text and "second" in text and "first" not in text
-    assert text.count(quality.END) == 1
+    assert "hand-written intro" in text and "first" not in text
+    assert text.index("quality second") < text.index("perf second")
+    assert text.count(quality.END) == 1 and text.count(perf.END) == 1
 
 
 def test_probe_finds_an_attribute_written_into_the_vectors_and_not_a_random_one() -> None:
@@ -120,7 +126,7 @@ def test_a_kept_teacher_is_reused_only_for_the_same_budget(tmp_path: Path) -> No
     model's teacher only when its saved config is the one it would train now."""
     quality = _bench_module("quality")
     from tests.trainer.frames import tiny_frame
-    from trainer.model import FINAL_CHECKPOINT
+    from trainer.run_dir import FINAL_CHECKPOINT
 
     frame = tiny_frame(200, seed=1)
     qc = quality.QualityConfig(steps=8, batch_size=32, eval_every=4, sequence_length=12)
@@ -277,7 +283,7 @@ def test_a_single_task_run_is_trained_once_and_its_lock_serialises_processes(
     quality = _bench_module("quality")
     from tests.trainer.dist_worker import PROFILE
     from tests.trainer.frames import tiny_frame
-    from trainer.model import FINAL_CHECKPOINT
+    from trainer.run_dir import FINAL_CHECKPOINT
 
     frame = tiny_frame(200, seed=1)
     qc = quality.QualityConfig(steps=8, batch_size=32, eval_every=4, sequence_length=12)

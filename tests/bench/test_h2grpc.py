@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from bench import h2grpc as h2  # the module bench/serving.py imports
+from bench import h2grpc as h2  # the serving bench's load generator (bench/serving_load.py)
 from embed_server._proto import embedding_service_pb2 as pb
 from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
 

@@ -27,7 +27,7 @@ def _no_abbrev(parser: argparse.ArgumentParser) -> None:
 
 @cache
 def strict_parser() -> argparse.ArgumentParser:
-    from userembed.cli import build_parser
+    from userembed.commands.main import build_parser
 
     parser = build_parser()
     _no_abbrev(parser)

@@ -63,8 +63,8 @@ def test_torchrun_commands_launch_the_cli_module_with_valid_flags(
 ) -> None:
     pytest.importorskip("torch")
     args, script = torchrun_split(argv)
-    assert args.module, f"{where}: torchrun must run the CLI as a module (-m userembed.cli)"
-    assert script[0] == "userembed.cli", where
+    assert args.module, f"{where}: torchrun must run the CLI as a module (-m userembed.commands)"
+    assert script[0] == "userembed.commands", where
     assert args.nproc_per_node not in ("1", 1), f"{where}: one process per node is not torchrun"
     err = parse_error(script[1:])
     assert err is None, f"{where}: `{' '.join(script)}` is rejected by the CLI: {err}"
@@ -127,7 +127,7 @@ for where, argv in json.load(sys.stdin):
     err = parse_error(argv[1:])
     if err:
         bad[where + ": " + " ".join(argv)] = err
-import embed_server.server, embed_server.refresh  # what serve / refresh run
+import embed_server.server, refresh.job  # what serve / refresh run
 print(json.dumps({"bad": bad, "torch": [m for m in sys.modules if m.startswith("torch")]}))
 """
     proc = subprocess.run(
@@ -151,7 +151,7 @@ SETTINGS_VARS = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(ServerS
 
 def _variables_read_by_the_code() -> set[str]:
     names = set(SETTINGS_VARS) | {"REDIS_URL"}
-    for pkg in ("userembed", "trainer", "embed_server"):
+    for pkg in ("userembed", "trainer", "embed_server", "refresh"):
         for path in (sources.ROOT / pkg).rglob("*.py"):
             names |= set(re.findall(r"[\"'](USEREMBED_[A-Z0-9_]+)[\"']", path.read_text()))
     return names

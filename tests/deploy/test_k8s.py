@@ -230,7 +230,7 @@ def test_multi_node_training_master_is_pod_zero_which_exports() -> None:
     args, script = torchrun_split(torchrun)
     assert (args.nnodes, args.node_rank) == (env["NNODES"], 1)
     assert (args.master_addr, args.master_port) == (env["MASTER_ADDR"], int(env["MASTER_PORT"]))
-    assert script[:2] == ["userembed.cli", "train"]
+    assert script[:2] == ["userembed.commands", "train"]
     # Only pod 0, where global rank 0 wrote the model, exports it.
     script_text = c["command"][-1]
     assert re.search(r'if \[ "\$JOB_COMPLETION_INDEX" = 0 \]; then userembed export', script_text)

@@ -13,7 +13,8 @@ import redis
 
 from embed_server.batching import MicroBatcher
 from embed_server.errors import REDIS_OUTAGE, DeadlineExceededError
-from embed_server.redis_reads import PipelinedRedis, ReadCoalescer
+from embed_server.redis_reads import READ_SCRIPT, PipelinedRedis, ReadCoalescer
+from userembed import resp
 from userembed.errors import OverloadedError
 
 
@@ -147,6 +148,16 @@ def test_concurrent_stored_reads_share_one_redis_round_trip_in_order(redis_url):
     assert batches == [4, 1, 1]
 
 
+def test_coalescer_sends_eval_of_the_read_script_or_a_plain_hmget() -> None:
+    reads = ReadCoalescer(PipelinedRedis("redis://127.0.0.1:1"), ("vector", "dtype"))
+    fields = (b"vector", b"dtype")
+    script = READ_SCRIPT.encode()
+    assert reads.command([b"k1", b"k2"]) == resp.command(
+        b"EVAL", script, b"2", b"k1", b"k2", *fields
+    )
+    assert reads.hmget(b"k1") == resp.command(b"HMGET", b"k1", *fields)
+
+
 def test_stored_reads_fail_as_connection_errors_while_redis_is_down(redis_url, redis_server):
     async def main():
         conn = PipelinedRedis(redis_url, connect_timeout_s=1.0, timeout_s=2.0)
@@ -226,10 +237,12 @@ def test_clustered_reads_wait_to_share_a_round_trip_and_a_full_batch_goes_at_onc
             futs.append(reads.read(f"k:c{i % 8}".encode()))
             busy(round_trip / 3)
             await asyncio.sleep(0)
+        # read while the burst is on: a last held read that goes alone rightly ends holding
+        holding = reads.holding
         rows = await asyncio.gather(*futs)
         took = time.perf_counter() - t0
         assert rows == [[f"v{i % 8}".encode()] for i in range(200)]
-        holding, burst = reads.holding, list(batches)
+        burst = list(batches)
         # the burst is over: one caller at a time again waits out at most one hold
         t0 = time.perf_counter()
         for _ in range(20):

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from embed_server.client import EmbeddingClient, ItemError
-from embed_server.lookup import online_version
+from embed_server.version_policy import online_version
 from tests.embed_server.conftest import DIM, MODEL, SPEC, FakeFeatures, publish_tiny
 from userembed.features import encode_inputs
 from userembed.registry import Registry

@@ -12,9 +12,11 @@ from tests.trainer.frames import tiny_frame
 from trainer.baselines import BASELINE_ARCHS, MMoEArch, PLEArch
 from trainer.batches import build_input_spec, encode_split, iterate_batches, task_names_of
 from trainer.config import ModelConfig, TrainConfig
+from trainer.dense import DenseArch
 from trainer.encoder import sequence_stats
-from trainer.model import FINAL_CHECKPOINT, DenseArch, build_dense_arch, load_unsharded
-from trainer.report import task_metrics
+from trainer.evaluate import task_metrics
+from trainer.model import build_dense_arch, load_unsharded
+from trainer.run_dir import FINAL_CHECKPOINT
 from trainer.train import train
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from userembed import cli
+from userembed.commands import main as cli
 
 
 @pytest.fixture

@@ -16,18 +16,13 @@ from tests.trainer.dist_worker import tiny_config
 from tests.trainer.frames import tiny_frame
 from trainer.batches import encode_split
 from trainer.config import TrainConfig
-from trainer.distill import (
-    annealing,
-    distill_targets,
-    own_teachers,
-    platt,
-    teacher_config,
-    teacher_probs,
-    train_teachers,
-)
+from trainer.distill import annealing, distill_targets, platt, teacher_probs
 from trainer.distributed import DistContext
-from trainer.model import FINAL_CHECKPOINT, load_unsharded
-from trainer.train import predict, train
+from trainer.evaluate import predict
+from trainer.model import load_unsharded
+from trainer.run_dir import FINAL_CHECKPOINT
+from trainer.teachers import own_teachers, teacher_config, train_teachers
+from trainer.train import train
 from userembed.errors import InvalidInputError
 
 NAN = math.nan

@@ -12,19 +12,23 @@ import pytest
 import torch
 
 from tests.trainer.frames import tiny_frame
-from trainer import export as export_mod
 from trainer.batches import build_input_spec, task_names_of
 from trainer.config import ModelConfig, MoEConfig, TrainConfig
 from trainer.export import (
     ExportableEncoder,
     ExportParityError,
+    ExportResult,
     expert_covering_inputs,
     export_model,
     moe_layers,
+    onnx_files,
+    publish,
+    random_inputs,
 )
-from trainer.model import FINAL_CHECKPOINT, load_final
+from trainer.model import load_final
+from trainer.run_dir import FINAL_CHECKPOINT
 from trainer.train import train
-from userembed import cli
+from userembed.commands import main as cli
 from userembed.errors import CorruptModelError, DataNotFoundError
 from userembed.features import encode_inputs
 from userembed.registry import Registry
@@ -113,14 +117,14 @@ def test_cli_export_with_external_data_is_hashed_verified_and_loaded(
     assert summary["user_vector_max_abs_diff"] <= 1e-4
     reg = Registry(tmp_path / "reg")
     loaded = reg.load_verified("m")
-    result = export_mod.ExportResult(loaded.manifest, reg.root, dict(loaded.manifest.parity))
+    result = ExportResult(loaded.manifest, reg.root, dict(loaded.manifest.parity))
     assert result.version == summary["version"]
     v = result.manifest.variant("fp32")
     assert [e.path for e in v.external_data] == ["onnx/encoder_fp32.onnx.data"]
     assert loaded.session_source() == str(loaded.onnx_path)  # data file found beside it
     sess = ort.InferenceSession(loaded.session_source(), providers=["CPUExecutionProvider"])
     spec = result.manifest.input_spec
-    x = export_mod.random_inputs(spec, 3, np.random.default_rng(1))
+    x = random_inputs(spec, 3, np.random.default_rng(1))
     assert sess.run(None, x)[0].shape == (3, result.manifest.vector.dim)
 
     data = tmp_path / "reg" / "m" / result.version / "onnx" / "encoder_fp32.onnx.data"
@@ -134,7 +138,7 @@ def test_cli_export_with_external_data_is_hashed_verified_and_loaded(
 def _break_expert(how: str):  # type: ignore[no-untyped-def]
     """An export_onnx that writes a graph whose expert 1 of MoE layer 0 is not the trained one,
     as a trace that lost or mangled an expert would."""
-    real = export_mod.export_onnx
+    real = onnx_files.export_onnx
 
     def broken(enc: ExportableEncoder, path: Path, example) -> None:  # type: ignore[no-untyped-def]
         bad = copy.deepcopy(enc)
@@ -153,7 +157,7 @@ def _break_expert(how: str):  # type: ignore[no-untyped-def]
 def test_export_that_mangles_an_expert_fails_and_publishes_nothing(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    monkeypatch.setattr(export_mod, "export_onnx", _break_expert(how))
+    monkeypatch.setattr(publish, "export_onnx", _break_expert(how))
     with pytest.raises(ExportParityError) as e:
         export_model(run_dir, str(tmp_path / "reg"), "m")
     assert "crafted: user vector" in str(e.value)

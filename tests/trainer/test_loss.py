@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.evaluate import validation_score
 from trainer.loss import TaskLoss, labelled_weights, per_task_losses
-from trainer.train import validation_score
 
 NAN = float("nan")
 

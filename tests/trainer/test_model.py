@@ -13,8 +13,9 @@ from torch import nn
 from tests.trainer.dist_worker import tiny_config
 from tests.trainer.frames import tiny_frame
 from trainer.batches import encode_split, make_batch
+from trainer.dense import DenseArch
 from trainer.encoder import sequence_stats
-from trainer.model import DenseArch, SuperMoEModel
+from trainer.model import SuperMoEModel
 
 
 @pytest.fixture(scope="module")

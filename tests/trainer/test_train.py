@@ -1,4 +1,5 @@
-"""Single-process training: it learns, it reports, and a resumed run equals an uninterrupted one."""
+"""Single-process training: one step updates every part, a run learns and reports, and a resumed
+run equals an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import torch
 
 from tests.trainer.dist_worker import tiny_config
 from tests.trainer.frames import tiny_frame
-from trainer.model import FINAL_CHECKPOINT, load_final
+from trainer.batches import encode_split, iterate_batches
+from trainer.distributed import DistContext
+from trainer.model import SuperMoEModel, load_final
+from trainer.run_dir import FINAL_CHECKPOINT, PLOT_FILES, RunDir
+from trainer.step import prepare, train_step
 from trainer.train import train
 
 
@@ -20,20 +25,38 @@ def frame():  # type: ignore[no-untyped-def]
     return tiny_frame(1000, seed=1)
 
 
+def test_one_train_step_updates_tables_and_dense_weights(frame, tmp_path: Path) -> None:
+    cfg = tiny_config(str(tmp_path / "unused"), frame)
+    spec = cfg.model.input_spec
+    split = encode_split(frame[frame["split"] == "train"], spec, cfg.model.task_names)
+    batch = next(iterate_batches(split, spec, cfg.batch_size))
+    model, optim = prepare(SuperMoEModel(cfg.model), cfg, DistContext())
+    assert isinstance(model, SuperMoEModel)
+    tables = model.table_weights()
+    dense = {k: v.clone() for k, v in model.dense_arch.state_dict().items()}
+    out, loss = train_step(model, batch, optim)
+    assert torch.isfinite(loss.total) and out.task_logits.shape == (cfg.batch_size, 2)
+    # The tables' Adagrad runs inside backward; AdamW and the schedule step after it.
+    assert any(not torch.equal(tables[n], t) for n, t in model.table_weights().items())
+    assert any(not torch.equal(dense[k], v) for k, v in model.dense_arch.state_dict().items())
+    assert optim.scheduler.last_epoch == 1
+
+
 def test_short_cpu_run_beats_trivial_baseline_on_every_task(frame, tmp_path: Path) -> None:
     cfg = tiny_config(str(tmp_path / "run"), frame, max_steps=150, eval_every=50, plots=True)
     result = train(cfg, frame)
     for task, m in result.test_metrics.items():
         assert m["auc"] > 0.6, (task, m)
         assert m["log_loss"] < m["prior_log_loss"], (task, m)
-    run = Path(cfg.run_dir)
-    report = json.loads((run / "report.json").read_text())
+    run = RunDir(cfg.run_dir)
+    report = json.loads(run.report.read_text())
     assert set(report["test"]) == {"click", "buy"}
     assert len(report["expert_load"]) == cfg.model.num_layers
     for layer in report["expert_load"]:
         assert math.isclose(sum(layer["token_share"]), 1.0, rel_tol=1e-5)
-    for png in ("loss.png", "auc.png", "expert_load.png"):
-        assert (run / png).stat().st_size > 1000
+    assert run.plots() == [run.plot(p) for p in PLOT_FILES]
+    assert all(p.stat().st_size > 1000 for p in run.plots())
+    assert run.read_config() == cfg and run.heldout_inputs.is_file() and run.model.is_file()
 
 
 def test_resumed_run_equals_uninterrupted_run(frame, tmp_path: Path) -> None:

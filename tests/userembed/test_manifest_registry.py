@@ -11,7 +11,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from userembed import cli
+from userembed.commands import main as cli
 from userembed.errors import CorruptModelError, InvalidInputError, ModelNotFoundError
 from userembed.features import FeatureSpec, InputSpec
 from userembed.manifest import (

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import redis
 
+from userembed import resp
 from userembed.vectors import VectorKeys, VectorStore
 
 
@@ -68,3 +69,11 @@ def test_failed_write_raises_and_keeps_the_connection_usable(redis_url: str) -> 
     assert all(g is not None for g in got)  # the rest of the batch was written
     store.write("e", ["4"], np.ones((1, 4), np.float32), "v1")  # and the store still writes
     assert store.read("e", ["4"])[0] is not None
+
+
+def test_resp_encoder_writes_what_redis_py_sends() -> None:
+    args = (b"HSET", b"ue:m:e:{1}", b"vector", bytes(range(256)) * 40, b"dtype", b"f32", b"")
+    assert resp.command(*args) == b"".join(redis.Connection().pack_command(*args))
+    payload = b"\x00\r\n\xff"  # binary bytes, CRLF inside: lengths frame them, not delimiters
+    assert resp.bulk_header(len(payload)) + payload + resp.CRLF == resp.bulk(payload)
+    assert resp.array_header(2) + resp.bulk(b"GET") + resp.bulk(b"k") == resp.command(b"GET", b"k")

@@ -1,0 +1,121 @@
+"""Resume state of a refresh run, kept in Redis beside the embedding version it builds.
+
+Everything lives in the version's metadata hash (`ue:{<model>}:ev:<version>`, see
+userembed/vectors.py), so `VectorStore.delete_version` removes it with the version and a
+Kubernetes CronJob needs no volume:
+
+    plan        JSON RunPlan: model version, mode, source fingerprint, part_rows, since_ms, ...
+    part:<id>   JSON PartResult of a finished part (written after its vectors)
+    mode, engine                                       set when a run starts or resumes
+    watermark_ms, drift, seconds, compute_seconds, finished_at     set when the run completes
+
+A part is marked done only after its vectors are written, so a run killed in between redoes
+that part; vector writes are idempotent per key, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from userembed.vectors import STATUS_BUILDING, VectorStore
+
+logger = logging.getLogger(__name__)
+
+PLAN_FIELD = "plan"
+PART_PREFIX = "part:"
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """What one part did; summed into the run's validation counters."""
+
+    part_id: str
+    users: int  # vectors now in the version for this part (computed + copied)
+    computed: int
+    copied: int  # unchanged users carried over from the previous version (incremental)
+    nonfinite: int  # computed vectors holding NaN or inf
+    min_norm: float
+    max_norm: float
+    max_feature_ts_ms: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> PartResult:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The identity of a run: a building version is resumed only when all of this matches."""
+
+    model_version: str
+    mode: str  # "full" | "incremental"
+    fingerprint: str
+    part_rows: int
+    since_ms: int | None
+    base_version: str | None  # the version unchanged users are copied from (incremental)
+    users: int
+    parts: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunPlan:
+        return cls(**json.loads(text))
+
+
+class Checkpoint:
+    """Read and write one embedding version's resume state."""
+
+    def __init__(self, store: VectorStore, version: str) -> None:
+        self.store = store
+        self.version = version
+        self.key = store.keys.meta(version)
+
+    def save_plan(self, plan: RunPlan) -> None:
+        self.store.r.hset(self.key, PLAN_FIELD, plan.to_json())
+
+    def load_plan(self) -> RunPlan | None:
+        raw: Any = self.store.r.hget(self.key, PLAN_FIELD)  # sync client: bytes | None
+        return RunPlan.from_json(raw) if raw else None
+
+    def mark_done(self, result: PartResult) -> None:
+        self.store.r.hset(self.key, PART_PREFIX + result.part_id, result.to_json())
+
+    def done(self) -> dict[str, PartResult]:
+        """Finished parts by id."""
+        out = {}
+        fields: Any = self.store.r.hgetall(self.key)
+        for k, v in fields.items():
+            name = k.decode()
+            if name.startswith(PART_PREFIX):
+                out[name[len(PART_PREFIX) :]] = PartResult.from_json(v)
+        return out
+
+    def set_fields(self, fields: Mapping[str, Any]) -> None:
+        """Extra metadata (drift report, watermark, timings); dicts are stored as JSON."""
+        mapping = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in fields.items()}
+        self.store.r.hset(self.key, mapping=mapping)
+
+    def get_field(self, name: str) -> str | None:
+        raw: Any = self.store.r.hget(self.key, name)
+        return raw.decode() if raw is not None else None
+
+
+def find_resumable(store: VectorStore, plan: RunPlan) -> str | None:
+    """The newest version still `building` whose saved plan equals `plan`: a run that was
+    killed (SIGKILL, node loss) before it finished. Failed versions are never resumed."""
+    for info in reversed(store.list_versions()):
+        if info.status != STATUS_BUILDING or info.model_version != plan.model_version:
+            continue
+        saved = Checkpoint(store, info.id).load_plan()
+        if saved == plan:
+            return info.id
+    return None

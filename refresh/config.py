@@ -1,0 +1,62 @@
+"""What one refresh run is asked to do: `RefreshConfig`, its modes, engines and defaults.
+
+The defaults here are the only spelling of them: `userembed refresh` reads its flag defaults
+from this class. Light imports only (no ray, no onnxruntime, no redis), so the CLI can import
+it when it builds its parser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from userembed import paths
+from userembed.errors import InvalidInputError
+from userembed.registry import DEFAULT_MODEL, LATEST
+
+FULL = "full"  # every user's vector is computed
+INCREMENTAL = "incremental"  # only users with features newer than the serving version's
+MODES = (FULL, INCREMENTAL)
+
+LOCAL = "local"  # one process, parts in file order (refresh/worker.py `run_local`)
+RAY = "ray"  # a Ray Data actor pool (refresh/ray_engine.py `run_ray`)
+ENGINES = (LOCAL, RAY)
+
+DEFAULT_VECTOR_TTL_S = 14 * 24 * 3600  # outlives a week of failed nightly runs
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    model: str = DEFAULT_MODEL
+    model_ref: str = LATEST  # registry alias or version id
+    mode: str = FULL
+    engine: str = LOCAL
+    ray_address: str | None = None  # None: start a local Ray instance
+    ray_actors: int = 2
+    batch_size: int = 1024  # users per encoder run
+    part_rows: int = 50_000  # file rows per checkpointed part
+    resume: bool = True  # continue a killed run with the same plan
+    keep: int = 3  # ready versions kept for rollback
+    min_norm: float | None = None  # default from the manifest (l2: 1 +- 1e-3)
+    max_norm: float | None = None
+    drift_sample: int = 1000  # users compared with the previous version (and read back)
+    drift_k: int = 10
+    intra_op_threads: int = 2  # onnxruntime threads (per Ray actor: 1)
+    vector_ttl_s: int | None = DEFAULT_VECTOR_TTL_S
+    progress_every_s: float = 10.0
+    pause_between_parts_s: float = 0.0  # throttle: spare a shared Redis (and lets tests kill)
+    registry_root: str = field(default_factory=paths.registry_root)
+    redis_url: str = field(default_factory=paths.redis_url)
+    offline_dir: str = field(default_factory=lambda: str(paths.offline_dir()))
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {ENGINES}")
+        if self.batch_size < 1 or self.part_rows < 1 or self.ray_actors < 1:
+            problems.append("batch_size, part_rows and ray_actors must be >= 1")
+        if self.keep < 1:
+            problems.append("keep must be >= 1 (the serving version)")
+        if problems:
+            raise InvalidInputError("invalid refresh config: " + "; ".join(problems))

@@ -1,0 +1,5 @@
+import sys
+
+from userembed.commands.main import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""`userembed data build` and `userembed feast apply / materialize / online`.
+
+Thin wrappers over userembed.dataset_build and userembed.feast_ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from userembed.dataset_build import SOURCES, BuildRequest, build_dataset
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    req = BuildRequest(
+        source=args.source,
+        num_users=args.users,
+        seed=args.seed,
+        events_path=args.events,
+        users_path=args.users_file,
+        labels_path=args.labels,
+        movielens_path=args.path,
+    )
+    print(json.dumps(build_dataset(req)))
+    return 0
+
+
+def _feast_apply(args: argparse.Namespace) -> int:
+    from userembed import feast_ops
+
+    names = feast_ops.apply(feast_ops.open_store(args.redis_url), fresh=args.fresh)
+    print(json.dumps({"applied": names}))
+    return 0
+
+
+def _feast_materialize(args: argparse.Namespace) -> int:
+    from userembed import feast_ops
+
+    end = feast_ops.materialize(feast_ops.open_store(args.redis_url))
+    print(json.dumps({"materialized_until": end.isoformat()}))
+    return 0
+
+
+def _feast_online(args: argparse.Namespace) -> int:
+    from userembed import feast_ops
+
+    store = feast_ops.open_store(args.redis_url)
+    print(json.dumps(feast_ops.online_features(store, args.user_id), default=str))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    data = subparsers.add_parser("data", help="build a data set and its feature tables")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    build = data_sub.add_parser("build", help="load a source, write raw tables + feature tables")
+    build.add_argument("--source", choices=SOURCES, default="synthetic")
+    build.add_argument("--users", type=int, default=10_000, help="synthetic: number of users")
+    build.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
+    build.add_argument("--events", type=Path, help="parquet: events file")
+    build.add_argument("--users-file", type=Path, help="parquet: users file")
+    build.add_argument("--labels", type=Path, help="parquet: labels file")
+    build.add_argument("--path", type=Path, help="movielens: ml-100k folder (default: recbole's)")
+    build.set_defaults(func=_data_build)
+
+    feast = subparsers.add_parser(
+        "feast", help="the Feast feature store (apply, materialize, online)"
+    )
+    feast.add_argument("--redis-url", default=None, help="default: $REDIS_URL")
+    feast_sub = feast.add_subparsers(dest="feast_command", metavar="SUBCOMMAND", required=True)
+    apply = feast_sub.add_parser("apply", help="register feature_repo/ objects")
+    apply.add_argument(
+        "--fresh",
+        action="store_true",
+        help="first drop the online rows of an earlier data set (after `data build` of a new "
+        "one: Feast keeps the newer of two rows of a user, whichever data set it came from)",
+    )
+    apply.set_defaults(func=_feast_apply)
+    feast_sub.add_parser("materialize", help="load the newest snapshots into Redis").set_defaults(
+        func=_feast_materialize
+    )
+    online = feast_sub.add_parser("online", help="print a user's serving features from Redis")
+    online.add_argument("--user-id", type=int, nargs="+", required=True)
+    online.set_defaults(func=_feast_online)

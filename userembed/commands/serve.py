@@ -1,0 +1,158 @@
+"""Serving subcommands: `userembed serve`, `embed`, `models`, `health`.
+
+Thin wrappers over typed functions (`run_server`, `embed_summary`, `models_summary`); heavy
+imports (grpc server, onnxruntime, feast) happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from userembed.processes import LISTENING
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET = os.environ.get("USEREMBED_TARGET", "127.0.0.1:50051")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the gRPC embedding service (prints the bound port)")
+    p.add_argument("--config", help="YAML settings file (unknown keys rejected)")
+    p.add_argument("--port", type=int, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (0: any, -1: off)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--models", help="comma separated served models (default: all)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("embed", help="fetch one user's vector from a running server")
+    p.add_argument("--user-id", required=True)
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the server")
+    p.add_argument("--force", action="store_true", help="recompute (FORCE_RECOMPUTE)")
+    p.add_argument("--json", action="store_true", help="print the full vector as JSON")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("models", help="list the models a running server serves")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the server")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("health", help="gRPC health check of a running server (exit 0: SERVING)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the server")
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.set_defaults(func=_health)
+
+
+def run_server(settings: Any) -> None:
+    """Run until SIGTERM/SIGINT; prints `listening on HOST:PORT` once bound and loaded."""
+    from embed_server.event_loop import run
+    from embed_server.server import EmbeddingServer, serve
+
+    def started(srv: EmbeddingServer) -> None:
+        metrics = f", metrics on :{srv.metrics_port}" if srv.metrics_port else ""
+        print(f"{LISTENING} {settings.host}:{srv.port}{metrics}", flush=True)
+
+    run(serve(settings, on_started=started), settings.event_loop)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from embed_server.settings import load_settings
+
+    models = tuple(m for m in args.models.split(",") if m) if args.models else None
+    settings = load_settings(
+        args.config,
+        grpc_port=args.port,
+        metrics_port=args.metrics_port,
+        host=args.host,
+        models=models,
+    )
+    run_server(settings)
+    return 0
+
+
+def _rpc_error(e: Any) -> int:
+    """A failed call (grpc.RpcError) as one line on stderr, exit 2 (like UserEmbedError)."""
+    print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+    return 2
+
+
+def embed_summary(
+    target: str, user_id: str, model: str = "", force: bool = False
+) -> dict[str, Any]:
+    from embed_server.client import EmbeddingClient
+
+    with EmbeddingClient(target) as c:
+        e = c.get(user_id, model=model, force=force)
+    v = e.vector
+    return {
+        "user_id": e.user_id,
+        "model": e.model_name,
+        "model_version": e.model_version,
+        "embedding_version": e.embedding_version,
+        "source": e.source,
+        "computed_at_ms": e.computed_at_ms,
+        "feature_timestamp_ms": e.feature_ts_ms,
+        "dim": int(v.shape[0]),
+        "norm": round(float((v**2).sum() ** 0.5), 6),
+        "head": [round(float(x), 5) for x in v[:8]],
+        "vector": v.tolist(),
+    }
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        s = embed_summary(args.target, args.user_id, args.model, args.force)
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    print(
+        f"user {s['user_id']}: {s['source']} vector dim={s['dim']} norm={s['norm']} "
+        f"head={s['head']}"
+    )
+    print(
+        f"model {s['model']}/{s['model_version']} embedding version {s['embedding_version']} "
+        f"computed_at_ms={s['computed_at_ms']} feature_timestamp_ms={s['feature_timestamp_ms']}"
+    )
+    return 0
+
+
+def models_summary(target: str) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    from embed_server.client import EmbeddingClient
+
+    with EmbeddingClient(target) as c:
+        return MessageToDict(c.list_models(), preserving_proto_field_name=True)
+
+
+def _models(args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        print(json.dumps(models_summary(args.target), indent=2))
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+
+    from embed_server.client import EmbeddingClient
+
+    try:
+        with EmbeddingClient(args.target, timeout_s=5.0) as c:
+            status = c.health(args.service)
+    except grpc.RpcError as e:
+        _rpc_error(e)
+        return 1  # health-check convention (Docker, Kubernetes exec probes): 1 = unhealthy
+    print(status)
+    return 0 if status == "SERVING" else 1
