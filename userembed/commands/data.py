@@ -55,9 +55,11 @@ def register(subparsers: Any) -> None:
     data = subparsers.add_parser("data", help="build a data set and its feature tables")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     build = data_sub.add_parser("build", help="load a source, write raw tables + feature tables")
-    build.add_argument("--source", choices=SOURCES, default="synthetic")
-    build.add_argument("--users", type=int, default=10_000, help="synthetic: number of users")
-    build.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
+    build.add_argument("--source", choices=SOURCES, default=BuildRequest.source)
+    build.add_argument(
+        "--users", type=int, default=BuildRequest.num_users, help="synthetic: number of users"
+    )
+    build.add_argument("--seed", type=int, default=BuildRequest.seed, help="synthetic: random seed")
     build.add_argument("--events", type=Path, help="parquet: events file")
     build.add_argument("--users-file", type=Path, help="parquet: users file")
     build.add_argument("--labels", type=Path, help="parquet: labels file")

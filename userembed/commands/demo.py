@@ -189,6 +189,6 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--source", default="synthetic", choices=("synthetic", "movielens"))
     p.add_argument("--users", type=int, default=DemoConfig.users, help="synthetic users")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DemoConfig.seed)
     p.add_argument("--max-steps", type=int, default=DemoConfig.max_steps)
     p.set_defaults(func=_demo)
