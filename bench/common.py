@@ -1,5 +1,6 @@
 """What several benchmarks share: progress lines, free ports, a private redis-server, the
-generated sections of BENCHMARKS.md, an encoder spec for random inputs, raw onnxruntime speed.
+generated sections of BENCHMARKS.md and their chart links, an encoder spec for random inputs,
+raw onnxruntime speed.
 
 The scripts run as `python bench/X.py` and import this as `bench.common` (each puts the
 repository root on sys.path first).
@@ -64,6 +65,14 @@ def write_section(md: str, begin: str, end: str, path: Path = BENCHMARKS_MD) -> 
     else:
         text = text.rstrip("\n") + "\n\n" + md + "\n"
     path.write_text(text)
+
+
+def doc_path(path: Path) -> str:
+    """A file's path as BENCHMARKS.md (at the repository root) links it (a chart)."""
+    try:
+        return str(path.resolve().relative_to(BENCHMARKS_MD.parent.resolve()))
+    except ValueError:  # an --out outside the repository
+        return str(path.resolve())
 
 
 def input_spec(sequence_length: int, sizes: Mapping[str, int]) -> InputSpec:

@@ -393,7 +393,9 @@ def train_speed(smoke: bool, threads: int) -> dict[str, Any]:
     rows = []
     for name, moe in variants.items():
         torch.manual_seed(0)
-        cfg = TrainConfig("unused", ModelConfig(input_spec=spec, task_names=("a", "b"), moe=moe))
+        cfg = TrainConfig(
+            "unused", ModelConfig(input_spec=spec, task_names=("a", "b"), moe=moe)
+        ).sized(len(split))
         net = SuperMoEModel(cfg.model)
         n_params = sum(p.numel() for p in net.dense_arch.parameters())
         model, optim = prepare(net, cfg, DistContext())

@@ -48,7 +48,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* as a script
 
-from bench.common import BENCHMARKS_MD, ROOT, write_section
+from bench.common import ROOT, doc_path, write_section
 
 logger = logging.getLogger("bench.quality")
 
@@ -124,6 +124,7 @@ def _offline_files(offline_dir: Path) -> Any:
 def load_frame(name: str, qc: QualityConfig, workdir: Path) -> tuple[pd.DataFrame, Any]:
     """Data set name -> (training frame, DatasetSpec)."""
     from userembed.feast_ops import training_frame
+    from userembed.future_targets import add_future_targets
     from userembed.snapshots import write_feature_tables
 
     if name == "synthetic":
@@ -136,6 +137,7 @@ def load_frame(name: str, qc: QualityConfig, workdir: Path) -> tuple[pd.DataFram
         events, users, labels, spec = load_movielens()
     else:
         raise ValueError(f"unknown data set {name!r}")
+    labels, spec = add_future_targets(events, labels, spec)  # as `data build` writes them
     offline = workdir / f"offline-{name}"
     write_feature_tables(events, users, spec, offline, qc.sequence_length)
     frame = training_frame(_offline_files(offline), labels, spec, engine="direct")
@@ -822,21 +824,13 @@ def run(
         "config": asdict(qc),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "datasets": datasets,
-        "chart": _doc_path(out_dir / f"quality{suffix}.png"),
+        "chart": doc_path(out_dir / f"quality{suffix}.png"),
     }
     (out_dir / f"quality{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     chart(report, out_dir / f"quality{suffix}.png")
     if write_md:
         write_section(markdown(report), BEGIN, END)
     return report
-
-
-def _doc_path(path: Path) -> str:
-    """The chart's path as BENCHMARKS.md (at the repository root) links it."""
-    try:
-        return str(path.resolve().relative_to(BENCHMARKS_MD.parent.resolve()))
-    except ValueError:  # an --out outside the repository
-        return str(path.resolve())
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:

@@ -171,11 +171,60 @@ def write_offline(offline: Path, rows: dict[str, Any]) -> None:
     for f in SEQUENCE_FEATURES:
         b[f] = pa.array(rows[f], type=pa.list_(pa.int64()))
     b["seq_len"] = pa.array(rows["seq_len"])
+    for name, values in long_term_columns(rows).items():
+        b[name] = pa.array(values)
     pq.write_table(pa.table(b), offline / BEHAVIOR_FILE)
     p = {"user_id": pa.array(rows["user_id"]), "event_timestamp": ts}
     for f in PROFILE_FEATURES:
         p[f] = pa.array(rows[f])
     pq.write_table(pa.table(p), offline / PROFILE_FILE)
+
+
+def long_term_columns(rows: dict[str, Any]) -> dict[str, list[Any]]:
+    """The behaviour view's long-term counts, taken from each user's events in `rows` (the
+    Feast view declares them, so the offline file must hold them)."""
+    from userembed.features import (
+        LT_CATEGORY_COUNTS,
+        LT_DISTINCT_CATEGORIES,
+        LT_DISTINCT_ITEMS,
+        LT_EVENT_TYPE_COUNTS,
+        LT_SECONDS_SINCE_FIRST,
+        LT_SECONDS_SINCE_LAST,
+        LT_WINDOW_COUNTS,
+        LongTermSpec,
+    )
+
+    spec = LongTermSpec()
+    out: dict[str, list[Any]] = {
+        name: []
+        for name in (
+            LT_CATEGORY_COUNTS,
+            LT_EVENT_TYPE_COUNTS,
+            LT_WINDOW_COUNTS,
+            LT_DISTINCT_ITEMS,
+            LT_DISTINCT_CATEGORIES,
+            LT_SECONDS_SINCE_FIRST,
+            LT_SECONDS_SINCE_LAST,
+        )
+    }
+    for items, cats, types in zip(
+        rows["item_seq"], rows["category_seq"], rows["event_type_seq"], strict=True
+    ):
+        cats_arr, types_arr = np.asarray(cats), np.asarray(types)
+        out[LT_CATEGORY_COUNTS].append(
+            np.bincount(cats_arr % spec.category_buckets, minlength=spec.category_buckets).tolist()
+        )
+        out[LT_EVENT_TYPE_COUNTS].append(
+            np.bincount(
+                types_arr % spec.event_type_buckets, minlength=spec.event_type_buckets
+            ).tolist()
+        )
+        out[LT_WINDOW_COUNTS].append([len(items)] * len(spec.window_days))
+        out[LT_DISTINCT_ITEMS].append(len(set(items)))
+        out[LT_DISTINCT_CATEGORIES].append(len(set(cats)))
+        out[LT_SECONDS_SINCE_FIRST].append(30 * 86_400)
+        out[LT_SECONDS_SINCE_LAST].append(3_600)
+    return out
 
 
 def encoder_inputs(spec: Any, rows: dict[str, Any], start: int, stop: int) -> dict[str, Any]:

@@ -28,12 +28,14 @@ logger = logging.getLogger("train_quality")
 def frame_from_tables(
     events: pd.DataFrame, users: pd.DataFrame, labels: pd.DataFrame, spec: Any
 ) -> pd.DataFrame:
-    """(events, users, labels, spec) -> the feast_ops.training_frame layout, in memory."""
+    """(events, users, labels, spec) -> the feast_ops.training_frame layout, in memory, with
+    the future targets `data build` adds to the labels."""
+    from userembed.future_targets import add_future_targets
     from userembed.snapshots import profile_table, snapshot, sort_events
 
     ids = np.union1d(users["user_id"].to_numpy(np.int64), labels["user_id"].to_numpy(np.int64))
     ev = sort_events(events, ids)
-    labels = labels.copy()
+    labels, _ = add_future_targets(events, labels, spec)
     labels["label_timestamp"] = pd.to_datetime(labels["label_timestamp"], utc=True)
     parts = []
     for cut in spec.cut_times:

@@ -39,6 +39,7 @@ def measure(users: int, steps: int, batch_size: int, num_experts: int, top_k: in
 
     from trainer.batches import encode_split, iterate_batches
     from trainer.distributed import init_distributed
+    from trainer.future_loss import encode_future, future_loss_of
     from trainer.model import SuperMoEModel
     from trainer.options import config_for
     from trainer.step import prepare, train_step
@@ -55,11 +56,15 @@ def measure(users: int, steps: int, batch_size: int, num_experts: int, top_k: in
         num_experts_per_tok=top_k,
         batch_size=batch_size,
     )
-    split = encode_split(
-        frame[frame["split"] == "train"], cfg.model.input_spec, cfg.model.task_names
+    train_rows = frame[frame["split"] == "train"]
+    cfg = cfg.sized(len(train_rows), ctx.world_size)  # the schedule of `userembed train`
+    split = encode_split(train_rows, cfg.model.input_spec, cfg.model.task_names)
+    # the default step: the self-supervised objective on
+    split.future = encode_future(
+        train_rows, cfg.model.input_spec, cfg.future_targets, cfg.future_window_seconds
     )
     torch.manual_seed(0)
-    model, optim = prepare(SuperMoEModel(cfg.model), cfg, ctx)
+    model, optim = prepare(SuperMoEModel(cfg.model, future_loss=future_loss_of(cfg)), cfg, ctx)
 
     def batches():  # type: ignore[no-untyped-def]
         for epoch in range(10**6):  # as many epochs as the steps need

@@ -2,7 +2,8 @@
 
 The server only needs "feature columns for these users, which users exist, and how fresh their
 features are"; the Feast implementation reads the model's Feast references (InputSpec) from the
-Redis online store in one call per micro-batch.
+Redis online store in one call per micro-batch. A model reads only the features its manifest's
+InputSpec names: one exported without the long-term input is served from the same store.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from embed_server.errors import REDIS_OUTAGE, as_unavailable
-from userembed.errors import InvalidInputError
+from userembed.errors import FeatureMismatchError, InvalidInputError
 from userembed.features import InputSpec
 from userembed.schema import USER_ID
 
@@ -70,14 +71,36 @@ class FeastFeatureSource:
 
     def fetch(self, user_ids: Sequence[str], spec: InputSpec) -> FeatureRows:
         entity_ids = [parse_user_id(u) for u in user_ids]
-        names = [f.name for f in spec.sequence_features + spec.profile_features]
         try:
             resp = self.store.get_online_features(  # columnar entity rows: no dict per user
                 features=spec.feast_refs(), entity_rows={USER_ID: entity_ids}
             )
         except REDIS_OUTAGE as e:
             raise as_unavailable("feature store", e) from e
-        return rows_from_response(resp.proto, names, len(entity_ids))
+        except KeyError as e:  # Feast: "Feature X not found in projection <view>"
+            raise FeatureMismatchError(
+                f"the feature store's registry lacks features the model reads ({e}): rebuild "
+                "the data set, `userembed feast apply --fresh`, then materialise"
+            ) from e
+        rows = rows_from_response(resp.proto, spec.feature_names(), len(entity_ids))
+        check_long_term_present(rows, spec)
+        return rows
+
+
+def check_long_term_present(rows: FeatureRows, spec: InputSpec) -> None:
+    """A known user without long-term values has online rows written before the long-term
+    features existed (Feast keeps an older row when a newer one has the same timestamp):
+    encoding them as "no history" would serve silently different vectors, so refuse."""
+    if spec.long_term is None:
+        return
+    for name in spec.long_term_names:
+        missing = [i for i, v in enumerate(rows.columns[name]) if rows.found[i] and v is None]
+        if missing:
+            raise FeatureMismatchError(
+                f"online feature rows lack {name} for {len(missing)} known user(s): they were "
+                "materialised before the data set had long-term features; rebuild the data "
+                "set, `userembed feast apply --fresh`, then materialise"
+            )
 
 
 def _value(v: Any) -> Any:

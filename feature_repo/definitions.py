@@ -34,13 +34,16 @@ profile_source = FileSource(
 user_behavior_push = PushSource(name="user_behavior_push", batch_source=behavior_source)
 
 # ttl=0: no expiry. Rows are snapshots; the point-in-time join takes the newest one at or
-# before the label time, which holds only events strictly before it.
+# before the label time, which holds only events strictly before it. The long-term features
+# live in the same rows: one join, one online hash, one file part for the refresh.
 user_behavior = FeatureView(
     name=F.BEHAVIOR_VIEW,
     entities=[user],
     ttl=timedelta(0),
     schema=[Field(name=n, dtype=Array(Int64)) for n in F.SEQUENCE_FEATURES]
-    + [Field(name=F.SEQ_LEN_FEATURE, dtype=Int64)],
+    + [Field(name=F.SEQ_LEN_FEATURE, dtype=Int64)]
+    + [Field(name=n, dtype=Array(Int64)) for n in F.LONG_TERM_LIST_FEATURES]
+    + [Field(name=n, dtype=Int64) for n in F.LONG_TERM_SCALAR_FEATURES],
     source=user_behavior_push,
     online=True,
 )

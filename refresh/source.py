@@ -4,7 +4,8 @@ store), split into the parts the run checkpoints.
 The Feast offline store keeps one parquet file per feature view (`userembed.paths.offline_dir()`,
 written by userembed/snapshots.py):
 
-    behavior.parquet   user_id int64, event_timestamp, item_seq/category_seq/... list<int64>
+    behavior.parquet   user_id int64, event_timestamp, item_seq/category_seq/... list<int64>,
+                       the long-term features lt_* (list<int64> and int64)
     profile.parquet    user_id int64, event_timestamp, age_bucket/gender/... int64
 
 A user may have several rows (one per snapshot); the refresh uses the latest row of each user,
@@ -13,8 +14,9 @@ timestamp columns of behavior.parquet to pick those rows and split the file into
 most `part_rows` consecutive file rows (never across a row group), so parts are fixed by the
 file alone: a killed run finds the same parts again. `read_part` then streams one part's record
 batch (bounded memory) and joins the profile, which is small and held whole (about 40 MB for
-1M users). Users with a profile but no behaviour row get no vector from the batch job (the
-server computes them on a miss).
+1M users). Only the columns the model's InputSpec names are read: a model without the
+long-term input reads none of them. Users with a profile but no behaviour row get no vector
+from the batch job (the server computes them on a miss).
 """
 
 from __future__ import annotations
@@ -137,9 +139,16 @@ class OfflineSource:
             )
         self.file = pq.ParquetFile(self.behavior_path)
         self.seq_names = [f.name for f in spec.sequence_features]
-        for c in (USER_ID, EVENT_TIMESTAMP, *self.seq_names):
+        # the behaviour columns the encoder reads: sequences, then long-term features
+        self.behavior_names = [*self.seq_names, *spec.long_term_names]
+        for c in (USER_ID, EVENT_TIMESTAMP, *self.behavior_names):
             if c not in self.file.schema_arrow.names:
-                raise SchemaError(str(self.behavior_path), c, "is missing")
+                hint = (
+                    " (the model reads long-term features: rebuild the data set)"
+                    if c in spec.long_term_names
+                    else ""
+                )
+                raise SchemaError(str(self.behavior_path), c, "is missing" + hint)
         self._profile: ProfileTable | None = None
         self._cursor: tuple[int, int, Iterator[pa.RecordBatch]] | None = None
         self._cursor_rows = 0
@@ -211,7 +220,7 @@ class OfflineSource:
             it = self.file.iter_batches(
                 batch_size=part_rows,
                 row_groups=[g],
-                columns=[USER_ID, EVENT_TIMESTAMP, *self.seq_names],
+                columns=[USER_ID, EVENT_TIMESTAMP, *self.behavior_names],
                 use_threads=False,
             )
         self._cursor_rows = part_rows
@@ -226,14 +235,15 @@ class OfflineSource:
         )
 
     def read_part(self, part: Part, part_rows: int) -> pa.Table:
-        """The part's users: user_id, feature_ts_ms, sequence and profile feature columns."""
+        """The part's users: user_id, feature_ts_ms, the sequence, long-term and profile
+        feature columns."""
         batch = self._batch(part, part_rows)
         rows = batch.take(pa.array(part.rows))
         uid = np.asarray(rows.column(USER_ID).to_numpy(), dtype=np.int64)
         profile, profile_ts = self.profile.lookup(uid)
         ts = np.maximum(timestamps_ms(rows.column(EVENT_TIMESTAMP)), profile_ts)
         cols: dict[str, pa.Array] = {USER_ID: pa.array(uid), FEATURE_TS: pa.array(ts)}
-        cols.update({n: rows.column(n) for n in self.seq_names})
+        cols.update({n: rows.column(n) for n in self.behavior_names})
         cols.update(profile)
         return pa.table(cols)
 

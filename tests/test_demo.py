@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from userembed import paths
 from userembed.commands.demo import DemoConfig, run_demo
+from userembed.features import LONG_TERM_INPUT
+from userembed.registry import DEFAULT_MODEL, Registry
 
 
 @pytest.mark.slow
@@ -32,5 +35,9 @@ def test_demo_ends_with_a_served_embedding(
     assert out["served"]["dim"] == 64
     assert out["served"]["source"] == "stored"  # the refresh wrote it; the server read it
     assert "GetUserEmbedding(user_id=1) [recomputed]" in printed
-    # the refresh (offline files) and the recompute (Feast online store) saw the same features
+    # the refresh (offline files) and the recompute (Feast online store) saw the same features,
+    # the long-term ones included (the trained model reads them)
     assert out["served"]["stored_vs_recomputed_max_abs_diff"] < 1e-4
+    manifest = Registry(paths.registry_root()).read_manifest(DEFAULT_MODEL)
+    assert manifest.input_spec.long_term is not None
+    assert LONG_TERM_INPUT in manifest.variant("fp32").inputs

@@ -3,6 +3,7 @@ the server tests (tests/embed_server) and the refresh tests (tests/refresh) both
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from userembed.features import (
     BEHAVIOR_VIEW,
+    LONG_TERM_INPUT,
     PROFILE_VIEW,
     FeatureSpec,
     InputSpec,
+    LongTermSpec,
 )
 from userembed.manifest import single_onnx_manifest
 from userembed.registry import LATEST, Registry
@@ -28,12 +31,15 @@ SPEC = InputSpec(
     ),
     profile_features=(FeatureSpec("age_bucket", 8, PROFILE_VIEW),),
 )
+# The same model with the long-term input (userembed.features.encode_long_term).
+LT_SPEC = replace(SPEC, long_term=LongTermSpec())
 
 
 def tiny_encoder(
     spec: InputSpec, dim: int, seed: int, out_dim: int | None = None
 ) -> onnx.ModelProto:
-    """Gather per feature -> mean over positions -> sum -> MatMul: (B, ...) -> user_vector (B, D)."""
+    """Gather per feature -> mean over positions -> sum -> MatMul: (B, ...) -> user_vector (B, D).
+    With `spec.long_term`, the `long_term` input (B, H) times a (H, D) matrix joins the sum."""
     rng = np.random.default_rng(seed)
     out_dim = out_dim or dim
     inits, nodes, inputs, pooled = [], [], [], []
@@ -49,6 +55,13 @@ def tiny_encoder(
             helper.make_node("ReduceMean", [f"e_{name}"], [f"m_{name}"], axes=[1], keepdims=0)
         )  # (B, D)
         pooled.append(f"m_{name}")
+    if spec.long_term is not None:
+        h = spec.long_term.width
+        inputs.append(helper.make_tensor_value_info(LONG_TERM_INPUT, TensorProto.FLOAT, ["B", h]))
+        w_lt = rng.normal(size=(h, dim)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w_lt, "w_long_term"))
+        nodes.append(helper.make_node("MatMul", [LONG_TERM_INPUT, "w_long_term"], ["m_lt"]))
+        pooled.append("m_lt")
     nodes.append(helper.make_node("Sum", pooled, ["pooled"]))
     w = rng.normal(size=(dim, out_dim)).astype(np.float32)
     inits.append(numpy_helper.from_array(w, "w_out"))
@@ -68,10 +81,11 @@ def publish_tiny(
     out_dim: int | None = None,
     model: str = MODEL,
     aliases: tuple[str, ...] = (LATEST,),
+    spec: InputSpec = SPEC,
 ) -> str:
     """Publish a tiny encoder (its `latest` alias moves); returns the version id."""
     d = staging / f"{model}-{seed}-{out_dim}"
     d.mkdir(parents=True, exist_ok=True)
-    onnx.save(tiny_encoder(SPEC, DIM, seed, out_dim), str(d / "encoder.onnx"))
-    manifest = single_onnx_manifest(model, d, SPEC, DIM)
+    onnx.save(tiny_encoder(spec, DIM, seed, out_dim), str(d / "encoder.onnx"))
+    manifest = single_onnx_manifest(model, d, spec, DIM)
     return registry.publish(manifest, d, aliases=aliases).version

@@ -1,10 +1,10 @@
 """Multi-task baselines with DenseArch's interface: shared-bottom, MMoE and PLE.
 
-Each takes what DenseArch takes (seq_emb {name: (B, L, D)}, mask (B, L), profile_emb (B, P, D))
-and returns the same DenseOutput, so trainer/train.py trains them unchanged; pick one with
+Each takes what DenseArch takes (seq_emb {name: (B, L, D)}, mask (B, L), profile_emb (B, P, D),
+seq_stats, long_term (B, H)) and returns the same DenseOutput, so trainer/train.py trains them unchanged; pick one with
 `ModelConfig.dense_arch`. None of them attends over the sequence: the input is the masked mean
-of each sequence feature, log(1 + #events) and the profile embeddings (the usual pooled-input
-baseline of the multi-task literature). `user_vector` is each model's shared representation,
+of each sequence feature, log(1 + #events), the profile embeddings (the usual pooled-input
+baseline of the multi-task literature) and the same long-term features as SUPERMOE. `user_vector` is each model's shared representation,
 L2-normalised, the vector the linear probes of bench/quality.py read.
 """
 
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from trainer.config import ModelConfig
 from trainer.dense import DenseOutput
+from trainer.encoder import LongTermNorm, long_term_parts
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +34,37 @@ class PooledInputArch(nn.Module):
         self.sequence_names = tuple(f.name for f in spec.sequence_features)
         d = cfg.embedding_dim
         n_seq = len(self.sequence_names)
-        # the same inputs as SUPERMOE's read-out: means, log count, distinct counts, profile
+        # the same inputs as SUPERMOE's read-out: means, log count, distinct counts, profile,
+        # long-term features
+        w = spec.long_term_width
+        self.long_term_norm = LongTermNorm(w) if w else None
         self.out_dim = d * (n_seq + len(spec.profile_features)) + 1 + 2 * n_seq
+        self.out_dim += spec.long_term_width
         self.norm = nn.LayerNorm(self.out_dim)
 
     def forward(
-        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+        self,
+        seq_emb: dict[str, Tensor],
+        mask: Tensor,
+        profile_emb: Tensor,
+        seq_stats: Tensor,
+        long_term: Tensor | None = None,
     ) -> Tensor:
         w = mask.to(profile_emb.dtype).unsqueeze(-1)  # (B, L, 1)
         count = w.sum(dim=1)  # (B, 1)
         denom = count.clamp(min=1.0)  # empty history -> zero vector, not NaN
         pooled = [(seq_emb[n] * w).sum(dim=1) / denom for n in self.sequence_names]  # (B, D) each
         b = profile_emb.shape[0]
-        x = torch.cat([*pooled, torch.log1p(count), seq_stats, profile_emb.reshape(b, -1)], dim=-1)
+        x = torch.cat(
+            [
+                *pooled,
+                torch.log1p(count),
+                seq_stats,
+                profile_emb.reshape(b, -1),
+                *long_term_parts(self.long_term_norm, long_term),
+            ],
+            dim=-1,
+        )
         return self.norm(x)  # (B, F)
 
 
@@ -57,6 +76,12 @@ def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential
 
 def towers(dim: int, hidden: int, num_tasks: int) -> nn.ModuleList:
     return nn.ModuleList(mlp(dim, hidden, 1, 0.0) for _ in range(num_tasks))
+
+
+def task_logits(logits: list[Tensor], shared: Tensor) -> Tensor:
+    """Per-task (B, 1) logits -> (B, T); (B, 0) from the shared representation when a model
+    has no labelled task (it then trains on the self-supervised objective alone)."""
+    return torch.cat(logits, dim=-1) if logits else shared[:, :0]
 
 
 def _no_router_output(user_vector: Tensor, task_logits: Tensor) -> DenseOutput:
@@ -81,10 +106,17 @@ class SharedBottomArch(nn.Module):
         self.towers = towers(v, cfg.tower_hidden, len(cfg.task_names))
 
     def forward(
-        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+        self,
+        seq_emb: dict[str, Tensor],
+        mask: Tensor,
+        profile_emb: Tensor,
+        seq_stats: Tensor,
+        long_term: Tensor | None = None,
     ) -> DenseOutput:
-        h = F.gelu(self.bottom(self.inputs(seq_emb, mask, profile_emb, seq_stats)))  # (B, V)
-        logits = torch.cat([t(h) for t in self.towers], dim=-1)  # (B, T)
+        h = F.gelu(
+            self.bottom(self.inputs(seq_emb, mask, profile_emb, seq_stats, long_term))
+        )  # (B, V)
+        logits = task_logits([t(h) for t in self.towers], h)  # (B, T)
         return _no_router_output(F.normalize(h, dim=-1), logits)
 
 
@@ -103,16 +135,21 @@ class MMoEArch(nn.Module):
         self.towers = towers(v, cfg.tower_hidden, len(cfg.task_names))
 
     def forward(
-        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+        self,
+        seq_emb: dict[str, Tensor],
+        mask: Tensor,
+        profile_emb: Tensor,
+        seq_stats: Tensor,
+        long_term: Tensor | None = None,
     ) -> DenseOutput:
-        x = self.inputs(seq_emb, mask, profile_emb, seq_stats)  # (B, F)
+        x = self.inputs(seq_emb, mask, profile_emb, seq_stats, long_term)  # (B, F)
         experts = torch.stack([F.gelu(e(x)) for e in self.experts], dim=1)  # (B, E, V)
         logits = []
         for gate, tower in zip(self.gates, self.towers, strict=True):
             g = torch.softmax(gate(x), dim=-1)  # (B, E)
             logits.append(tower(torch.einsum("be,bev->bv", g, experts)))
         user_vector = F.normalize(experts.mean(dim=1), dim=-1)  # (B, V)
-        return _no_router_output(user_vector, torch.cat(logits, dim=-1))
+        return _no_router_output(user_vector, task_logits(logits, user_vector))
 
 
 class ExtractionLayer(nn.Module):
@@ -196,13 +233,18 @@ class PLEArch(nn.Module):
         self.towers = towers(v, cfg.tower_hidden, t)
 
     def forward(
-        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+        self,
+        seq_emb: dict[str, Tensor],
+        mask: Tensor,
+        profile_emb: Tensor,
+        seq_stats: Tensor,
+        long_term: Tensor | None = None,
     ) -> DenseOutput:
-        x = self.inputs(seq_emb, mask, profile_emb, seq_stats)  # (B, F)
+        x = self.inputs(seq_emb, mask, profile_emb, seq_stats, long_term)  # (B, F)
         task_h, shared_h = [x] * len(self.towers), x
         for layer in self.layers:
             task_h, shared_h = layer(task_h, shared_h)
-        logits = torch.cat([tw(h) for tw, h in zip(self.towers, task_h, strict=True)], dim=-1)
+        logits = task_logits([tw(h) for tw, h in zip(self.towers, task_h, strict=True)], shared_h)
         return _no_router_output(F.normalize(shared_h, dim=-1), logits)
 
 

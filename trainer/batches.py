@@ -1,8 +1,9 @@
 """Training frame (pandas) -> encoded tensors -> KeyedJaggedTensor batches.
 
 The frame is what `userembed.feast_ops.training_frame` returns: user_id, label_timestamp,
-split, label_<task>, the sequence features (lists of raw ids, oldest first), seq_len and the
-profile ints. Encoding follows userembed.features (hash_ids, padding) exactly.
+split, label_<task>, the sequence features (lists of raw ids, oldest first), seq_len, the
+long-term features and the profile ints. Encoding follows userembed.features (hash_ids,
+padding, encode_long_term) exactly.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ import torch
 from torch import Tensor
 from torchrec import KeyedJaggedTensor
 
+from trainer.future_loss import future_kjt
 from userembed.errors import SchemaError
 from userembed.features import (
     BEHAVIOR_VIEW,
     DEFAULT_SEQUENCE_LENGTH,
+    LONG_TERM_FEATURES,
+    LONG_TERM_INPUT,
     PROFILE_INPUT,
     PROFILE_VIEW,
     SEQUENCE_FEATURES,
     TRAINING_FEATURE_SERVICE,
     FeatureSpec,
     InputSpec,
+    LongTermSpec,
     encode_inputs,
 )
 
@@ -48,9 +53,18 @@ def build_input_spec(
     profile_features: Sequence[str],
     sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
     table_cap: int = DEFAULT_TABLE_CAP,
+    long_term: bool | None = None,
 ) -> InputSpec:
-    """Table sizes from the data: num_embeddings = min(max raw id + 2, cap)."""
-    for col in (*SEQUENCE_FEATURES, *profile_features):
+    """Table sizes from the data: num_embeddings = min(max raw id + 2, cap).
+
+    long_term: the long-term input (userembed.features.LongTermSpec, its default parameters,
+    the ones the data build writes); None = when the frame has the long-term columns (every
+    frame of `feast_ops.training_frame` has them), False = never (an ablation).
+    """
+    if long_term is None:
+        long_term = all(c in frame.columns for c in LONG_TERM_FEATURES)
+    required = (*SEQUENCE_FEATURES, *profile_features, *(LONG_TERM_FEATURES if long_term else ()))
+    for col in required:
         if col not in frame.columns:
             raise SchemaError("training frame", col, "is missing")
 
@@ -67,6 +81,7 @@ def build_input_spec(
             FeatureSpec(name=f, num_embeddings=size(f), view=PROFILE_VIEW) for f in profile_features
         ),
         feature_service=TRAINING_FEATURE_SERVICE,
+        long_term=LongTermSpec() if long_term else None,
     )
 
 
@@ -87,13 +102,17 @@ class EncodedSplit:
     profile: np.ndarray
     labels: np.ndarray  # float32, NaN = unlabelled
     teacher: np.ndarray | None = None  # (N, T) teacher probabilities, NaN = none (distill.py)
+    # {kind: (N, K) table rows} of the future targets, 0 = none (trainer/future_loss.py)
+    future: dict[str, np.ndarray] | None = None
+    long_term: np.ndarray | None = None  # (N, H) float32, the `long_term` input (or None)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
 def encode_split(frame: pd.DataFrame, spec: InputSpec, task_names: Sequence[str]) -> EncodedSplit:
-    rows = {f.name: frame[f.name].tolist() for f in spec.sequence_features + spec.profile_features}
+    names = [f.name for f in spec.sequence_features + spec.profile_features]
+    rows = {n: frame[n].tolist() for n in (*names, *spec.long_term_names)}
     enc = encode_inputs(rows, spec)
     labels = (
         np.stack([frame[f"label_{t}"].to_numpy(dtype=np.float32) for t in task_names], axis=1)
@@ -101,7 +120,8 @@ def encode_split(frame: pd.DataFrame, spec: InputSpec, task_names: Sequence[str]
         else np.zeros((len(frame), 0), dtype=np.float32)
     )
     profile = enc.pop(PROFILE_INPUT)
-    return EncodedSplit(sequences=enc, profile=profile, labels=labels)
+    long_term = enc.pop(LONG_TERM_INPUT, None)
+    return EncodedSplit(sequences=enc, profile=profile, labels=labels, long_term=long_term)
 
 
 @dataclass
@@ -110,11 +130,20 @@ class Batch:
     profile_kjt: KeyedJaggedTensor
     labels: Tensor  # (B, T)
     teacher: Tensor | None = None  # (B, T), NaN = no teacher
+    future_kjt: KeyedJaggedTensor | None = None  # future targets (trainer/future_loss.py)
+    long_term: Tensor | None = None  # (B, H) float32, the `long_term` input
 
     def to(self, device: torch.device) -> Batch:
         teacher = None if self.teacher is None else self.teacher.to(device)
+        future = None if self.future_kjt is None else self.future_kjt.to(device)
+        long_term = None if self.long_term is None else self.long_term.to(device)
         return Batch(
-            self.seq_kjt.to(device), self.profile_kjt.to(device), self.labels.to(device), teacher
+            self.seq_kjt.to(device),
+            self.profile_kjt.to(device),
+            self.labels.to(device),
+            teacher,
+            future,
+            long_term,
         )
 
 
@@ -136,7 +165,15 @@ def make_batch(split: EncodedSplit, idx: np.ndarray, spec: InputSpec) -> Batch:
         lengths=torch.ones(b * len(pnames), dtype=torch.int64),
     )
     teacher = None if split.teacher is None else torch.from_numpy(split.teacher[idx])
-    return Batch(seq_kjt, profile_kjt, torch.from_numpy(split.labels[idx]), teacher)
+    future = (
+        None
+        if split.future is None
+        else future_kjt({k: v[idx] for k, v in split.future.items()}, spec)
+    )
+    long_term = None if split.long_term is None else torch.from_numpy(split.long_term[idx])
+    return Batch(
+        seq_kjt, profile_kjt, torch.from_numpy(split.labels[idx]), teacher, future, long_term
+    )
 
 
 def iterate_batches(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -75,6 +76,45 @@ def check_loss_options(
         )
 
 
+def check_future_options(
+    weight: float, window_seconds: int | None, targets: int, temperature: float
+) -> None:
+    """The self-supervised objective's settings TrainConfig accepts."""
+    if not (math.isfinite(weight) and weight >= 0):
+        raise InvalidInputError(f"future_loss_weight {weight}: expected a weight >= 0 (0 = off)")
+    if window_seconds is not None and window_seconds <= 0:
+        raise InvalidInputError(
+            f"future_window_seconds {window_seconds}: expected seconds > 0, or none for the "
+            "data set's window"
+        )
+    if targets < 1:
+        raise InvalidInputError(f"future_targets {targets}: expected at least 1 per row")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise InvalidInputError(f"future_temperature {temperature}: expected a value > 0")
+
+
+# The training budget's defaults (TrainConfig.sized). Early stopping ends most runs before
+# the last epoch; epochs only bounds a run whose validation score keeps rising. Small data
+# needs a validation score every epoch: MovieLens (12 steps an epoch) peaks within 10 epochs.
+DEFAULT_EPOCHS = 20.0
+MAX_EVAL_EVERY = 150  # steps between validation scores when an epoch is longer
+
+
+def steps_per_epoch(train_rows: int, batch_size: int, world_size: int = 1) -> int:
+    """Steps of one pass over the training rows: full batches only (the loop drops the last
+    partial one unless it is the only one), dealt round-robin to the processes."""
+    return max(1, train_rows // batch_size // world_size)
+
+
+def check_budget(epochs: float, max_steps: int | None, eval_every: int | None) -> None:
+    """The training budget TrainConfig accepts."""
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise InvalidInputError(f"epochs {epochs}: expected a number of passes > 0")
+    for name, value in (("max_steps", max_steps), ("eval_every", eval_every)):
+        if value is not None and value < 1:
+            raise InvalidInputError(f"{name} {value}: expected at least 1 step, or none to size it")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. `loss`: 'indicator' (per-task mean over labelled samples) or 'plain'."""
@@ -83,8 +123,12 @@ class TrainConfig:
     model: ModelConfig
     seed: int = 0
     batch_size: int = 256
-    max_steps: int = 1500
-    eval_every: int = 150
+    # The budget (`sized`): `epochs` passes over the training rows, i.e. max_steps =
+    # ceil(epochs x steps per epoch), and a validation score once an epoch or every
+    # MAX_EVAL_EVERY steps, whichever comes first. A given max_steps / eval_every wins.
+    epochs: float = DEFAULT_EPOCHS
+    max_steps: int | None = None
+    eval_every: int | None = None
     checkpoint_every: int = 100
     patience: int = 3  # evaluations without validation-score gain before stopping; 0 = off
     lr: float = 2e-3  # AdamW, dense parameters
@@ -109,11 +153,31 @@ class TrainConfig:
     # linear annealing. 0.0 = the (calibrated) teacher is the target on every row; 1.0 =
     # BAM!'s annealing to plain labels (trainer/distill.py says why 0.0 is the default).
     distill_label_share: float = 0.0
+    # The self-supervised objective (trainer/future_loss.py): the user vector predicts the items
+    # and categories of the user's future window. Weight beside the task loss (0 = off; with no
+    # labelled task it is the whole objective); the window of targets after the cut (None = the
+    # data set's, spec.json future_window_seconds); targets per row and kind; temperature.
+    future_loss_weight: float = 1.0
+    future_window_seconds: int | None = None
+    future_targets: int = 16
+    future_temperature: float = 0.1
     plots: bool = True
     log_every: int = 50
 
     def __post_init__(self) -> None:
         check_loss_options(self.loss, self.task_weighting, self.task_weights)
+        check_budget(self.epochs, self.max_steps, self.eval_every)
+        check_future_options(
+            self.future_loss_weight,
+            self.future_window_seconds,
+            self.future_targets,
+            self.future_temperature,
+        )
+        if not self.model.task_names and self.future_loss_weight == 0:
+            raise InvalidInputError(
+                "nothing to train: no labelled task and future_loss_weight=0 (the "
+                "self-supervised objective is the whole objective without tasks)"
+            )
         if not 0.0 <= self.distill_label_share <= 1.0:
             raise InvalidInputError(
                 f"distill_label_share {self.distill_label_share}: expected a share in [0, 1]"
@@ -135,6 +199,30 @@ class TrainConfig:
         if unknown:
             raise InvalidInputError(f"teachers for tasks the model does not have: {unknown}")
 
+    def sized(self, train_rows: int, world_size: int = 1) -> TrainConfig:
+        """This config with its budget fixed for `train_rows` training rows on `world_size`
+        processes: max_steps = ceil(epochs x steps per epoch) unless given, eval_every = one
+        epoch or MAX_EVAL_EVERY steps (the smaller) unless given. train() trains the sized
+        config, and checkpoints, train_config.json and the report carry it."""
+        per_epoch = steps_per_epoch(train_rows, self.batch_size, world_size)
+        max_steps = self.max_steps or max(1, math.ceil(self.epochs * per_epoch))
+        eval_every = self.eval_every or min(per_epoch, MAX_EVAL_EVERY)
+        return replace(self, max_steps=max_steps, eval_every=eval_every)
+
+    @property
+    def total_steps(self) -> int:
+        """max_steps of a sized config (`sized`: train() sizes it before its first step)."""
+        if self.max_steps is None:
+            raise RuntimeError("training budget not sized: call TrainConfig.sized first")
+        return self.max_steps
+
+    @property
+    def eval_interval(self) -> int:
+        """eval_every of a sized config (`sized`)."""
+        if self.eval_every is None:
+            raise RuntimeError("training budget not sized: call TrainConfig.sized first")
+        return self.eval_every
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["model"] = self.model.to_dict()
@@ -144,6 +232,8 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         d["model"] = ModelConfig.from_dict(d["model"])
+        # A config written before the self-supervised objective existed trained without it.
+        d.setdefault("future_loss_weight", 0.0)
         if d.get("task_weights") is not None:
             d["task_weights"] = tuple(d["task_weights"])
         return cls(**d)

@@ -36,9 +36,16 @@ class DenseArch(nn.Module):
         self.heads = TaskHeadsArch(cfg.user_dim, cfg.task_names, cfg.tower_hidden)
 
     def forward(
-        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+        self,
+        seq_emb: dict[str, Tensor],
+        mask: Tensor,
+        profile_emb: Tensor,
+        seq_stats: Tensor,
+        long_term: Tensor | None = None,
     ) -> DenseOutput:
-        user_vector, stats = self.encoder(seq_emb, mask, profile_emb, seq_stats)
+        """long_term: (B, H), the encoded long-term features; required iff the InputSpec has
+        them (the baselines of trainer/baselines.py take the same inputs)."""
+        user_vector, stats = self.encoder(seq_emb, mask, profile_emb, seq_stats, long_term)
         zero = user_vector.new_zeros(())
         return DenseOutput(
             user_vector=user_vector,

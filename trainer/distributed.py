@@ -107,13 +107,14 @@ def _plan(model: SuperMoEModel, ctx: DistContext) -> Any:
             world_size=ctx.world_size,
             device_type=ctx.device.type,
         ),
-        "sparse_arch.ebc": construct_module_sharding_plan(
+    }
+    if model.sparse_arch.ebc is not None:  # no profile features: no bag collection to shard
+        plan["sparse_arch.ebc"] = construct_module_sharding_plan(
             model.sparse_arch.ebc,
             {table_name(f.name): row_wise() for f in spec.profile_features},
             world_size=ctx.world_size,
             device_type=ctx.device.type,
-        ),
-    }
+        )
     return ShardingPlan(plan=plan)
 
 

@@ -4,8 +4,8 @@ Sum of the sequence feature embeddings + learned recency position -> a learned C
 front (always a real key, so users with empty histories get a finite vector) -> pre-norm
 transformer blocks with a MoE FFN -> read-out: masked mean over CLS + events, the CLS output,
 the log event count and each sequence feature's own bag (mean raw embedding + its squared
-norm), concatenated with the profile embeddings -> projection to V dims ->
-L2 normalisation.
+norm), concatenated with the profile embeddings and the long-term features of the whole
+history (userembed.features.encode_long_term) -> projection to V dims -> L2 normalisation.
 """
 
 from __future__ import annotations
@@ -113,19 +113,32 @@ class EncoderArch(nn.Module):
         n_profile = len(spec.profile_features)
         self.log_max_events = math.log1p(spec.sequence_length)
         n_seq = len(self.sequence_names)
+        self.long_term_width = spec.long_term_width  # H; 0 without the long-term input
+        # None without the long-term input: the state dict of such a model stays as it was.
+        self.long_term_norm = LongTermNorm(self.long_term_width) if self.long_term_width else None
         # Read-out: masked mean + CLS output + log event count + per-feature bags and distinct
-        # counts (sequence_stats), then profile.
-        self.project = nn.Sequential(
-            nn.Linear(2 * d + 1 + n_seq * (d + 3) + d * n_profile, 2 * cfg.user_dim),
-            nn.GELU(),
-            nn.Linear(2 * cfg.user_dim, cfg.user_dim),
+        # counts (sequence_stats), then profile, then the long-term features.
+        first = nn.Linear(
+            2 * d + 1 + n_seq * (d + 3) + d * n_profile + self.long_term_width, 2 * cfg.user_dim
         )
+        if self.long_term_width:
+            # The long-term columns start with zero weight: at initialisation they add no
+            # noise to the vector, and they gain weight only as far as the loss asks for it.
+            with torch.no_grad():
+                first.weight[:, -self.long_term_width :].zero_()
+        self.project = nn.Sequential(first, nn.GELU(), nn.Linear(2 * cfg.user_dim, cfg.user_dim))
 
     def forward(
-        self, seq_emb: dict[str, Tensor], mask: Tensor, profile_emb: Tensor, seq_stats: Tensor
+        self,
+        seq_emb: dict[str, Tensor],
+        mask: Tensor,
+        profile_emb: Tensor,
+        seq_stats: Tensor,
+        long_term: Tensor | None = None,
     ) -> tuple[Tensor, list[RouterStats]]:
         """seq_emb[name] (B, L, D), mask (B, L) bool, profile_emb (B, P, D), seq_stats (B, 2S)
-        (sequence_stats) -> (B, V), stats."""
+        (sequence_stats), long_term (B, H) (required iff the InputSpec has it) -> (B, V),
+        stats."""
         x = seq_emb[self.sequence_names[0]]
         for name in self.sequence_names[1:]:
             x = x + seq_emb[name]
@@ -154,7 +167,49 @@ class EncoderArch(nn.Module):
         # The mean hides how many events there were (activity drives click/churn/explore) and
         # the CLS output carries what attention gathered (e.g. category spread), so both go in.
         log_events = torch.log(count) / self.log_max_events  # (B, 1) log(1 + n events), ~[0, 1]
-        features = torch.cat(
-            [pooled, x[:, 0], log_events, *bags, seq_stats, profile_emb.reshape(b, -1)], dim=-1
-        )  # (B, 2D + 1 + S*(D+1) + 2S + P*D)
+        parts = [pooled, x[:, 0], log_events, *bags, seq_stats, profile_emb.reshape(b, -1)]
+        # The whole history beyond the last L events: histograms, counts, recency (scaled to
+        # about [0, 1] by the contract, so the projection MLP reads them as they come).
+        parts += long_term_parts(self.long_term_norm, long_term)
+        features = torch.cat(parts, dim=-1)  # (B, 2D + 1 + S*(D+1) + 2S + P*D + H)
         return F.normalize(self.project(features), dim=-1), stats
+
+
+class LongTermNorm(nn.Module):
+    """Standardises the long-term input (B, H) per column with the statistics of the first
+    training batch (data-dependent initialisation, as Glow's ActNorm, Kingma & Dhariwal 2018),
+    fixed from then on: no batch statistics at inference, so torch, ONNX and any batch
+    composition give the same vector, and a batch of one trains. Why: the encoded features
+    sit in [0, 1] with spreads from 0.01 (a rare category's share) to 0.3; unscaled, a trait
+    only they hold is barely learned in a short run (tests/trainer/test_model.py)."""
+
+    MIN_SCALE = 0.1  # a column nearly constant in the first batch is scaled at most 10x
+    center: Tensor  # (H,) buffers: saved with the dense arch, constants in the ONNX graph
+    scale: Tensor
+    initialised: Tensor
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.register_buffer("center", torch.zeros(width))
+        self.register_buffer("scale", torch.ones(width))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, long_term: Tensor) -> Tensor:
+        """(B, H) -> (B, H) standardised."""
+        x = long_term.to(torch.float32)
+        if self.training and not bool(self.initialised):
+            with torch.no_grad():
+                self.center.copy_(x.mean(dim=0))
+                self.scale.copy_(x.std(dim=0, unbiased=False).clamp(min=self.MIN_SCALE))
+                self.initialised.fill_(True)
+        return (x - self.center) / self.scale
+
+
+def long_term_parts(norm: LongTermNorm | None, long_term: Tensor | None) -> list[Tensor]:
+    """The read-out's long-term part: [norm(long_term)] for a model with the long-term input
+    ((B, H): the projection after it refuses another width), [] for one without."""
+    if norm is None:
+        return []
+    assert long_term is not None, "the model's InputSpec has a long-term input: pass it"
+    return [norm(long_term)]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from trainer.batches import EncodedSplit, encode_split, iterate_batches
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext, broadcast_float
+from trainer.future_loss import FutureTotals, future_loss_of
 from trainer.model import SuperMoEModel, load_unsharded
 
 Metrics = dict[str, dict[str, float]]  # task -> auc, log_loss, prior_log_loss, n
@@ -22,9 +23,14 @@ Metrics = dict[str, dict[str, float]]  # task -> auc, log_loss, prior_log_loss, 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, split: EncodedSplit, cfg: TrainConfig, ctx: DistContext
+    model: nn.Module,
+    split: EncodedSplit,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    future: FutureTotals | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Eval-mode probabilities (N, T) and per-MoE-layer expert load over the whole split.
+    """Eval-mode probabilities (N, T) and per-MoE-layer expert load over the whole split;
+    `future` pools the self-supervised objective over the same forward passes.
 
     Sharded: every rank scores the whole split (forward is collective), so all get all rows.
     """
@@ -34,7 +40,9 @@ def predict(
     load_sums: list[Tensor] = []
     for batch in iterate_batches(split, spec, cfg.batch_size * 2):
         b = batch.to(ctx.device)
-        out, _ = model(b.seq_kjt, b.profile_kjt, None)
+        out, loss = model(b.seq_kjt, b.profile_kjt, None, b.future_kjt, long_term=b.long_term)
+        if future is not None and loss is not None and loss.future is not None:
+            future.add(loss.future)
         probs.append(torch.sigmoid(out.task_logits).float().cpu().numpy())
         n_real = (b.seq_kjt.to_dict()[spec.sequence_features[0].name].values() != 0).sum()
         weight = float(n_real) + len(b.labels)  # events + CLS tokens routed
@@ -74,6 +82,20 @@ def task_metrics(probs: np.ndarray, labels: np.ndarray, task_names: Sequence[str
     return out
 
 
+def one_class_tasks(labels: np.ndarray, task_names: Sequence[str]) -> dict[str, str]:
+    """Tasks whose labelled rows (N, T) hold one class or none -> what they hold ("64 labelled
+    rows, all 1"). Their AUC is undefined on that split, so a validation score cannot use them.
+    """
+    out: dict[str, str] = {}
+    for j, t in enumerate(task_names):
+        y = labels[:, j][~np.isnan(labels[:, j])]
+        if len(y) == 0:
+            out[t] = "no labelled row"
+        elif y.min() == y.max():
+            out[t] = f"{len(y)} labelled rows, all {y[0]:g}"
+    return out
+
+
 def validation_score(metrics: Metrics, tasks: tuple[str, ...], weights: np.ndarray) -> float:
     """Task-weighted mean validation AUC over tasks whose AUC is defined (equal weights: the
     plain mean). With 'labelled' weights a task with 64 labelled validation rows, whose AUC
@@ -86,21 +108,34 @@ def validation_score(metrics: Metrics, tasks: tuple[str, ...], weights: np.ndarr
 
 
 def validate(
-    model: nn.Module, split: EncodedSplit, cfg: TrainConfig, ctx: DistContext, weights: np.ndarray
+    model: nn.Module,
+    split: EncodedSplit,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    weights: np.ndarray,
+    future: FutureTotals | None = None,
 ) -> tuple[float, Metrics]:
-    """(validation score, per-task metrics) of the training model. Collective when sharded;
-    rank 0's score is every rank's, since the decisions it drives hold collectives."""
-    probs, _ = predict(model, split, cfg, ctx)
+    """(validation score, per-task metrics) of the training model; `future` gets the
+    self-supervised objective's figures. Without a labelled task whose validation rows hold
+    both classes the score is the objective's in-batch AUC (trainer/future_loss.py), NaN when
+    that is off too. Collective when sharded; rank 0's score is every rank's, since the
+    decisions it drives hold collectives."""
+    future = future if future is not None else FutureTotals()
+    probs, _ = predict(model, split, cfg, ctx, future)
     metrics = task_metrics(probs, split.labels, cfg.model.task_names)
-    return broadcast_float(validation_score(metrics, cfg.model.task_names, weights), ctx), metrics
+    score = validation_score(metrics, cfg.model.task_names, weights)
+    if not np.isfinite(score):
+        score = future.score()
+    return broadcast_float(score, ctx), metrics
 
 
 def final_metrics(
-    final: Path, split: EncodedSplit, cfg: TrainConfig
+    final: Path, split: EncodedSplit, cfg: TrainConfig, future: FutureTotals | None = None
 ) -> tuple[Metrics, list[np.ndarray]]:
-    """(per-task test metrics, expert load per MoE layer) of the saved final model, unsharded."""
-    best = load_unsharded(final)
-    probs, loads = predict(best, split, cfg, DistContext())
+    """(per-task test metrics, expert load per MoE layer) of the saved final model, unsharded;
+    `future` gets its self-supervised objective's figures."""
+    best = load_unsharded(final, future_loss_of(cfg))
+    probs, loads = predict(best, split, cfg, DistContext(), future)
     best.eval()
     return task_metrics(probs, split.labels, cfg.model.task_names), loads
 
@@ -115,7 +150,7 @@ def score_rows(
     spec = model.cfg.input_spec
     vectors, probs = [], []
     for b in iterate_batches(encode_split(part, spec, ()), spec, batch_size):
-        o, _ = model(b.seq_kjt, b.profile_kjt, None)
+        o, _ = model(b.seq_kjt, b.profile_kjt, None, long_term=b.long_term)
         vectors.append(o.user_vector.numpy())
         probs.append(torch.sigmoid(o.task_logits).numpy())
     if not vectors:

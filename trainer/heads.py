@@ -20,4 +20,6 @@ class TaskHeadsArch(nn.Module):
     def forward(self, user_vector: Tensor) -> Tensor:
         """(B, V) -> task logits (B, T) in task_names order."""
         x = user_vector * self.input_scale
+        if not self.towers:  # no labelled task: the self-supervised objective trains alone
+            return x[:, :0]  # (B, 0), still in the graph of input_scale (DDP)
         return torch.cat([tower(x) for tower in self.towers], dim=-1)

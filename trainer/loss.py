@@ -7,7 +7,8 @@ unlabelled samples are never pushed towards "negative" (the seesaw of the plain 
 plain: unlabelled = negative, every task averaged over the whole batch.
 Total = sum_t w_t L_t (fixed; 'labelled': w_t = labelled rows of t / those of the most
 labelled task, from the training split) or sum_t exp(-s_t) L_t + s_t (uncertainty, Kendall
-et al. 2018), plus the MoE auxiliary losses (added by the model).
+et al. 2018), plus the self-supervised future loss (trainer/future_loss.py) and the MoE
+auxiliary losses (both added by the model). With no task the task part is 0.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import LOSS_KINDS, WEIGHTINGS
+from trainer.future_loss import FutureOutput
 
 
 @dataclass
 class LossOutput:
-    total: Tensor  # () task loss after weighting (aux losses not included)
+    # () task loss after weighting + future_loss_weight * the future loss (aux losses not
+    # included; trainer/model.py adds the future part)
+    total: Tensor
     per_task: Tensor  # (T,) unweighted L_t
     labelled: Tensor  # (T,) number of labelled samples per task
+    future: FutureOutput | None = None  # the self-supervised objective, when the batch has it
 
 
 def per_task_losses(logits: Tensor, labels: Tensor, kind: str) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ The split is the export contract: trainer/export/rebuild.py rebuilds the encoder
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from trainer.baselines import build_baseline
 from trainer.config import ModelConfig
 from trainer.dense import DenseArch, DenseOutput
 from trainer.encoder import sequence_stats
+from trainer.future_loss import FutureLoss
 from trainer.loss import LossOutput, TaskLoss
 from trainer.tables import SparseArch, table_name
 
@@ -40,6 +42,7 @@ class SuperMoEModel(nn.Module):
         cfg: ModelConfig,
         task_loss: TaskLoss | None = None,
         device: torch.device | None = None,
+        future_loss: FutureLoss | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -47,10 +50,21 @@ class SuperMoEModel(nn.Module):
         self.dense_arch = build_dense_arch(cfg)
         # Inside the model so DDP/DMP keeps uncertainty weights in sync across ranks.
         self.task_loss = task_loss or TaskLoss(len(cfg.task_names))
+        # The self-supervised objective (None = off); inside for the same reason.
+        self.future_loss = future_loss
 
     def forward(
-        self, seq_kjt: KeyedJaggedTensor, profile_kjt: KeyedJaggedTensor, labels: Tensor | None
+        self,
+        seq_kjt: KeyedJaggedTensor,
+        profile_kjt: KeyedJaggedTensor,
+        labels: Tensor | None,
+        future_kjt: KeyedJaggedTensor | None = None,
+        long_term: Tensor | None = None,
     ) -> tuple[DenseOutput, LossOutput | None]:
+        """-> (dense output, loss). The loss is None when neither `labels` (B, T) nor the
+        batch's `future_kjt` (trainer.future_loss.future_kjt) is given, or the model has no
+        future objective and no labels. `long_term` (B, H): the batch's long-term input, required
+        iff the InputSpec has it."""
         seq_emb, profile_emb = self.sparse_arch(seq_kjt, profile_kjt)
         length = self.cfg.input_spec.sequence_length
         jt = seq_kjt.to_dict()
@@ -58,8 +72,21 @@ class SuperMoEModel(nn.Module):
             jt[f.name].values().reshape(-1, length) for f in self.cfg.input_spec.sequence_features
         ]
         mask = ids[0] != 0  # (B, L): padding of the first (item) sequence
-        out = self.dense_arch(seq_emb, mask, profile_emb, sequence_stats(ids, mask, length))
+        out = self.dense_arch(
+            seq_emb, mask, profile_emb, sequence_stats(ids, mask, length), long_term
+        )
         loss = None if labels is None else self.task_loss(out.task_logits, labels)
+        if future_kjt is not None and self.future_loss is not None:
+            # The targets go through the same (possibly sharded) tables as the inputs.
+            future = self.future_loss(out.user_vector, self.sparse_arch.ec(future_kjt), future_kjt)
+            task = loss or LossOutput(
+                total=out.user_vector.new_zeros(()),
+                per_task=out.task_logits.new_zeros(len(self.cfg.task_names)),
+                labelled=out.task_logits.new_zeros(len(self.cfg.task_names)),
+            )
+            loss = replace(
+                task, total=task.total + self.future_loss.weight * future.total, future=future
+            )
         return out, loss
 
     def aux_loss(self, out: DenseOutput) -> Tensor:
@@ -72,7 +99,7 @@ class SuperMoEModel(nn.Module):
         for f in self.cfg.input_spec.sequence_features:
             out[table_name(f.name)] = self.sparse_arch.ec.embeddings[table_name(f.name)].weight
         for f in self.cfg.input_spec.profile_features:
-            out[table_name(f.name)] = self.sparse_arch.ebc.embedding_bags[table_name(f.name)].weight
+            out[table_name(f.name)] = self.sparse_arch.bags()[table_name(f.name)].weight
         return {k: v.detach().cpu().clone() for k, v in out.items()}
 
     def load_table_weights(self, tables: dict[str, Tensor]) -> None:
@@ -82,16 +109,23 @@ class SuperMoEModel(nn.Module):
                     tables[table_name(f.name)]
                 )
             for f in self.cfg.input_spec.profile_features:
-                self.sparse_arch.ebc.embedding_bags[table_name(f.name)].weight.copy_(
-                    tables[table_name(f.name)]
-                )
+                self.sparse_arch.bags()[table_name(f.name)].weight.copy_(tables[table_name(f.name)])
 
 
 def save_final(
-    path: Path, cfg: ModelConfig, tables: dict[str, Tensor], dense_state: dict[str, Any]
+    path: Path,
+    cfg: ModelConfig,
+    tables: dict[str, Tensor],
+    dense_state: dict[str, Any],
+    future_state: dict[str, Tensor] | None = None,
 ) -> None:
-    """The artefact the export reads: config + full tables + DenseArch state dict."""
-    torch.save({"model_config": cfg.to_dict(), "tables": tables, "dense_arch": dense_state}, path)
+    """The artefact the export reads: config + full tables + DenseArch state dict; with the
+    self-supervised objective also its projections (`future_head`: the report scores the final
+    model's future predictions with them; the export ignores them)."""
+    blob = {"model_config": cfg.to_dict(), "tables": tables, "dense_arch": dense_state}
+    if future_state is not None:
+        blob["future_head"] = future_state
+    torch.save(blob, path)
 
 
 def load_final(path: Path) -> tuple[ModelConfig, dict[str, Tensor], nn.Module]:
@@ -104,10 +138,17 @@ def load_final(path: Path) -> tuple[ModelConfig, dict[str, Tensor], nn.Module]:
     return cfg, blob["tables"], dense
 
 
-def load_unsharded(path: Path) -> SuperMoEModel:
-    """Rebuild a full SuperMoEModel (unsharded, eval) from a run's model.pt."""
+def load_unsharded(path: Path, future_loss: FutureLoss | None = None) -> SuperMoEModel:
+    """Rebuild a full SuperMoEModel (unsharded, eval) from a run's model.pt. `future_loss`: an
+    objective of the run's settings, given the saved projections when model.pt has them."""
     cfg, tables, dense = load_final(path)
-    model = SuperMoEModel(cfg)
+    if future_loss is not None:
+        head = torch.load(path, map_location="cpu", weights_only=False).get("future_head")
+        if head is None:
+            future_loss = None
+        else:
+            future_loss.load_state_dict(head)
+    model = SuperMoEModel(cfg, future_loss=future_loss)
     model.dense_arch.load_state_dict(dense.state_dict())
     model.load_table_weights(tables)
     return model.eval()

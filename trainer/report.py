@@ -26,8 +26,11 @@ def write_report(
     steps: int,
     best_step: int,
     stopped_early: bool,
+    future_test: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    report = {
+    """future_test: the self-supervised objective on the test split, per target kind (in-batch
+    AUC, loss, rows with a target); None when it is off."""
+    report: dict[str, Any] = {
         "run_dir": str(run_dir),
         "steps": steps,
         "best_step": best_step,
@@ -44,6 +47,8 @@ def write_report(
         "history": history,
         "config": cfg.to_dict(),
     }
+    if future_test is not None:
+        report["future_test"] = future_test
     run = RunDir(run_dir)
     run.report.write_text(json.dumps(report, indent=2))
     if cfg.plots:
@@ -68,7 +73,16 @@ def _plots(
     for t in tasks:
         ax.plot([h["step"] for h in train], [h["loss"][t] for h in train], label=t)
     ax.set(xlabel="step", ylabel="train loss (labelled samples)", title="Loss")
-    ax.legend()
+    kinds = list(train[0].get("future_loss", {})) if train else []
+    if kinds:  # the self-supervised loss has another scale (a softmax over many targets)
+        ax2 = ax.twinx()
+        for kind in kinds:
+            steps = [h["step"] for h in train]
+            ax2.plot(steps, [h["future_loss"][kind] for h in train], ls=":", label=kind)
+        ax2.set(ylabel="future loss (dotted)")
+        ax2.legend(loc="upper center")
+    if tasks:
+        ax.legend()
     fig.savefig(run.plot("loss.png"), dpi=80, bbox_inches="tight")
     plt.close(fig)
 
@@ -77,6 +91,10 @@ def _plots(
     for t in tasks:
         (line,) = ax.plot([h["step"] for h in val], [h["auc"][t] for h in val], label=f"{t} val")
         ax.axhline(test_metrics[t]["auc"], color=line.get_color(), ls="--", lw=0.8)
+    for kind in val[0].get("future", {}) if val else []:  # in-batch AUC of the future targets
+        ax.plot(
+            [h["step"] for h in val], [h["future"][kind]["auc"] for h in val], ls=":", label=kind
+        )
     ax.set(xlabel="step", ylabel="AUC", title="Per-task AUC (dashed: test, best model)")
     ax.legend()
     fig.savefig(run.plot("auc.png"), dpi=80, bbox_inches="tight")

@@ -1,8 +1,8 @@
 """One training step, and the optimisers it steps: where the model learns.
 
 Tables: Adagrad fused into backward (`_apply_optimizer_in_backward`; under DMP TorchRec's
-fused TBE), so `backward()` itself updates them. Dense parameters, the task loss's included:
-AdamW with linear warm-up then cosine decay to `min_lr_ratio`, and grad-norm clipping. The
+fused TBE), so `backward()` itself updates them. Dense parameters, the task loss's and the
+future objective's included: AdamW with linear warm-up then cosine decay to `min_lr_ratio`, and grad-norm clipping. The
 training loop (trainer/train.py) and the speed benchmarks run this same step.
 """
 
@@ -35,12 +35,13 @@ class Optimizers:
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Step -> learning-rate factor: linear warm-up, then cosine decay to min_lr_ratio."""
+    """Step -> learning-rate factor: linear warm-up, then cosine decay to min_lr_ratio over a
+    sized config's max_steps (`TrainConfig.sized`)."""
+    span = max(1, cfg.total_steps - cfg.warmup_steps)
 
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         cos = 0.5 * (1.0 + math.cos(math.pi * progress))
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
@@ -59,6 +60,8 @@ def prepare(
     trained: nn.Module = shard_model(model, ctx) if ctx.sharded else model
     inner = unwrap(trained)
     params = list(inner.dense_arch.parameters()) + list(inner.task_loss.parameters())
+    if inner.future_loss is not None:
+        params += list(inner.future_loss.parameters())
     dense = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(dense, lr_lambda(cfg))
     return trained, Optimizers(params, dense, scheduler, cfg.grad_clip)
@@ -68,11 +71,16 @@ def train_step(
     model: nn.Module, batch: Batch, optim: Optimizers, targets: Tensor | None = None
 ) -> tuple[DenseOutput, LossOutput]:
     """One optimisation step on `batch` (already on the model's device): forward, task loss +
-    MoE aux loss, backward (updates the tables), clip, AdamW step, schedule step.
+    the future loss when the batch has future targets + MoE aux loss, backward (updates the
+    tables), clip, AdamW step, schedule step.
     targets: (B, T), NaN = unlabelled; default the batch's labels (distillation passes its own).
     """
     out, loss = model(
-        batch.seq_kjt, batch.profile_kjt, batch.labels if targets is None else targets
+        batch.seq_kjt,
+        batch.profile_kjt,
+        batch.labels if targets is None else targets,
+        batch.future_kjt,
+        long_term=batch.long_term,
     )
     assert loss is not None
     (loss.total + unwrap(model).aux_loss(out)).backward()  # tables are updated here (fused)

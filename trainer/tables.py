@@ -3,9 +3,14 @@
 Sequence features go through an EmbeddingCollection (one row per event, tables
 `t_item_seq`, ...), profile features through an EmbeddingBagCollection (`t_<feature>`, one id
 per bag). Outputs are read by key, never by position: sharded collections reorder their keys.
+A data set without profile columns has no EmbeddingBagCollection at all (`ebc` is None):
+TorchRec's collection cannot pool zero tables, and the dense arch takes a (B, 0, D) profile.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,23 +48,33 @@ class SparseArch(nn.Module):
             ],
             device=device,
         )
-        self.ebc = EmbeddingBagCollection(
-            tables=[
-                EmbeddingBagConfig(
-                    name=table_name(f.name),
-                    embedding_dim=embedding_dim,
-                    num_embeddings=f.num_embeddings,
-                    feature_names=[f.name],
-                )
-                for f in spec.profile_features
-            ],
-            device=device,
+        # None without profile features: an empty collection fails at its first forward.
+        self.ebc = (
+            EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(
+                        name=table_name(f.name),
+                        embedding_dim=embedding_dim,
+                        num_embeddings=f.num_embeddings,
+                        feature_names=[f.name],
+                    )
+                    for f in spec.profile_features
+                ],
+                device=device,
+            )
+            if spec.profile_features
+            else None
         )
+
+    def bags(self) -> Mapping[str, Any]:
+        """The profile tables (`nn.EmbeddingBag`) by name (`t_<feature>`); none without
+        profile features."""
+        return {} if self.ebc is None else self.ebc.embedding_bags
 
     def forward(
         self, seq_kjt: KeyedJaggedTensor, profile_kjt: KeyedJaggedTensor
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """-> seq_emb {name: (B, L, D)}, profile_emb (B, P, D) in InputSpec order.
+        """-> seq_emb {name: (B, L, D)}, profile_emb (B, P, D) in InputSpec order (P may be 0).
 
         Every sample carries exactly L ids per sequence feature (0 = padding row), so the
         jagged values reshape to a dense (B, L, D) block.
@@ -69,6 +84,8 @@ class SparseArch(nn.Module):
             name: jts[name].values().reshape(-1, self.sequence_length, jts[name].values().shape[-1])
             for name in self.sequence_names
         }
+        if self.ebc is None:
+            return seq_emb, seq_emb[self.sequence_names[0]][:, :0, :]  # (B, 0, D)
         pooled = self.ebc(profile_kjt).to_dict()
         profile_emb = torch.stack([pooled[name] for name in self.profile_names], dim=1)
         return seq_emb, profile_emb

@@ -23,7 +23,7 @@ from torch import nn
 
 from trainer.batches import EncodedSplit, encode_split, iterate_batches
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, steps_per_epoch
 from trainer.dense import DenseOutput
 from trainer.distill import annealing, distill_targets, teacher_probs
 from trainer.distributed import (
@@ -33,16 +33,22 @@ from trainer.distributed import (
     init_distributed,
     unwrap,
 )
-from trainer.evaluate import Metrics, final_metrics, validate
+from trainer.evaluate import Metrics, final_metrics, one_class_tasks, validate
+from trainer.future_loss import FUTURE_KINDS, FutureTotals, encode_future, future_loss_of
 from trainer.loss import LossOutput, TaskLoss, labelled_weights
 from trainer.model import SuperMoEModel, save_final
 from trainer.report import write_report
 from trainer.run_dir import HELDOUT_ROWS, RunDir
 from trainer.step import prepare, train_step
+from userembed.datasets.spec import SPLITS
 from userembed.errors import InvalidInputError
-from userembed.features import PROFILE_INPUT
+from userembed.features import LONG_TERM_INPUT, PROFILE_INPUT
+from userembed.schema import LABEL_TIMESTAMP
 
 logger = logging.getLogger(__name__)
+
+# The fewest rows a split can have: one of each class, so that its AUC can be defined.
+MIN_SPLIT_ROWS = 2
 
 
 @dataclass
@@ -67,14 +73,26 @@ class _Splits:
 
 
 def _rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
-    part = frame[frame["split"] == split]
-    if part.empty:
-        raise InvalidInputError(f"training frame has no '{split}' rows")
-    return part
+    return frame[frame["split"] == split]
+
+
+def check_splits(frame: pd.DataFrame) -> None:
+    """Refuse, in one line, a frame too small to split: each split needs MIN_SPLIT_ROWS rows."""
+    counts = {s: int((frame["split"] == s).sum()) for s in SPLITS}
+    if min(counts.values()) >= MIN_SPLIT_ROWS:
+        return
+    times = frame[LABEL_TIMESTAMP].nunique() if LABEL_TIMESTAMP in frame else 0
+    raise InvalidInputError(
+        f"data set too small to split: {len(frame)} label rows at {times} label times give "
+        + " / ".join(f"{s} {n}" for s, n in counts.items())
+        + f" rows; each split needs at least {MIN_SPLIT_ROWS} (the oldest label times train, "
+        "the second newest validates, the newest tests)"
+    )
 
 
 def _encode(cfg: TrainConfig, frame: pd.DataFrame, ctx: DistContext) -> _Splits:
-    """The frame's three splits, encoded; the training rows carry the teachers' targets."""
+    """The frame's three splits, encoded; the training rows carry the teachers' targets, every
+    split the future targets of the self-supervised objective when it is on."""
     spec, tasks = cfg.model.input_spec, cfg.model.task_names
     train_rows = _rows(frame, "train")
     train_split = encode_split(train_rows, spec, tasks)
@@ -82,11 +100,51 @@ def _encode(cfg: TrainConfig, frame: pd.DataFrame, ctx: DistContext) -> _Splits:
         train_split.teacher = teacher_probs(cfg.teachers, train_rows, tasks, log=ctx.is_main)
         if ctx.is_main:
             logger.info("distilling from teachers: %s", cfg.teachers)
-    return _Splits(
+    splits = _Splits(
         train_split,
         encode_split(_rows(frame, "validation"), spec, tasks),
         encode_split(_rows(frame, "test"), spec, tasks),
     )
+    if cfg.future_loss_weight > 0:
+        for name in ("train", "validation", "test"):
+            split = getattr(splits, name)
+            split.future = encode_future(
+                _rows(frame, name), spec, cfg.future_targets, cfg.future_window_seconds
+            )
+        if ctx.is_main and train_split.future is not None:
+            with_target = {k: float((v != 0).any(1).mean()) for k, v in train_split.future.items()}
+            logger.info(
+                "future objective: weight %g, %d targets per row, temperature %g; training rows "
+                "with a target: %s",
+                cfg.future_loss_weight,
+                cfg.future_targets,
+                cfg.future_temperature,
+                " ".join(f"{k}={v:.1%}" for k, v in with_target.items()),
+            )
+    return splits
+
+
+def _selection_weights(
+    weights: np.ndarray, validation: EncodedSplit, cfg: TrainConfig, ctx: DistContext
+) -> np.ndarray:
+    """The validation score's task weights, 0 for a task whose validation rows hold one class
+    (its AUC is undefined there: it cannot pick the model), named in a warning."""
+    tasks = cfg.model.task_names
+    skipped = one_class_tasks(validation.labels, tasks)
+    if skipped and ctx.is_main:
+        if len(skipped) < len(tasks):
+            then = "the score is the mean over the other tasks"
+        elif cfg.future_loss_weight > 0:
+            then = "the score is the self-supervised objective's"
+        else:
+            then = "nothing is left to score: the final model is the last evaluation's"
+        logger.warning(
+            "validation score skips %s, whose validation cut holds one class (%s): %s",
+            ", ".join(skipped),
+            "; ".join(f"{t}: {why}" for t, why in skipped.items()),
+            then,
+        )
+    return np.where([t in skipped for t in tasks], 0.0, weights)
 
 
 def _task_weights(
@@ -103,6 +161,22 @@ def _task_weights(
     return weights
 
 
+def _log_budget(asked: TrainConfig, cfg: TrainConfig, train_rows: int, world_size: int) -> None:
+    per_epoch = steps_per_epoch(train_rows, cfg.batch_size, world_size)
+    logger.info(
+        "budget: %d steps (%s; %d an epoch of %d rows at batch %d x %d processes), "
+        "validation every %d steps, early stop after %s",
+        cfg.total_steps,
+        f"{cfg.epochs:g} epochs" if asked.max_steps is None else "max_steps given",
+        per_epoch,
+        train_rows,
+        cfg.batch_size,
+        world_size,
+        cfg.eval_interval,
+        f"{cfg.patience} evaluations without gain" if cfg.patience else "never (patience 0)",
+    )
+
+
 def _initial_state(cfg: TrainConfig) -> dict[str, Any]:
     """The loop's state; checkpoints carry it next to the model and optimiser state."""
     return {
@@ -114,6 +188,7 @@ def _initial_state(cfg: TrainConfig) -> dict[str, Any]:
         "bad_evals": 0,
         "best_tables": None,
         "best_dense": None,
+        "best_future": None,  # the future objective's projections (None when it is off)
         "history": {"train": [], "validation": []},
         "dropped": [],
         "config": cfg.to_dict(),
@@ -128,29 +203,36 @@ class _Progress:
         self.tasks = cfg.model.task_names
         self.t0 = time.perf_counter()
         self.loss = torch.zeros(len(self.tasks))
+        self.future = torch.zeros(len(FUTURE_KINDS))  # the self-supervised loss per kind
         self.aux = torch.zeros(2)  # balance, z
         self.n = 0
 
     def add(self, out: DenseOutput, loss: LossOutput) -> None:
         self.loss += loss.per_task.detach().cpu()
+        if loss.future is not None:
+            self.future += loss.future.per_kind.detach().cpu()
         self.aux += torch.stack([out.balance_loss, out.z_loss]).detach().cpu()
         self.n += 1
 
     def flush(self, step: int, lr: float) -> dict[str, Any]:
         """The history entry of the window ending at `step`, logged; the window restarts."""
         per_task = (self.loss / self.n).tolist()
+        future = dict(zip(FUTURE_KINDS, (self.future / self.n).tolist(), strict=True))
         balance, z = float(self.aux[0] / self.n), float(self.aux[1] / self.n)
         if self.ctx.is_main:
             cfg = self.cfg
             elapsed = time.perf_counter() - self.t0
             done = step - self.start_step
             rate = done * cfg.batch_size * self.ctx.world_size / elapsed
-            eta = (cfg.max_steps - step) * elapsed / max(1, done)
+            eta = (cfg.total_steps - step) * elapsed / max(1, done)
+            losses = [*zip(self.tasks, per_task, strict=True)]
+            if cfg.future_loss_weight > 0:
+                losses += list(future.items())
             logger.info(
                 "step %d/%d loss %s balance %.3f z %.3f lr %.2e %.0f samples/s ETA %.0fs",
                 step,
-                cfg.max_steps,
-                " ".join(f"{t}={v:.4f}" for t, v in zip(self.tasks, per_task, strict=True)),
+                cfg.total_steps,
+                " ".join(f"{t}={v:.4f}" for t, v in losses),
                 balance,
                 z,
                 lr,
@@ -158,14 +240,26 @@ class _Progress:
                 eta,
             )
         self.loss.zero_()
+        self.future.zero_()
         self.aux.zero_()
         self.n = 0
-        return {
+        entry: dict[str, Any] = {
             "step": step,
             "loss": dict(zip(self.tasks, per_task, strict=True)),
             "balance": balance,
             "z": z,
         }
+        if self.cfg.future_loss_weight > 0:
+            entry["future_loss"] = future
+        return entry
+
+
+def _future_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The future objective's projections (replicated on every rank), CPU copies; None when off."""
+    future = unwrap(model).future_loss
+    if future is None:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in future.state_dict().items()}
 
 
 def _evaluate(
@@ -179,14 +273,18 @@ def _evaluate(
     """Score the validation split at state's step, keep the model when it is the best so far;
     -> whether to stop early. Collective when sharded (every rank calls it)."""
     step = state["step"]
-    val_score, metrics = validate(model, split, cfg, ctx, weights)
-    state["history"]["validation"].append(
-        {"step": step, "val_score": val_score, "auc": {t: m["auc"] for t, m in metrics.items()}}
-    )
-    if val_score > state["best_auc"]:
+    future = FutureTotals()
+    val_score, metrics = validate(model, split, cfg, ctx, weights, future)
+    entry = {"step": step, "val_score": val_score, "auc": {t: m["auc"] for t, m in metrics.items()}}
+    if cfg.future_loss_weight > 0:
+        entry["future"] = future.metrics()
+    state["history"]["validation"].append(entry)
+    # NaN: nothing on this split can be scored (train() said why): keep the newest model.
+    if val_score > state["best_auc"] or not np.isfinite(val_score):
         state.update(best_auc=val_score, best_step=step, bad_evals=0)
         state["best_tables"] = gather_tables(model, ctx)
         state["best_dense"] = dense_state_dict(model)
+        state["best_future"] = _future_state(model)
     else:
         state["bad_evals"] += 1
     if ctx.is_main:
@@ -196,7 +294,10 @@ def _evaluate(
             val_score,
             state["best_auc"],
             state["best_step"],
-            " ".join(f"{t}={m['auc']:.4f}" for t, m in metrics.items()),
+            " ".join(
+                [f"{t}={m['auc']:.4f}" for t, m in metrics.items()]
+                + [f"{k}_auc={m['auc']:.4f}" for k, m in entry.get("future", {}).items()]
+            ),
         )
     if cfg.patience and state["bad_evals"] >= cfg.patience:
         logger.info("early stop at step %d", step)
@@ -209,12 +310,17 @@ def _finish(
 ) -> tuple[Metrics, dict[str, Any]]:
     """Rank 0: write the final model (the best evaluation: full tables + dense arch state), the
     held-out inputs (real test rows for the export's parity check) and the report."""
-    save_final(run.model, cfg.model, state["best_tables"], state["best_dense"])
+    save_final(
+        run.model, cfg.model, state["best_tables"], state["best_dense"], state["best_future"]
+    )
     keep = np.arange(min(len(test), HELDOUT_ROWS))
     heldout = {name: seq[keep] for name, seq in test.sequences.items()}
     heldout[PROFILE_INPUT] = test.profile[keep]
+    if test.long_term is not None:
+        heldout[LONG_TERM_INPUT] = test.long_term[keep]
     np.savez(run.heldout_inputs, **heldout)  # type: ignore[arg-type]
-    metrics, loads = final_metrics(run.model, test, cfg)
+    future = FutureTotals()
+    metrics, loads = final_metrics(run.model, test, cfg, future)
     report = write_report(
         run.root,
         cfg,
@@ -225,12 +331,16 @@ def _finish(
         steps=state["step"],
         best_step=state["best_step"],
         stopped_early=stopped_early,
+        future_test=future.metrics() if cfg.future_loss_weight > 0 else None,
     )
     logger.info(
         "done: %d steps, best step %d, test %s",
         state["step"],
         state["best_step"],
-        " ".join(f"{t} AUC={m['auc']:.4f}" for t, m in metrics.items()),
+        " ".join(
+            [f"{t} AUC={m['auc']:.4f}" for t, m in metrics.items()]
+            + [f"{k} AUC={m['auc']:.4f}" for k, m in report.get("future_test", {}).items()]
+        ),
     )
     return metrics, report
 
@@ -253,7 +363,9 @@ def train(
     run = RunDir(cfg.run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     tasks = cfg.model.task_names
+    check_splits(frame)
     splits = _encode(cfg, frame, ctx)
+    cfg = cfg.sized(len(splits.train), ctx.world_size)
     if ctx.is_main:
         run.write_config(cfg)
         logger.info(
@@ -264,20 +376,25 @@ def train(
             ",".join(tasks),
             ctx.world_size,
         )
+        _log_budget(config, cfg, len(splits.train), ctx.world_size)
     weights = _task_weights(cfg, splits.train.labels, ctx)
     torch.manual_seed(cfg.seed)
     task_loss = TaskLoss(len(tasks), cfg.loss, cfg.task_weighting, weights)
-    model, optim = prepare(SuperMoEModel(cfg.model, task_loss, ctx.device), cfg, ctx)
+    model, optim = prepare(
+        SuperMoEModel(cfg.model, task_loss, ctx.device, future_loss_of(cfg)), cfg, ctx
+    )
 
     state = _initial_state(cfg)
     ckpt = run.checkpoint(ctx.rank)
     if resume:
         load_checkpoint(ckpt, model, optim, ctx, state)
-    sel_weights = unwrap(model).task_loss.selection_weights()
+    sel_weights = _selection_weights(
+        unwrap(model).task_loss.selection_weights(), splits.validation, cfg, ctx
+    )
     model.train()
     stopped_early = False
     progress = _Progress(cfg, ctx, state["step"])
-    done = state["step"] >= cfg.max_steps
+    done = state["step"] >= cfg.total_steps
     while not done:
         batches = iterate_batches(
             splits.train,
@@ -294,7 +411,7 @@ def train(
             b = batch.to(ctx.device)
             targets = b.labels
             if b.teacher is not None:
-                lam = annealing(state["step"], cfg.max_steps, cfg.distill_label_share)
+                lam = annealing(state["step"], cfg.total_steps, cfg.distill_label_share)
                 targets = distill_targets(b.labels, b.teacher, lam)
             out, loss = train_step(model, b, optim, targets)
             state["step"] += 1
@@ -302,12 +419,12 @@ def train(
             step = state["step"]
             progress.add(out, loss)
             state["dropped"] = [float(s.dropped) for s in out.router_stats]
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
                 lr = float(optim.scheduler.get_last_lr()[0])
                 state["history"]["train"].append(progress.flush(step, lr))
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            if step % cfg.eval_interval == 0 or step == cfg.total_steps:
                 stopped_early = _evaluate(model, splits.validation, cfg, ctx, sel_weights, state)
-            done = stopped_early or step >= cfg.max_steps
+            done = stopped_early or step >= cfg.total_steps
             if step % cfg.checkpoint_every == 0 or done:
                 save_checkpoint(ckpt, model, optim, ctx, state)
             if stop_after_steps is not None and step >= stop_after_steps and not done:

@@ -59,14 +59,19 @@ def load_source(req: BuildRequest) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
 
 
 def build_dataset(req: BuildRequest) -> dict[str, Any]:
-    """Load + validate the source, then write the raw tables, spec.json and the feature tables.
+    """Load + validate the source, add the future targets to the labels, then write the raw
+    tables, spec.json and the feature tables.
 
     Nothing is written unless the whole source validated.
     """
+    from userembed.future_targets import add_future_targets
     from userembed.snapshots import write_feature_tables
 
     t0 = time.perf_counter()
     events, users, labels, spec = load_source(req)
+    # The self-supervised objective's targets ride with the labels (future information: never
+    # a Feast feature); the spec records their window.
+    labels, spec = add_future_targets(events, labels, spec)
     out = paths.data_dir()
     out.mkdir(parents=True, exist_ok=True)
     for file_name, df in (

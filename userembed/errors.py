@@ -27,6 +27,13 @@ class SchemaError(InvalidInputError):
         self.problem = problem
 
 
+class FeatureMismatchError(UserEmbedError):
+    """Feature rows that do not carry what a model reads (built by an older data build, or
+    with other parameters): rebuild the data set, `feast apply --fresh`, materialise."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
 class DataNotFoundError(UserEmbedError):
     """An input file or data set that should exist is absent."""
 

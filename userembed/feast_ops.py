@@ -29,12 +29,15 @@ from userembed import paths
 from userembed.datasets.spec import DatasetSpec
 from userembed.errors import BackendUnavailableError, InvalidInputError
 from userembed.features import (
+    LONG_TERM_FEATURES,
+    LONG_TERM_LIST_FEATURES,
     PROFILE_FEATURES,
     SEQ_LEN_FEATURE,
     SEQUENCE_FEATURES,
     SERVING_FEATURE_SERVICE,
     TRAINING_FEATURE_SERVICE,
 )
+from userembed.future_targets import FUTURE_COLUMNS
 from userembed.schema import LABEL_TIMESTAMP, task_columns
 
 if TYPE_CHECKING:
@@ -43,7 +46,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PUSH_SOURCE = "user_behavior_push"
-FEATURE_COLUMNS: tuple[str, ...] = (*SEQUENCE_FEATURES, SEQ_LEN_FEATURE, *PROFILE_FEATURES)
+# The behaviour view's features, in its schema order; FEATURE_COLUMNS adds the profile ones.
+BEHAVIOR_COLUMNS: tuple[str, ...] = (*SEQUENCE_FEATURES, SEQ_LEN_FEATURE, *LONG_TERM_FEATURES)
+FEATURE_COLUMNS: tuple[str, ...] = (*BEHAVIOR_COLUMNS, *PROFILE_FEATURES)
 
 
 def feast_registry_path() -> Path:
@@ -151,9 +156,10 @@ def training_frame(
 ) -> pd.DataFrame:
     """Labels joined point-in-time to the features: the frame the trainer consumes.
 
-    Columns: user_id, label_timestamp, split, label_<task>..., the sequence features (lists),
-    seq_len and the profile ints; sorted by (label_timestamp, user_id). Labels at a time that
-    is not one of the spec's cuts are dropped.
+    Columns: user_id, label_timestamp, split, label_<task>..., the future targets when the
+    labels carry them, the sequence features (lists), seq_len, the long-term features (lists
+    and ints; None where a row is missing) and the profile ints; sorted by
+    (label_timestamp, user_id). Labels at a time that is not one of the spec's cuts are dropped.
 
     engine: "feast" = store.get_historical_features with the training feature service;
     "direct" = the same point-in-time rule (newest feature row at or before the label time,
@@ -162,7 +168,9 @@ def training_frame(
     the same frame. "auto" = feast up to FEAST_JOIN_MAX_ROWS label rows, direct above.
     """
     tasks = task_columns(labels)
-    entity = labels[["user_id", LABEL_TIMESTAMP, *tasks]].rename(
+    # Future targets (userembed.future_targets) ride as extra entity columns, never features.
+    future = [c for c in FUTURE_COLUMNS if c in labels.columns]
+    entity = labels[["user_id", LABEL_TIMESTAMP, *tasks, *future]].rename(
         columns={LABEL_TIMESTAMP: "event_timestamp"}
     )
     entity["event_timestamp"] = pd.to_datetime(entity["event_timestamp"], utc=True)
@@ -183,7 +191,9 @@ def training_frame(
     df = df[df["split"].notna()]
     for f in SEQUENCE_FEATURES:  # Feast hands back numpy arrays (or NaN for a missing row)
         df[f] = [list(v) if isinstance(v, list | np.ndarray) else [] for v in df[f]]
-    cols = ["user_id", LABEL_TIMESTAMP, "split", *tasks, *FEATURE_COLUMNS]
+    for f in LONG_TERM_LIST_FEATURES:
+        df[f] = [list(v) if isinstance(v, list | np.ndarray) else None for v in df[f]]
+    cols = ["user_id", LABEL_TIMESTAMP, "split", *tasks, *future, *FEATURE_COLUMNS]
     out = df[cols].sort_values([LABEL_TIMESTAMP, "user_id"], ignore_index=True)
     logger.info("training frame (%s): %d rows in %.1fs", engine, len(out), time.perf_counter() - t0)
     return out
@@ -196,7 +206,7 @@ def _direct_join(store: FeatureStore, entity: pd.DataFrame) -> pd.DataFrame:
     out = entity.sort_values("event_timestamp", kind="stable")
     out["event_timestamp"] = out["event_timestamp"].astype("datetime64[ns, UTC]")
     for view, cols in (
-        (BEHAVIOR_VIEW, [*SEQUENCE_FEATURES, SEQ_LEN_FEATURE]),
+        (BEHAVIOR_VIEW, list(BEHAVIOR_COLUMNS)),
         (PROFILE_VIEW, list(PROFILE_FEATURES)),
     ):
         source = store.get_feature_view(view).batch_source
@@ -232,14 +242,12 @@ def online_features(store: FeatureStore, user_ids: Sequence[int]) -> dict[str, l
 
 
 def push_behavior(store: FeatureStore, rows: pd.DataFrame) -> None:
-    """Write fresh behaviour rows (user_id, event_timestamp, sequences, seq_len) online."""
+    """Write fresh behaviour rows online: user_id, event_timestamp and every feature of the
+    view (sequences, seq_len, long-term features), since a pushed row replaces the user's
+    whole online row of the view."""
     from feast.data_source import PushMode
 
-    missing = [
-        c
-        for c in ("user_id", "event_timestamp", *SEQUENCE_FEATURES, SEQ_LEN_FEATURE)
-        if c not in rows
-    ]
+    missing = [c for c in ("user_id", "event_timestamp", *BEHAVIOR_COLUMNS) if c not in rows]
     if missing:
         raise InvalidInputError(f"push_behavior: missing columns {missing}")
     df = rows.copy()

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from userembed.errors import CorruptModelError
-from userembed.features import PROFILE_INPUT, InputSpec
+from userembed.features import LONG_TERM_INPUT, PROFILE_INPUT, InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,9 @@ def single_onnx_manifest(
             OnnxVariant(
                 name="fp32",
                 file=FileEntry.of(directory, filename),
-                inputs=tuple(f.name for f in input_spec.sequence_features) + (PROFILE_INPUT,),
+                inputs=tuple(f.name for f in input_spec.sequence_features)
+                + (PROFILE_INPUT,)
+                + ((LONG_TERM_INPUT,) if input_spec.long_term else ()),
                 outputs=("user_vector",),
             ),
         ),

@@ -95,7 +95,8 @@ class OnnxEncoder:
 
     def smoke_test(self, spec: InputSpec) -> None:
         """Run two all-padding users; refuse a model whose output is not (2, dim) and finite."""
-        rows: dict[str, list] = {f.name: [None, [1, 2, 3]] for f in spec.sequence_features}
+        rows: dict[str, list] = dict.fromkeys(spec.feature_names(), [None, None])
+        rows.update({f.name: [None, [1, 2, 3]] for f in spec.sequence_features})
         rows.update({f.name: [None, 1] for f in spec.profile_features})
         try:
             out = self.run(encode_inputs(rows, spec))

@@ -81,10 +81,9 @@ def validate_users(df: pd.DataFrame, profile_features: tuple[str, ...], source: 
 
 
 def validate_labels(df: pd.DataFrame, source: str) -> None:
+    """user_id, label_timestamp and zero or more label_<task> columns: a labels file without
+    tasks still names the cuts, and the model trains on its self-supervised objective alone."""
     validate_table(df, LABEL_COLUMNS, source)
-    tasks = task_columns(df)
-    if not tasks:
-        raise SchemaError(source, LABEL_PREFIX + "<task>", "is missing: no task label column")
-    for t in tasks:
+    for t in task_columns(df):
         if not _check_kind(df[t], "float"):
             raise SchemaError(source, t, f"has type {df[t].dtype}, expected float (1/0/NaN)")

@@ -4,8 +4,12 @@
 at the data end that serving materialises). A snapshot at time s holds only events with
 timestamp strictly before s, the last N of them, oldest first, so a label at cut s joined to it
 by Feast's point-in-time join (feature time <= label time) can never see an event at or after
-its label time. `profile.parquet` holds one row per user stamped at the data start.
-Everything is vectorised: one lexsort, then offsets and one gather per snapshot.
+its label time. The same row holds the user's long-term features
+(`userembed.features.LONG_TERM_FEATURES`): counts over ALL events strictly before s (category
+and event-type histograms, events in recent windows, distinct items and categories, seconds
+since the first and the last event). `profile.parquet` holds one row per user stamped at the
+data start. Everything is vectorised: lexsorts once, then prefix counts, offsets, one gather
+and one bincount per histogram per snapshot.
 """
 
 from __future__ import annotations
@@ -26,9 +30,17 @@ import pyarrow.parquet as pq
 from userembed.datasets.spec import DatasetSpec, to_utc
 from userembed.features import (
     DEFAULT_SEQUENCE_LENGTH,
+    LT_CATEGORY_COUNTS,
+    LT_DISTINCT_CATEGORIES,
+    LT_DISTINCT_ITEMS,
+    LT_EVENT_TYPE_COUNTS,
+    LT_SECONDS_SINCE_FIRST,
+    LT_SECONDS_SINCE_LAST,
+    LT_WINDOW_COUNTS,
     PROFILE_FEATURES,
     SEQ_LEN_FEATURE,
     SEQUENCE_FEATURES,
+    LongTermSpec,
     gap_buckets,
 )
 from userembed.paths import BEHAVIOR_FILE, PROFILE_FILE
@@ -50,6 +62,11 @@ class SortedEvents:
     last: np.ndarray  # (U,) one past the last event row
     ts_ns: np.ndarray  # (E,) int64 event time
     columns: dict[str, np.ndarray]  # sequence feature name -> (E,) int64 values
+    user_index: np.ndarray  # (E,) position in user_ids of each event's user
+    # (E + 1,) prefix sums of "first event of the user with this item / category", so the
+    # distinct count over any per-user prefix [first, end) is new[end] - new[first].
+    new_items: np.ndarray
+    new_categories: np.ndarray
 
 
 def timestamps_ns(col: pd.Series) -> np.ndarray:
@@ -84,14 +101,106 @@ def sort_events(events: pd.DataFrame, user_ids: np.ndarray) -> SortedEvents:
     all_ids = np.union1d(np.asarray(user_ids, dtype=np.int64), uid)
     first = np.searchsorted(uid, all_ids, side="left")
     last = np.searchsorted(uid, all_ids, side="right")
-    return SortedEvents(all_ids, first, last, ts_ns, cols)
+    user_index = np.repeat(np.arange(len(all_ids), dtype=np.int64), last - first)  # (E,)
+    return SortedEvents(
+        all_ids,
+        first,
+        last,
+        ts_ns,
+        cols,
+        user_index,
+        _first_seen_prefix(user_index, cols["item_seq"]),
+        _first_seen_prefix(user_index, cols["category_seq"]),
+    )
 
 
-def snapshot(ev: SortedEvents, at: pd.Timestamp, sequence_length: int) -> pa.Table:
-    """Behaviour rows of every user at time `at`: the last N events strictly before it."""
-    at_ns = to_utc(at).value
+def _first_seen_prefix(user_index: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(E + 1,) prefix sums of "no earlier event of the same user has this value" over events
+    sorted by (user, time)."""
+    span = int(values.max()) + 1 if len(values) else 1
+    n_users = int(user_index[-1]) + 1 if len(user_index) else 1
+    if len(values) and values.min() >= 0 and span < 2**62 // n_users:
+        # one int64 key (user, value); a stable sort keeps time order within a key (~10x
+        # faster than the three-key lexsort below)
+        order = np.argsort(user_index * span + values, kind="stable")
+    else:
+        order = np.lexsort((np.arange(len(values)), values, user_index))  # user, value, time
+    u, v = user_index[order], values[order]
+    head = np.ones(len(order), dtype=bool)
+    head[1:] = (u[1:] != u[:-1]) | (v[1:] != v[:-1])
+    first_seen = np.zeros(len(order), dtype=np.int64)
+    first_seen[order[head]] = 1
+    return np.concatenate([[0], np.cumsum(first_seen)])
+
+
+def _prefix_end(ev: SortedEvents, at_ns: int) -> np.ndarray:
+    """(U,) one past each user's last event strictly before `at_ns` (a per-user prefix)."""
     before = np.concatenate([[0], np.cumsum(ev.ts_ns < at_ns)])  # prefix counts
-    end = ev.first + (before[ev.last] - before[ev.first])  # events < at are a per-user prefix
+    return ev.first + (before[ev.last] - before[ev.first])
+
+
+def _histogram(
+    ev: SortedEvents, in_prefix: np.ndarray, values: np.ndarray, buckets: int
+) -> pa.Array:
+    """Per user, the events of `in_prefix` per bucket (value mod buckets) -> list<int64>[buckets]."""
+    n = len(ev.user_ids)
+    key = ev.user_index[in_prefix] * buckets + np.mod(values[in_prefix], buckets)
+    counts = np.bincount(key, minlength=n * buckets).astype(np.int64)  # (U * buckets,)
+    return _fixed_lists(counts, n, buckets)
+
+
+def _fixed_lists(flat: np.ndarray, n: int, width: int) -> pa.Array:
+    offsets = np.arange(n + 1, dtype=np.int64) * width
+    list_cls = pa.ListArray if len(flat) < 2**31 else pa.LargeListArray
+    dtype = np.int32 if len(flat) < 2**31 else np.int64
+    return list_cls.from_arrays(pa.array(offsets.astype(dtype)), pa.array(flat))
+
+
+def long_term_columns(
+    ev: SortedEvents, at_ns: int, end: np.ndarray, lt: LongTermSpec
+) -> dict[str, pa.Array]:
+    """The long-term features of every user at `at_ns`: counts over the events
+    [first, end), i.e. all of the user's events strictly before `at_ns`."""
+    n_users = len(ev.user_ids)
+    in_prefix = ev.ts_ns < at_ns  # (E,) exactly the per-user prefixes [first, end)
+    windows = []
+    for days in lt.window_days:
+        since = _prefix_end(ev, at_ns - days * 86_400 * 10**9)  # events before the window
+        windows.append(end - since)
+    window_counts = np.stack(windows, axis=1).reshape(-1) if windows else np.zeros(0, np.int64)
+    has = end > ev.first
+    if len(ev.ts_ns):
+        first_ts = ev.ts_ns[np.minimum(ev.first, len(ev.ts_ns) - 1)]
+        last_ts = ev.ts_ns[np.maximum(end - 1, 0)]
+    else:
+        first_ts = last_ts = np.zeros(n_users, dtype=np.int64)
+    return {
+        LT_CATEGORY_COUNTS: _histogram(
+            ev, in_prefix, ev.columns["category_seq"], lt.category_buckets
+        ),
+        LT_EVENT_TYPE_COUNTS: _histogram(
+            ev, in_prefix, ev.columns["event_type_seq"], lt.event_type_buckets
+        ),
+        LT_WINDOW_COUNTS: _fixed_lists(
+            window_counts.astype(np.int64), n_users, len(lt.window_days)
+        ),
+        LT_DISTINCT_ITEMS: pa.array(ev.new_items[end] - ev.new_items[ev.first]),
+        LT_DISTINCT_CATEGORIES: pa.array(ev.new_categories[end] - ev.new_categories[ev.first]),
+        LT_SECONDS_SINCE_FIRST: pa.array(np.where(has, (at_ns - first_ts) // 10**9, -1)),
+        LT_SECONDS_SINCE_LAST: pa.array(np.where(has, (at_ns - last_ts) // 10**9, -1)),
+    }
+
+
+def snapshot(
+    ev: SortedEvents,
+    at: pd.Timestamp,
+    sequence_length: int,
+    long_term: LongTermSpec | None = None,
+) -> pa.Table:
+    """Behaviour rows of every user at time `at`: the last N events strictly before it, and
+    the long-term features of all events strictly before it."""
+    at_ns = to_utc(at).value
+    end = _prefix_end(ev, at_ns)  # events < at are a per-user prefix
     start = np.maximum(ev.first, end - sequence_length)
     lengths = end - start  # (U,)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -107,6 +216,7 @@ def snapshot(ev: SortedEvents, at: pd.Timestamp, sequence_length: int) -> pa.Tab
     for name in SEQUENCE_FEATURES:
         arrays[name] = list_cls.from_arrays(pa_offsets, pa.array(ev.columns[name][gather]))
     arrays[SEQ_LEN_FEATURE] = pa.array(lengths.astype(np.int64))
+    arrays.update(long_term_columns(ev, at_ns, end, long_term or LongTermSpec()))
     return pa.table(arrays)
 
 
@@ -190,7 +300,8 @@ def offline_latest(offline_dir: Path, user_ids: Sequence[int] | None = None) -> 
     """The latest behaviour + profile row per user, read in bulk from the offline parquet files.
 
     For the nightly refresh: one row per user (its newest snapshot), columns user_id,
-    event_timestamp, the sequence features, seq_len and the profile ints.
+    event_timestamp, the sequence features, seq_len, the long-term features and the profile
+    ints.
     """
     behavior = pads.dataset(offline_dir / BEHAVIOR_FILE)
     latest = pa.compute.max(behavior.to_table(columns=["event_timestamp"])["event_timestamp"])

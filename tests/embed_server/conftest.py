@@ -44,10 +44,10 @@ class FakeFeatures:
 
     def fetch(self, user_ids: Sequence[str], spec: InputSpec) -> FeatureRows:
         self.fetched.append(list(user_ids))
-        names = [f.name for f in spec.sequence_features + spec.profile_features]
+        names = spec.feature_names()
         rows = [self.users.get(u) for u in user_ids]
         return FeatureRows(
-            columns={n: [r[n] if r else None for r in rows] for n in names},
+            columns={n: [r.get(n) if r else None for r in rows] for n in names},
             found=[r is not None for r in rows],
             feature_ts_ms=[r["_ts"] if r else 0 for r in rows],
         )

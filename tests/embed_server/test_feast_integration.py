@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,12 +19,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from embed_server.client import EmbeddingClient
-from embed_server.online_features import FeastFeatureSource
+from embed_server.online_features import FeastFeatureSource, FeatureRows, check_long_term_present
 from embed_server.server import EmbeddingServer
+from refresh.config import RefreshConfig
+from refresh.job import refresh
 from tests.embed_server.conftest import MODEL, SPEC, LoopThread, publish_tiny
+from tests.tiny_model import DIM, LT_SPEC
 from userembed import feast_ops
-from userembed.features import PROFILE_FEATURES, SEQUENCE_FEATURES, encode_inputs
+from userembed.datasets import generate_synthetic
+from userembed.errors import FeatureMismatchError
+from userembed.features import (
+    LONG_TERM_LIST_FEATURES,
+    LONG_TERM_SCALAR_FEATURES,
+    PROFILE_FEATURES,
+    SEQUENCE_FEATURES,
+    LongTermSpec,
+    encode_inputs,
+)
+from userembed.onnx_encoder import OnnxEncoder
 from userembed.registry import Registry
+from userembed.snapshots import offline_latest, write_feature_tables
 
 FEATURE_TIME = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 USERS = {
@@ -40,6 +55,10 @@ def write_offline(offline: Path) -> None:
     for f in SEQUENCE_FEATURES:
         behavior[f] = pa.array([USERS[u].get(f, [0, 0]) for u in ids], pa.list_(pa.int64()))
     behavior["seq_len"] = pa.array([len(USERS[u]["item_seq"]) for u in ids], pa.int64())
+    for f, width in LongTermSpec().list_lengths.items():  # the view's long-term columns
+        behavior[f] = pa.array([[u % 3] * width for u in ids], pa.list_(pa.int64()))
+    for f in LONG_TERM_SCALAR_FEATURES:
+        behavior[f] = pa.array([u * 100 for u in ids], pa.int64())
     pq.write_table(pa.table(behavior), offline / "behavior.parquet")
     profile = {"user_id": pa.array(ids, pa.int64()), "event_timestamp": ts}
     for f in PROFILE_FEATURES:
@@ -172,3 +191,88 @@ def test_cli_serve_embed_models_and_sigterm_drain(feast_store, registry, tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(300)
+def test_recomputed_vectors_equal_the_refreshed_ones_with_long_term_features(
+    tmp_path, monkeypatch, redis_url, registry: Registry, settings_for
+):
+    """Real snapshots (long-term features included) -> Feast online store -> the server's miss
+    path, against the refresh over the offline files: the same vector per user. A model
+    exported without the long-term input is served from the same store."""
+    monkeypatch.setenv("USEREMBED_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("USEREMBED_OFFLINE_DIR", str(tmp_path / "offline"))
+    monkeypatch.setenv("USEREMBED_FEAST_REGISTRY", str(tmp_path / "feast" / "registry.db"))
+    events, users, _, spec = generate_synthetic(120, seed=4)
+    offline = tmp_path / "offline"
+    write_feature_tables(events, users, spec, offline, sequence_length=LT_SPEC.sequence_length)
+    store = feast_ops.open_store(redis_url)
+    feast_ops.apply(store, fresh=True)
+    feast_ops.materialize(store)
+    publish_tiny(registry, tmp_path / "staging", seed=1, spec=LT_SPEC)
+    publish_tiny(registry, tmp_path / "staging", seed=2, model="old")  # no long-term input
+    refreshed = refresh(
+        RefreshConfig(
+            model=MODEL,
+            part_rows=50,
+            batch_size=16,
+            registry_root=registry.root,
+            redis_url=redis_url,
+            offline_dir=str(offline),
+        )
+    )
+    assert refreshed.users == 120
+    latest = offline_latest(offline).set_index("user_id")
+    ids = ["0", "7", "33", "101"]
+    assert (latest.loc[[int(u) for u in ids], "lt_distinct_items"] > 0).all()
+    loop = LoopThread()
+    srv = EmbeddingServer(
+        settings_for(models=(MODEL, "old"), default_model=MODEL),
+        features=FeastFeatureSource(store),
+    )
+    try:
+        loop.run(srv.start())
+        with EmbeddingClient(f"127.0.0.1:{srv.port}", timeout_s=30) as c:
+            for u in ids:
+                stored = c.get(u)
+                assert stored.source == "stored"
+                recomputed = c.get(u, force=True)
+                assert recomputed.source == "computed"
+                np.testing.assert_allclose(recomputed.vector, stored.vector, rtol=1e-5, atol=1e-6)
+            old = c.get("7", model="old")
+            assert old.source == "computed"
+        rows = {n: [latest.loc[7, n]] for n in SPEC.feature_names()}
+        enc = OnnxEncoder(registry.load_verified("old").session_source(), DIM, 1)
+        np.testing.assert_allclose(old.vector, enc.run(encode_inputs(rows, SPEC))[0], rtol=1e-6)
+    finally:
+        loop.run(srv.stop(grace=0.5))
+        loop.close()
+
+
+def test_a_registry_without_the_long_term_features_is_a_feature_mismatch(feast_store):
+    """A model that reads features the applied repository does not define: one clear error."""
+    other_view = replace(LT_SPEC, long_term=LongTermSpec(view="user_profile"))
+    with pytest.raises(FeatureMismatchError, match="lacks features the model reads"):
+        FeastFeatureSource(feast_store).fetch(["11"], other_view)
+    rows = FeastFeatureSource(feast_store).fetch(["11", "99"], LT_SPEC)
+    assert rows.found == [True, False]
+    assert rows.columns["lt_distinct_items"] == [1100, None]
+
+
+def test_known_users_without_long_term_values_are_refused_not_encoded_as_empty() -> None:
+    """Online rows materialised before the long-term features existed (Feast keeps the older
+    row on an equal timestamp) must not silently encode as users without history."""
+    names = LT_SPEC.feature_names()
+    columns = {n: [[1, 2], None] for n in names}
+    columns["lt_distinct_items"] = [None, None]
+    rows = FeatureRows(columns=columns, found=[True, False], feature_ts_ms=[1, 0])
+    with pytest.raises(FeatureMismatchError, match="lt_category_counts"):
+        check_long_term_present(
+            FeatureRows(
+                {**columns, LONG_TERM_LIST_FEATURES[0]: [None, None]}, [True, False], [1, 0]
+            ),
+            LT_SPEC,
+        )
+    with pytest.raises(FeatureMismatchError, match="lt_distinct_items"):
+        check_long_term_present(rows, LT_SPEC)
+    check_long_term_present(rows, SPEC)  # a model without the long-term input reads none

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from userembed.errors import FeatureMismatchError
 from userembed.features import (
     BEHAVIOR_VIEW,
+    LONG_TERM_INPUT,
+    LONG_TERM_SCALAR_FEATURES,
     PROFILE_VIEW,
     FeatureSpec,
     InputSpec,
+    LongTermSpec,
     encode_arrow,
     encode_inputs,
 )
@@ -84,3 +90,93 @@ def test_encode_arrow_keeps_the_last_events_oldest_first() -> None:
     np.testing.assert_array_equal(got["item_seq"][2], [0, 0, 0, 0, 0])
     np.testing.assert_array_equal(got["category_seq"][0], [0, 0, 0, 0, 0])
     assert got["profile"].shape == (3, 2) and got["profile"][1, 0] == 0
+
+
+LT = LongTermSpec(category_buckets=5, window_days=(1, 7))
+LT_SPEC = replace(SPEC, long_term=LT)
+
+
+def long_term_rows(n: int, seed: int) -> dict[str, list]:
+    """Random long-term features, None (a missing row) for about 1 in 6 users."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {}
+    missing = rng.random(n) < 0.17
+    for name, width in LT.list_lengths.items():
+        rows[name] = [None if m else rng.integers(0, 30, size=width).tolist() for m in missing]
+    for name in LONG_TERM_SCALAR_FEATURES:
+        rows[name] = [None if m else int(rng.integers(-1, 10**7)) for m in missing]
+    return rows
+
+
+def arrow_table(rows: dict[str, list]) -> pa.Table:
+    lists = {f.name for f in SPEC.sequence_features} | set(LT.list_lengths)
+    return pa.table(
+        {
+            n: pa.array(v, pa.list_(pa.int64()) if n in lists else pa.int64())
+            for n, v in rows.items()
+        }
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_encode_arrow_equals_encode_inputs_on_long_term_features(seed: int) -> None:
+    """The refresh's vectorised path and the server's per-row path give the same floats."""
+    rows = {**random_rows(250, seed), **long_term_rows(250, seed)}
+    table = arrow_table(rows)
+    want = encode_inputs(rows, LT_SPEC)
+    assert want[LONG_TERM_INPUT].shape == (250, LT_SPEC.long_term_width)
+    assert want[LONG_TERM_INPUT].dtype == np.float32
+    for got in (
+        encode_arrow(table, LT_SPEC),
+        encode_arrow(pa.concat_tables([table.slice(0, 90), table.slice(90)]), LT_SPEC),
+    ):
+        assert set(got) == set(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    sub = {k: v[100:180] for k, v in rows.items()}
+    np.testing.assert_array_equal(
+        encode_arrow(table.slice(100, 80), LT_SPEC)[LONG_TERM_INPUT],
+        encode_inputs(sub, LT_SPEC)[LONG_TERM_INPUT],
+    )
+    # A missing row encodes as a user without history: all zeros.
+    gone = [i for i, v in enumerate(rows["lt_category_counts"]) if v is None]
+    assert gone and not want[LONG_TERM_INPUT][gone].any()
+
+
+def test_long_term_lists_of_another_width_are_a_feature_mismatch() -> None:
+    rows = {**random_rows(3, 0), **long_term_rows(3, 0)}
+    rows["lt_category_counts"] = [[1] * 32] * 3  # built with the default 32 buckets, not 5
+    with pytest.raises(FeatureMismatchError, match="lt_category_counts holds 32 values"):
+        encode_inputs(rows, LT_SPEC)
+    with pytest.raises(FeatureMismatchError, match="lt_category_counts holds 32 values"):
+        encode_arrow(arrow_table(rows), LT_SPEC)
+    with pytest.raises(FeatureMismatchError, match="lack"):
+        encode_inputs(random_rows(3, 0), LT_SPEC)
+
+
+def test_long_term_encoding_follows_the_documented_columns() -> None:
+    lt = LongTermSpec()
+    rows = {
+        "item_seq": [[1, 2, 3, 4]],
+        "category_seq": [[0, 0, 1, 33]],
+        "age_bucket": [1],
+        "region": [0],
+        "lt_category_counts": [[2, 2] + [0] * 30],  # category 33 -> bucket 1
+        "lt_event_type_counts": [[0, 2, 0, 2] + [0] * 4],
+        "lt_window_counts": [[1, 3, 4]],
+        "lt_distinct_items": [4],
+        "lt_distinct_categories": [3],
+        "lt_seconds_since_first": [9 * 86_400],
+        "lt_seconds_since_last": [86_400],
+    }
+    x = encode_inputs(rows, replace(SPEC, long_term=lt))[LONG_TERM_INPUT][0]
+    col = dict(zip(lt.column_names(), x.tolist(), strict=True))
+    assert col["has_history"] == 1.0
+    assert col["log_events"] == pytest.approx(np.log1p(4) / np.log1p(10_000), rel=1e-6)
+    assert col["category_share_0"] == col["category_share_1"] == 0.5
+    assert col["category_entropy"] == pytest.approx(np.log(2) / np.log(32), rel=1e-6)
+    assert col["event_type_mean"] == pytest.approx(2 / 7, rel=1e-6)
+    assert col["event_type_std"] == pytest.approx(1 / 7, rel=1e-6)
+    assert col["log_days_since_last"] == pytest.approx(np.log1p(1) / np.log1p(3650), rel=1e-6)
+    assert col["log_days_since_first"] == pytest.approx(np.log1p(9) / np.log1p(3650), rel=1e-6)
+    assert col["log_events_28d"] == pytest.approx(np.log1p(4) / np.log1p(10_000), rel=1e-6)

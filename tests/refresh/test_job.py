@@ -33,7 +33,8 @@ from tests.refresh.support import (
     publish_model,
     write_offline,
 )
-from tests.tiny_model import DIM, MODEL, SPEC, publish_tiny
+from tests.tiny_model import DIM, LT_SPEC, MODEL, SPEC, publish_tiny
+from userembed.errors import SchemaError
 from userembed.features import encode_inputs
 from userembed.onnx_encoder import OnnxEncoder
 from userembed.registry import Registry
@@ -306,3 +307,47 @@ def test_refresh_reads_the_data_pipelines_offline_files(redis_url, registry, tmp
     want = OnnxEncoder(loaded.session_source(), DIM, 1).run(encode_inputs(rows, SPEC))
     got = store_of(cfg).read(s.embedding_version, [str(u) for u in latest["user_id"]])
     np.testing.assert_allclose(np.stack([g.vector for g in got]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_refresh_of_a_long_term_model_encodes_the_whole_history_columns(
+    redis_url, registry, tmp_path
+) -> None:
+    """A model with the long-term input reads the lt_* columns of the same behaviour rows and
+    gets the vectors of the per-row reference; they differ from what empty long-term rows
+    would give (the input reaches the vector)."""
+    from userembed.datasets.synthetic import generate_synthetic
+    from userembed.snapshots import offline_latest, write_feature_tables
+
+    events, users, _, spec = generate_synthetic(300, seed=2)
+    offline = tmp_path / "offline"
+    write_feature_tables(events, users, spec, offline, sequence_length=LT_SPEC.sequence_length)
+    publish_tiny(registry, tmp_path / "staging", seed=0, spec=LT_SPEC)
+    cfg = RefreshConfig(
+        model=MODEL,
+        part_rows=70,
+        batch_size=32,
+        registry_root=registry.root,
+        redis_url=redis_url,
+        offline_dir=str(offline),
+    )
+    s = refresh(cfg)
+    latest = offline_latest(offline)
+    rows = {n: list(latest[n]) for n in LT_SPEC.feature_names()}
+    enc = OnnxEncoder(registry.load_verified(MODEL).session_source(), DIM, 1)
+    want = enc.run(encode_inputs(rows, LT_SPEC))
+    got = store_of(cfg).read(s.embedding_version, [str(u) for u in latest["user_id"]])
+    np.testing.assert_allclose(np.stack([g.vector for g in got]), want, rtol=1e-5, atol=1e-6)
+    no_history = enc.run(
+        encode_inputs(
+            {**rows, **dict.fromkeys(LT_SPEC.long_term_names, [None] * len(latest))}, LT_SPEC
+        )
+    )
+    assert np.abs(no_history - want).max() > 1e-3
+
+
+def test_refresh_of_a_long_term_model_over_files_without_them_is_one_clear_error(
+    cfg, registry, tmp_path
+) -> None:
+    publish_tiny(registry, tmp_path / "staging", seed=0, spec=LT_SPEC)
+    with pytest.raises(SchemaError, match="lt_category_counts' is missing .*rebuild the data set"):
+        refresh(cfg)

@@ -58,7 +58,7 @@ def main(out_dir: str) -> None:
     def on_trained(model: nn.Module, ctx: DistContext) -> None:
         model.eval()
         with torch.no_grad():
-            out, _ = model(batch.seq_kjt, batch.profile_kjt, None)
+            out, _ = model(batch.seq_kjt, batch.profile_kjt, None, long_term=batch.long_term)
         tables = gather_tables(model, ctx)
         if ctx.is_main:
             torch.save(

@@ -43,6 +43,7 @@ def _inputs(cfg: ModelConfig, b: int = 5, empty_rows: int = 2):
         mask,
         torch.randn(b, len(spec.profile_features), d),
         sequence_stats(ids, mask, length),
+        torch.rand(b, spec.long_term_width),  # the encoded long-term features
     )
 
 
@@ -97,7 +98,9 @@ def test_trainer_trains_baseline_and_reloads_it_with_identical_outputs(
     split = encode_split(test, cfg.input_spec, cfg.task_names)
     with torch.no_grad():
         probs = [
-            torch.sigmoid(model(b.seq_kjt, b.profile_kjt, None)[0].task_logits).numpy()
+            torch.sigmoid(
+                model(b.seq_kjt, b.profile_kjt, None, long_term=b.long_term)[0].task_logits
+            ).numpy()
             for b in iterate_batches(split, cfg.input_spec, 64)
         ]
     again = task_metrics(np.concatenate(probs), split.labels, cfg.task_names)

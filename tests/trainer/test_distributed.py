@@ -58,8 +58,14 @@ def test_sharded_training_gathers_tables_that_reproduce_outputs(tmp_path: Path) 
 
     batch = make_batch(test, np.arange(48), spec)
     with torch.no_grad():
-        out, _ = model(batch.seq_kjt, batch.profile_kjt, None)
+        out, _ = model(batch.seq_kjt, batch.profile_kjt, None, long_term=batch.long_term)
     torch.testing.assert_close(out.user_vector, sharded["user_vector"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.task_logits, sharded["task_logits"], atol=1e-5, rtol=1e-5)
     # Training moved the tables away from their initialisation on both shards.
     assert (REPO / "trainer").exists() and (tmp_path / "run" / "model.pt").exists()
+    # The self-supervised objective ran sharded: its targets went through the sharded tables.
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert cfg.future_loss_weight > 0
+    future = [h["future_loss"] for h in report["history"]["train"]]
+    assert future and all(0 < v < 20 for h in future for v in h.values())
+    assert all(0 <= m["auc"] <= 1 for m in report["future_test"].values())

@@ -30,7 +30,12 @@ from trainer.run_dir import FINAL_CHECKPOINT
 from trainer.train import train
 from userembed.commands import main as cli
 from userembed.errors import CorruptModelError, DataNotFoundError
-from userembed.features import encode_inputs
+from userembed.features import (
+    LONG_TERM_FEATURES,
+    LONG_TERM_INPUT,
+    LongTermSpec,
+    encode_inputs,
+)
 from userembed.registry import Registry
 
 
@@ -86,6 +91,9 @@ def test_export_publishes_entry_with_parity_figures_and_variants(
     assert 0.0 < p["int8"]["cosine_to_fp32_mean"] <= 1.0 + 1e-6
     assert [v.name for v in m.variants] == ["fp32", "fp16", "int8"]
     assert m.variant("fp32").outputs == ("user_vector", "task_scores")
+    # The long-term input: in every variant's inputs, its rules in the manifest's InputSpec.
+    assert all(v.inputs[-1] == LONG_TERM_INPUT for v in m.variants)
+    assert m.input_spec.long_term == LongTermSpec()
     assert m.task_names == ("click", "buy") and "test" in m.metrics
     assert m.input_spec.feature_service == "user_serving_v1"
     assert m.training_config["model"]["embedding_dim"] == 16
@@ -95,7 +103,8 @@ def test_export_publishes_entry_with_parity_figures_and_variants(
     loaded = reg.load_verified("supermoe", result.version)
     sess = ort.InferenceSession(loaded.session_source(), providers=["CPUExecutionProvider"])
     frame = tiny_frame(200)
-    cols = [f.name for f in m.input_spec.sequence_features + m.input_spec.profile_features]
+    cols = m.input_spec.feature_names()
+    assert set(LONG_TERM_FEATURES) <= set(cols)
     inputs = encode_inputs({c: frame[c].tolist()[:16] for c in cols}, m.input_spec)
     vec, scores = sess.run(None, inputs)
     cfg, tables, dense = load_final(run_dir / FINAL_CHECKPOINT)
@@ -164,6 +173,31 @@ def test_export_that_mangles_an_expert_fails_and_publishes_nothing(
     if how == "weights":
         assert "expert 1 of MoE layer 0 is missing from the ONNX graph" in str(e.value)
     assert Registry(tmp_path / "reg").list_models() == []
+
+
+def test_export_that_mangles_the_long_term_path_fails_parity(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parity feeds the long-term input: a graph that reads it wrongly is refused."""
+    real = onnx_files.export_onnx
+
+    def broken(enc: ExportableEncoder, path: Path, example) -> None:  # type: ignore[no-untyped-def]
+        bad = copy.deepcopy(enc)
+        with torch.no_grad():
+            bad.dense_arch.encoder.long_term_norm.scale.mul_(2.0)
+        real(bad, path, example)
+
+    monkeypatch.setattr(publish, "export_onnx", broken)
+    with pytest.raises(ExportParityError, match="heldout: user vector"):
+        export_model(run_dir, str(tmp_path / "reg"), "m")
+    assert Registry(tmp_path / "reg").list_models() == []
+
+
+def test_held_out_inputs_of_a_run_carry_the_long_term_input(run_dir: Path) -> None:
+    with np.load(run_dir / "heldout_inputs.npz") as z:
+        lt = z[LONG_TERM_INPUT]
+    assert lt.dtype == np.float32 and lt.shape == (40, LongTermSpec().width)
+    assert (lt[:, 0] == 1).all()  # has_history: the test rows of the tiny frame all have one
 
 
 def test_crafted_inputs_route_tokens_to_every_expert(run_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from tests.trainer.dist_worker import tiny_config
+from tests.trainer.dist_worker import PROFILE, tiny_config
 from tests.trainer.frames import tiny_frame
-from trainer.batches import encode_split, make_batch
+from trainer.batches import build_input_spec, encode_split, make_batch
 from trainer.dense import DenseArch
-from trainer.encoder import sequence_stats
+from trainer.encoder import LongTermNorm, sequence_stats
 from trainer.model import SuperMoEModel
+from trainer.train import train
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def test_users_with_empty_history_get_finite_unit_vectors(setup) -> None:  # typ
     batch = make_batch(split, empty, cfg.input_spec)
     for train_mode in (False, True):
         model.train(train_mode)
-        out, _ = model(batch.seq_kjt, batch.profile_kjt, None)
+        out, _ = model(batch.seq_kjt, batch.profile_kjt, None, long_term=batch.long_term)
         assert torch.isfinite(out.user_vector).all() and torch.isfinite(out.task_logits).all()
         torch.testing.assert_close(out.user_vector.norm(dim=-1), torch.ones(len(empty)))
     model.eval()
@@ -62,10 +64,11 @@ def test_padding_positions_never_reach_the_user_vector(setup) -> None:  # type: 
     noisy_ids = [torch.where(mask, x, torch.randint(1, 99, (b, length), generator=g)) for x in ids]
     stats = sequence_stats(ids, mask, length)
     torch.testing.assert_close(sequence_stats(noisy_ids, mask, length), stats, atol=0, rtol=0)
+    long_term = torch.rand(b, cfg.input_spec.long_term_width, generator=g)
     dense = model.dense_arch.eval()
     with torch.no_grad():
-        clean_out = dense(seq, mask, profile, stats)
-        noisy_out = dense(noisy, mask, profile, stats)
+        clean_out = dense(seq, mask, profile, stats, long_term)
+        noisy_out = dense(noisy, mask, profile, stats, long_term)
     torch.testing.assert_close(noisy_out.user_vector, clean_out.user_vector, atol=1e-5, rtol=0)
 
 
@@ -102,7 +105,7 @@ def test_table_weights_feed_plain_embeddings_to_the_same_outputs(setup, tmp_path
             )
             self.dense = model.dense_arch
 
-        def forward(self, item, cat, ev, gap, profile):  # type: ignore[no-untyped-def]
+        def forward(self, item, cat, ev, gap, profile, long_term):  # type: ignore[no-untyped-def]
             ids = dict(
                 zip([f.name for f in spec.sequence_features], [item, cat, ev, gap], strict=True)
             )
@@ -114,15 +117,17 @@ def test_table_weights_feed_plain_embeddings_to_the_same_outputs(setup, tmp_path
                 mask,
                 prof,
                 sequence_stats([item, cat, ev, gap], mask, spec.sequence_length),
+                long_term,
             )
             return out.user_vector, out.task_logits
 
     idx = np.arange(64)
     batch = make_batch(split, idx, spec)
     with torch.no_grad():
-        ref, _ = model(batch.seq_kjt, batch.profile_kjt, None)
+        ref, _ = model(batch.seq_kjt, batch.profile_kjt, None, long_term=batch.long_term)
     args = tuple(torch.from_numpy(split.sequences[f.name][idx]) for f in spec.sequence_features)
-    args += (torch.from_numpy(split.profile[idx]),)
+    assert split.long_term is not None
+    args += (torch.from_numpy(split.profile[idx]), torch.from_numpy(split.long_term[idx]))
     plain = Plain().eval()
     with torch.no_grad():
         vec, logits = plain(*args)
@@ -131,7 +136,7 @@ def test_table_weights_feed_plain_embeddings_to_the_same_outputs(setup, tmp_path
     assert all((s.expert_load > 0).all() for s in ref.router_stats)
 
     path = tmp_path / "enc.onnx"
-    names = ["item_seq", "category_seq", "event_type_seq", "gap_bucket_seq", "profile"]
+    names = ["item_seq", "category_seq", "event_type_seq", "gap_bucket_seq", "profile", "long_term"]
     torch.onnx.export(
         plain,
         args,
@@ -147,3 +152,37 @@ def test_table_weights_feed_plain_embeddings_to_the_same_outputs(setup, tmp_path
     # A single user (most experts get no token) runs too.
     one = sess.run(None, {n: a[:1].numpy() for n, a in zip(names, args, strict=True)})
     np.testing.assert_allclose(one[0], vec[:1].numpy(), atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_a_trait_only_the_whole_history_holds_is_learned_through_the_long_term_input(
+    tmp_path: Path,
+) -> None:
+    """The label is the user's tenure, which no event of the last L shows: the model learns
+    it from the long-term input, and a model without that input cannot."""
+    frame = tiny_frame(400)
+    frame["label_click"] = (frame["lt_seconds_since_first"] > 30 * 86_400).astype(float)
+    auc = {}
+    for long_term in (True, False):
+        cfg = tiny_config(str(tmp_path / str(long_term)), frame, max_steps=80, eval_every=20)
+        spec = build_input_spec(frame, PROFILE, sequence_length=12, long_term=long_term)
+        assert (spec.long_term is not None) == long_term
+        cfg = cfg.with_(model=replace(cfg.model, input_spec=spec))
+        auc[long_term] = train(cfg, frame).test_auc["click"]
+    assert auc[True] > 0.7 and auc[False] < 0.65, auc
+
+
+def test_long_term_standardisation_is_fixed_after_the_first_training_batch() -> None:
+    """Data-dependent initialisation: later batches, eval mode and a batch of one all use the
+    first training batch's statistics."""
+    norm = LongTermNorm(3).train()
+    first = torch.tensor([[0.0, 1.0, 0.5], [1.0, 1.0, 0.5], [2.0, 1.0, 0.7]])
+    out = norm(first)
+    torch.testing.assert_close(out[:, 0], (first[:, 0] - 1.0) / first[:, 0].std(unbiased=False))
+    # A constant column is centred and scaled by at most 1 / MIN_SCALE.
+    torch.testing.assert_close(out[:, 1], torch.zeros(3))
+    assert norm.scale[1] == LongTermNorm.MIN_SCALE
+    one = torch.tensor([[5.0, 0.0, 0.0]])
+    again = norm(one)  # a batch of one, still in training mode: no new statistics
+    torch.testing.assert_close(norm.eval()(one), again)
+    assert bool(norm.initialised)

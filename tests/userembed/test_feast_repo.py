@@ -7,12 +7,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from userembed import feast_ops
 from userembed.datasets import generate_synthetic
-from userembed.features import PROFILE_FEATURES, SEQUENCE_FEATURES
+from userembed.errors import InvalidInputError
+from userembed.features import (
+    LONG_TERM_FEATURES,
+    LONG_TERM_LIST_FEATURES,
+    LONG_TERM_SCALAR_FEATURES,
+    PROFILE_FEATURES,
+    SEQUENCE_FEATURES,
+    LongTermSpec,
+)
 from userembed.snapshots import offline_latest, write_feature_tables
 
 NUM_USERS = 250
@@ -61,16 +70,60 @@ def test_training_rows_never_use_an_event_at_or_after_their_label_time(repo) -> 
     assert (frame["gender"].to_numpy() == users.loc[frame["user_id"], "gender"].to_numpy()).all()
 
 
+def test_training_rows_long_term_features_count_the_whole_history_before_the_label(
+    repo,
+) -> None:
+    """Every row of the real point-in-time join against the raw events: the long-term
+    features cover all events strictly before the label time, none at or after it."""
+    frame = feast_ops.training_frame(repo["store"], repo["labels"], repo["spec"], engine="feast")
+    lt = LongTermSpec()
+    by_user = dict(tuple(repo["events"].groupby("user_id")))
+    longer = 0
+    for row in frame.itertuples(index=False):
+        past = by_user[row.user_id]
+        past = past[past["event_timestamp"] < row.label_timestamp]
+        n = len(past)
+        longer += n > 50
+        assert (
+            list(row.lt_category_counts)
+            == np.bincount(
+                past["category_id"] % lt.category_buckets, minlength=lt.category_buckets
+            ).tolist()
+        )
+        assert sum(row.lt_event_type_counts) == n
+        assert row.lt_distinct_items == past["item_id"].nunique()
+        assert row.lt_distinct_categories == past["category_id"].nunique()
+        last = (row.label_timestamp - past["event_timestamp"].max()).total_seconds() if n else -1
+        assert row.lt_seconds_since_last == int(last), (row.user_id, row.label_timestamp)
+    assert longer > 0
+
+
 def test_direct_join_gives_the_same_frame_as_feast(repo) -> None:
     labels = repo["labels"].iloc[::7]
     a = feast_ops.training_frame(repo["store"], labels, repo["spec"], engine="feast")
     b = feast_ops.training_frame(repo["store"], labels, repo["spec"], engine="direct")
     assert list(a.columns) == list(b.columns) and len(a) == len(b)
     for col in a.columns:
-        if col in SEQUENCE_FEATURES:
+        if col in (*SEQUENCE_FEATURES, *LONG_TERM_LIST_FEATURES):
             assert [list(x) for x in a[col]] == [list(x) for x in b[col]], col
         else:
             pd.testing.assert_series_equal(a[col], b[col], check_dtype=False, check_names=False)
+
+
+def test_future_targets_ride_through_both_joins_unchanged(repo) -> None:
+    """The self-supervised objective's targets are extra entity columns, never features:
+    Feast's point-in-time join and the direct one hand them back as the labels held them."""
+    from userembed.future_targets import FUTURE_COLUMNS, add_future_targets
+
+    labels, spec = add_future_targets(repo["events"], repo["labels"].iloc[::5], repo["spec"])
+    key = ["user_id", "label_timestamp"]
+    for engine in ("feast", "direct"):
+        frame = feast_ops.training_frame(repo["store"], labels, spec, engine=engine)
+        both = frame.merge(labels, on=key, suffixes=("", "_label"), validate="1:1")
+        assert len(both) == len(labels)
+        for col in FUTURE_COLUMNS:
+            assert [list(x) for x in both[col]] == [list(x) for x in both[f"{col}_label"]], col
+        assert both[FUTURE_COLUMNS[0]].map(len).sum() > 0
 
 
 def test_materialize_serves_the_latest_snapshot_online(repo, redis_url: str) -> None:
@@ -81,7 +134,9 @@ def test_materialize_serves_the_latest_snapshot_online(repo, redis_url: str) -> 
     latest = offline_latest(repo["home"] / "offline", ids)
     for f in SEQUENCE_FEATURES:
         assert online[f] == [list(v) for v in latest[f]], f
-    for f in (*PROFILE_FEATURES, "seq_len"):
+    for f in LONG_TERM_LIST_FEATURES:
+        assert online[f] == [list(v) for v in latest[f]], f
+    for f in (*PROFILE_FEATURES, "seq_len", *LONG_TERM_SCALAR_FEATURES):
         assert online[f] == latest[f].tolist(), f
     assert online["seq_len"][1] > 0
 
@@ -104,12 +159,23 @@ def test_pushed_behaviour_is_read_back_online(repo, redis_url: str) -> None:
             "event_type_seq": [[0, 1, 3]],
             "gap_bucket_seq": [[0, 4, 2]],
             "seq_len": [3],
+            "lt_category_counts": [[0, 2, 1] + [0] * (LongTermSpec().category_buckets - 3)],
+            "lt_event_type_counts": [[1, 1, 0, 1] + [0] * (LongTermSpec().event_type_buckets - 4)],
+            "lt_window_counts": [[3] * len(LongTermSpec().window_days)],
+            "lt_distinct_items": [3],
+            "lt_distinct_categories": [2],
+            "lt_seconds_since_first": [600],
+            "lt_seconds_since_last": [5],
         }
     )
+    with pytest.raises(InvalidInputError, match="lt_distinct_items"):
+        feast_ops.push_behavior(store, row.drop(columns=["lt_distinct_items"]))
     feast_ops.push_behavior(store, row)
     online = feast_ops.online_features(store, [3])
     assert online["item_seq"] == [[5, 6, 7]] and online["seq_len"] == [3]
     assert online["event_type_seq"] == [[0, 1, 3]]
+    for f in LONG_TERM_FEATURES:
+        assert online[f] == row[f].tolist(), f
     assert online["gender"] == [int(repo["users"].set_index("user_id").loc[3, "gender"])]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from userembed.commands import main as cli
 from userembed.errors import CorruptModelError, InvalidInputError, ModelNotFoundError
-from userembed.features import FeatureSpec, InputSpec
+from userembed.features import FeatureSpec, InputSpec, LongTermSpec
 from userembed.manifest import (
     FileEntry,
     Manifest,
@@ -89,6 +90,25 @@ def test_manifest_validation_names_what_is_wrong(tmp_path: Path, edit, named: st
     edit(d)
     with pytest.raises(CorruptModelError, match=named.replace("[", r"\[").replace("]", r"\]")):
         parse_manifest(json.dumps(d), "m.json")
+
+
+def test_long_term_rules_round_trip_and_an_older_manifest_has_none(tmp_path: Path) -> None:
+    """The long-term parameters travel in the manifest; a manifest written before the input
+    existed has no `long_term` key: its model reads no long-term feature."""
+    m = make_staging(tmp_path / "s")
+    lt = LongTermSpec(category_buckets=16, window_days=(7,))
+    with_lt = replace(m, input_spec=replace(SPEC, long_term=lt))
+    back = parse_manifest(with_lt.to_json(), "m.json")
+    assert back.input_spec.long_term == lt and back.input_spec.long_term_width == 9 + 16 + 8 + 1
+    assert "user_behavior:lt_category_counts" in back.input_spec.feast_refs()
+    d = m.to_dict()
+    d["input_spec"].pop("long_term")
+    old = parse_manifest(json.dumps(d), "old.json")
+    assert old.input_spec.long_term is None and old.input_spec.long_term_names == ()
+    assert old.input_spec.feature_names() == ["item_seq", "gender"]
+    d["input_spec"]["long_term"] = {"category_buckets": 32}
+    with pytest.raises(CorruptModelError, match="input_spec"):
+        parse_manifest(json.dumps(d), "bad.json")
 
 
 def test_manifest_that_is_not_json_is_corrupt() -> None:

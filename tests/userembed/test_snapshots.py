@@ -11,8 +11,20 @@ import pytest
 
 from userembed.datasets import generate_synthetic
 from userembed.datasets.spec import DatasetSpec
-from userembed.features import PROFILE_FEATURES, SEQUENCE_FEATURES, gap_buckets
-from userembed.snapshots import offline_latest, snapshot, sort_events, write_feature_tables
+from userembed.features import (
+    LONG_TERM_FEATURES,
+    PROFILE_FEATURES,
+    SEQUENCE_FEATURES,
+    LongTermSpec,
+    gap_buckets,
+)
+from userembed.snapshots import (
+    _first_seen_prefix,
+    offline_latest,
+    snapshot,
+    sort_events,
+    write_feature_tables,
+)
 
 
 def _reference(events: pd.DataFrame, user: int, at: pd.Timestamp, n: int) -> dict[str, list[int]]:
@@ -27,6 +39,23 @@ def _reference(events: pd.DataFrame, user: int, at: pd.Timestamp, n: int) -> dic
         "category_seq": mine["category_id"].to_numpy()[keep][tail].tolist(),
         "event_type_seq": mine["event_type"].to_numpy()[keep][tail].tolist(),
         "gap_bucket_seq": gap_buckets(gaps)[keep][tail].tolist(),
+    }
+
+
+def _long_term_reference(mine: pd.DataFrame, at: pd.Timestamp, lt: LongTermSpec) -> dict:
+    """Slow reference: the long-term features of one user's events (any order) at `at`."""
+    past = mine[mine["event_timestamp"] < at]
+    cats = past["category_id"].to_numpy() % lt.category_buckets
+    types = past["event_type"].to_numpy() % lt.event_type_buckets
+    age = [(at - t).total_seconds() for t in past["event_timestamp"]]
+    return {
+        "lt_category_counts": np.bincount(cats, minlength=lt.category_buckets).tolist(),
+        "lt_event_type_counts": np.bincount(types, minlength=lt.event_type_buckets).tolist(),
+        "lt_window_counts": [sum(a <= d * 86400 for a in age) for d in lt.window_days],
+        "lt_distinct_items": past["item_id"].nunique(),
+        "lt_distinct_categories": past["category_id"].nunique(),
+        "lt_seconds_since_first": int(max(age)) if age else -1,
+        "lt_seconds_since_last": int(min(age)) if age else -1,
     }
 
 
@@ -50,6 +79,44 @@ def test_snapshot_holds_the_last_n_events_strictly_before_its_time(data) -> None
     assert events.groupby("user_id").size().max() > 50
 
 
+def test_long_term_features_count_every_event_strictly_before_the_snapshot(data) -> None:
+    """Every row of every snapshot against the raw events: the whole history, not the last 50,
+    and nothing at or after the snapshot time."""
+    events, users, _, spec = data
+    lt = LongTermSpec()
+    # Unsorted input: the build must not rely on the generator's order.
+    shuffled = events.sample(frac=1.0, random_state=0)
+    ev = sort_events(shuffled, users["user_id"].to_numpy())
+    by_user = dict(tuple(events.groupby("user_id")))
+    empty = events.iloc[:0]
+    checked = longer = 0
+    for at in spec.snapshot_times:
+        table = snapshot(ev, at, 50, lt).to_pydict()
+        for i, user in enumerate(table["user_id"]):
+            ref = _long_term_reference(by_user.get(user, empty), at, lt)
+            for f in LONG_TERM_FEATURES:
+                assert table[f][i] == ref[f], (user, at, f)
+            checked += 1
+            longer += sum(ref["lt_event_type_counts"]) > 50
+    assert checked == len(users) * len(spec.snapshot_times)
+    assert longer > 0  # some histories are longer than the sequences: the whole one is counted
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_distinct_counts_hold_for_any_id_range(big: bool) -> None:
+    """Distinct items come from first-seen flags; ids near 2^62 take the lexsort path."""
+    rng = np.random.default_rng(0)
+    user_index = np.sort(rng.integers(0, 30, size=600))
+    values = rng.integers(0, 12, size=600) + (2**62 if big else 0)
+    prefix = _first_seen_prefix(user_index, values)
+    seen: set[tuple[int, int]] = set()
+    want = [0]
+    for u, v in zip(user_index.tolist(), values.tolist(), strict=True):
+        want.append(want[-1] + ((u, v) not in seen))
+        seen.add((u, v))
+    assert prefix.tolist() == want
+
+
 def test_event_at_the_snapshot_time_is_excluded() -> None:
     at = pd.Timestamp("2026-02-01", tz="UTC")
     events = pd.DataFrame(
@@ -65,6 +132,14 @@ def test_event_at_the_snapshot_time_is_excluded() -> None:
     assert table["item_seq"] == [[10, 11], []]  # user 2 has no events: an empty row
     assert table["seq_len"] == [2, 0]
     assert table["gap_bucket_seq"][0] == [0, int(gap_buckets(np.array([7140.0]))[0])]
+    # Long-term features: the event at `at` is in no count and sets no recency.
+    assert table["lt_category_counts"][0][:3] == [1, 1, 0]
+    assert sum(table["lt_event_type_counts"][0]) == 2
+    assert table["lt_window_counts"][0] == [2, 2, 2]
+    assert table["lt_distinct_items"] == [2, 0] and table["lt_distinct_categories"] == [2, 0]
+    assert table["lt_seconds_since_last"] == [60, -1]
+    assert table["lt_seconds_since_first"] == [7200, -1]
+    assert table["lt_category_counts"][1] == [0] * LongTermSpec().category_buckets
 
 
 def test_feature_tables_have_a_row_per_user_per_cut_plus_the_final_snapshot(

@@ -10,15 +10,27 @@ import numpy as np
 
 from trainer.run_dir import HELDOUT_INPUTS, HELDOUT_ROWS, RunDir
 from userembed.errors import DataNotFoundError, InvalidInputError
-from userembed.features import PROFILE_INPUT, InputSpec, encode_inputs
+from userembed.features import (
+    LONG_TERM_INPUT,
+    LT_DISTINCT_CATEGORIES,
+    LT_DISTINCT_ITEMS,
+    LT_SECONDS_SINCE_FIRST,
+    LT_SECONDS_SINCE_LAST,
+    PROFILE_INPUT,
+    InputSpec,
+    LongTermSpec,
+    encode_inputs,
+    encode_long_term,
+)
 
 logger = logging.getLogger(__name__)
 
-Rows = dict[str, np.ndarray]  # encoder input name -> (B, L) or (B, P) int64
+Rows = dict[str, np.ndarray]  # encoder input name -> (B, L) or (B, P) int64, (B, H) float32
 
 
 def random_inputs(spec: InputSpec, n: int, rng: np.random.Generator) -> Rows:
-    """Rows shaped like encode_inputs output: random lengths 0..L (0-padded), random ids."""
+    """Rows shaped like encode_inputs output: random lengths 0..L (0-padded), random ids, and
+    long-term features of a random whole history at least that long."""
     length = spec.sequence_length
     lens = rng.integers(0, length + 1, size=n)
     lens[: min(n, 2)] = (0, length)[: min(n, 2)]  # an empty and a full history always included
@@ -27,10 +39,31 @@ def random_inputs(spec: InputSpec, n: int, rng: np.random.Generator) -> Rows:
         f.name: np.where(valid, rng.integers(1, f.num_embeddings, size=(n, length)), 0)
         for f in spec.sequence_features
     }
-    out[PROFILE_INPUT] = np.stack(
-        [rng.integers(0, f.num_embeddings, size=n) for f in spec.profile_features], axis=1
-    ).reshape(n, len(spec.profile_features))
-    return {k: v.astype(np.int64) for k, v in out.items()}
+    out[PROFILE_INPUT] = np.zeros((n, len(spec.profile_features)), np.int64)  # (n, P), P may be 0
+    for j, f in enumerate(spec.profile_features):
+        out[PROFILE_INPUT][:, j] = rng.integers(0, f.num_embeddings, size=n)
+    rows = {k: v.astype(np.int64) for k, v in out.items()}
+    if spec.long_term is not None:
+        rows[LONG_TERM_INPUT] = random_long_term(spec.long_term, lens, rng)
+    return rows
+
+
+def random_long_term(lt: LongTermSpec, lens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(n, H) float32: the encoded long-term features of random histories of at least `lens`
+    events (none where lens is 0), through the contract's own encoding."""
+    n = len(lens)
+    events = np.where(lens > 0, lens * rng.integers(1, 6, size=n), 0)  # (n,)
+
+    def split(width: int) -> np.ndarray:  # (n, width) counts summing to `events`
+        return np.stack([rng.multinomial(e, rng.dirichlet(np.ones(width))) for e in events])
+
+    counts = {name: split(width) for name, width in lt.list_lengths.items()}
+    counts[LT_DISTINCT_ITEMS] = np.ceil(events * rng.random(n)).astype(np.int64)
+    counts[LT_DISTINCT_CATEGORIES] = np.minimum(counts[LT_DISTINCT_ITEMS], lt.category_buckets)
+    tenure = rng.integers(0, 400 * 86_400, size=n)
+    counts[LT_SECONDS_SINCE_FIRST] = np.where(events > 0, tenure, -1)
+    counts[LT_SECONDS_SINCE_LAST] = np.where(events > 0, (tenure * rng.random(n)).astype(int), -1)
+    return encode_long_term(counts, lt)
 
 
 def load_heldout(path: str | Path, spec: InputSpec, max_rows: int = HELDOUT_ROWS) -> Rows:
@@ -40,12 +73,13 @@ def load_heldout(path: str | Path, spec: InputSpec, max_rows: int = HELDOUT_ROWS
     if not p.exists():
         raise DataNotFoundError(f"held-out inputs {p} do not exist")
     names = [f.name for f in spec.sequence_features] + [PROFILE_INPUT]
+    names += [LONG_TERM_INPUT] if spec.long_term is not None else []
     if p.suffix == ".npz":
         with np.load(p) as z:
             missing = [n for n in names if n not in z]
             if missing:
                 raise InvalidInputError(f"{p}: arrays {missing} are missing")
-            return {n: np.asarray(z[n][:max_rows], dtype=np.int64) for n in names}
+            return as_inputs({n: z[n][:max_rows] for n in names})
     import pandas as pd
 
     frame = pd.read_parquet(p)
@@ -53,6 +87,7 @@ def load_heldout(path: str | Path, spec: InputSpec, max_rows: int = HELDOUT_ROWS
         frame = frame[frame["split"] == "test"]
     frame = frame.head(max_rows)
     cols = [f.name for f in spec.sequence_features + spec.profile_features]
+    cols += spec.long_term_names
     missing = [c for c in cols if c not in frame.columns]
     if missing:
         raise InvalidInputError(f"{p}: columns {missing} are missing")
@@ -70,11 +105,19 @@ def heldout_rows(
     if isinstance(heldout, str | Path):
         return load_heldout(heldout, spec), str(heldout)
     if heldout is not None:
-        return {k: np.asarray(v, np.int64) for k, v in heldout.items()}, "provided"
+        return as_inputs(heldout), "provided"
     if run.heldout_inputs.exists():
         return load_heldout(run.heldout_inputs, spec), HELDOUT_INPUTS
     logger.warning("no held-out rows for parity: using random inputs from the InputSpec")
     return random_inputs(spec, 256, rng), "random (no held-out rows found)"
+
+
+def as_inputs(arrays: Mapping[str, np.ndarray]) -> Rows:
+    """Encoder input arrays in their dtypes: int64 ids, float32 long-term features."""
+    return {
+        k: np.asarray(v, np.float32 if k == LONG_TERM_INPUT else np.int64)
+        for k, v in arrays.items()
+    }
 
 
 def slice_rows(rows: Mapping[str, np.ndarray], idx: np.ndarray) -> Rows:

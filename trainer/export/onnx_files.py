@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from trainer.export.rebuild import ExportableEncoder, torch_inputs
-from userembed.features import PROFILE_INPUT
+from userembed.features import LONG_TERM_INPUT, PROFILE_INPUT
 
 OPSET = 17
 VARIANTS = ("fp32", "fp16", "int8")
@@ -23,7 +23,10 @@ def export_onnx(enc: ExportableEncoder, path: Path, example: Mapping[str, np.nda
     """TorchScript-based exporter (dynamo=False): the dynamo exporter needs static forward
     arguments; this one exports the MoE with dynamic batch and length (shared/STACK.md)."""
     dynamic = {n: {0: "batch", 1: "sequence"} for n in enc.sequence_names}
-    dynamic[PROFILE_INPUT] = {0: "batch"}
+    if PROFILE_INPUT in enc.input_names:
+        dynamic[PROFILE_INPUT] = {0: "batch"}
+    if LONG_TERM_INPUT in enc.input_names:
+        dynamic[LONG_TERM_INPUT] = {0: "batch"}
     for o in enc.output_names:
         dynamic[o] = {0: "batch"}
     with warnings.catch_warnings():

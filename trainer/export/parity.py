@@ -22,7 +22,7 @@ from trainer.export.rebuild import ExportableEncoder, moe_layers, torch_inputs
 from trainer.model import load_unsharded
 from trainer.moe import ExpertFFN
 from userembed.errors import UserEmbedError
-from userembed.features import PROFILE_INPUT, InputSpec
+from userembed.features import LONG_TERM_INPUT, PROFILE_INPUT, InputSpec
 from userembed.onnx_encoder import new_session
 
 MAX_ABS_DIFF = 1e-4  # user vector, onnxruntime vs PyTorch
@@ -50,7 +50,8 @@ class ParityCheck:
         self.got_held, self.got_crafted = run_ort(sess, held), run_ort(sess, crafted)
         one = slice_rows(crafted, np.arange(1))
         half = max(1, enc.sequence_length // 2)
-        short = {k: (v[:, :half] if k != PROFILE_INPUT else v) for k, v in held.items()}
+        seqs = set(enc.sequence_names)
+        short = {k: (v[:, :half] if k in seqs else v) for k, v in held.items()}
         torchrec = torchrec_reference(model_pt, held, enc.cfg.input_spec)
         return {
             "heldout": diffs(self.got_held, self.ref_held),
@@ -148,18 +149,22 @@ def torchrec_reference(
         sequences={f.name: arrays[f.name] for f in spec.sequence_features},
         profile=arrays[PROFILE_INPUT],
         labels=np.zeros((n, len(model.cfg.task_names)), np.float32),
+        long_term=arrays.get(LONG_TERM_INPUT),
     )
     batch = make_batch(split, np.arange(n), spec)
-    out, _ = model(batch.seq_kjt, batch.profile_kjt, None)
+    out, _ = model(batch.seq_kjt, batch.profile_kjt, None, long_term=batch.long_term)
     return out.user_vector.numpy()
 
 
 def run_ort(
     sess: Any, arrays: Mapping[str, np.ndarray], batch: int = 256
 ) -> tuple[np.ndarray, ...]:
+    """The session's outputs on `arrays`, fed as the server feeds it: only the inputs the graph
+    has (a model without profile features has no `profile` input)."""
+    names = [i.name for i in sess.get_inputs()]
     n = next(iter(arrays.values())).shape[0]
     parts = [
-        sess.run(None, {k: v[s : s + batch] for k, v in arrays.items()}) for s in range(0, n, batch)
+        sess.run(None, {k: arrays[k][s : s + batch] for k in names}) for s in range(0, n, batch)
     ]
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
 

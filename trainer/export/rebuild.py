@@ -3,8 +3,11 @@
 TorchRec modules taking a KeyedJaggedTensor do not export to ONNX, so the exported encoder is
 `ExportableEncoder`: one plain `nn.Embedding` per table carrying the trained weights, followed
 by the model's own dense arch, unchanged. Its inputs are exactly `userembed.features.
-encode_inputs` (one (B, L) int64 array per sequence feature, `profile` (B, P) int64), its
-outputs `user_vector` (B, V) and, with tasks, `task_scores` (B, T) = sigmoid(task logits).
+encode_inputs` (one (B, L) int64 array per sequence feature, `profile` (B, P) int64; a model
+without profile features has no `profile` input, since the exporter drops an unused one and
+onnxruntime refuses an input the graph lacks; with long-term features `long_term` (B, H)
+float32, last), its outputs `user_vector` (B, V) and, with tasks, `task_scores` (B, T) =
+sigmoid(task logits).
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ from trainer.moe import SparseMoeBlock
 from trainer.run_dir import RunDir
 from trainer.tables import table_name
 from userembed.errors import DataNotFoundError, InvalidInputError
-from userembed.features import PROFILE_INPUT
+from userembed.features import LONG_TERM_INPUT, PROFILE_INPUT
 from userembed.manifest import TASK_SCORES_OUTPUT, USER_VECTOR_OUTPUT
 
 
 class ExportableEncoder(nn.Module):
     """Plain-torch encoder: `nn.Embedding` tables with the trained weights + the dense arch.
 
-    forward(*sequence inputs in InputSpec order, profile) -> (user_vector, task_scores).
+    forward(*`input_names` in order) -> (user_vector, task_scores).
     Indices are already hashed (userembed.features.encode_inputs); 0 = padding.
     """
 
@@ -42,6 +45,7 @@ class ExportableEncoder(nn.Module):
         self.sequence_names = tuple(f.name for f in spec.sequence_features)
         self.sequence_length = spec.sequence_length
         self.profile_names = tuple(f.name for f in spec.profile_features)
+        self.has_long_term = spec.long_term is not None
         self.tables = nn.ModuleDict()
         for f in spec.sequence_features + spec.profile_features:
             w = tables[table_name(f.name)]
@@ -59,7 +63,9 @@ class ExportableEncoder(nn.Module):
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return (*self.sequence_names, PROFILE_INPUT)
+        profile = (PROFILE_INPUT,) if self.profile_names else ()
+        long_term = (LONG_TERM_INPUT,) if self.has_long_term else ()
+        return (*self.sequence_names, *profile, *long_term)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -67,12 +73,13 @@ class ExportableEncoder(nn.Module):
 
     def dense_forward(self, *inputs: Tensor) -> DenseOutput:
         """The lookups, then the dense arch: its full output (router stats included)."""
-        seqs, profile = inputs[:-1], inputs[-1]
+        seqs = inputs[: len(self.sequence_names)]
         seq_emb = {
             n: self.tables[table_name(n)](x) for n, x in zip(self.sequence_names, seqs, strict=True)
         }
         mask = seqs[0] != 0  # (B, L): padding of the first (item) sequence, as in training
         if self.profile_names:
+            profile = inputs[len(self.sequence_names)]  # (B, P)
             profile_emb = torch.stack(
                 [
                     self.tables[table_name(n)](profile[:, j])
@@ -82,8 +89,13 @@ class ExportableEncoder(nn.Module):
             )  # (B, P, D): one id per bag, so the sum-pooled bag is the row itself
         else:
             profile_emb = seq_emb[self.sequence_names[0]][:, :0, :]  # (B, 0, D)
+        long_term = inputs[-1] if self.has_long_term else None  # (B, H) float32, always last
         return self.dense_arch(
-            seq_emb, mask, profile_emb, sequence_stats(list(seqs), mask, self.sequence_length)
+            seq_emb,
+            mask,
+            profile_emb,
+            sequence_stats(list(seqs), mask, self.sequence_length),
+            long_term,
         )
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from trainer.config import DEFAULT_EPOCHS, MAX_EVAL_EVERY  # light: no torch
 from userembed import paths
 from userembed.commands.logs import quiet_libraries
 from userembed.errors import InvalidInputError
@@ -26,9 +27,17 @@ logger = logging.getLogger(__name__)
 
 # CLI flag -> config field (TrainConfig / ModelConfig / MoEConfig); None values are not passed.
 _OPTIONS: dict[str, tuple[type, str]] = {
-    "max_steps": (int, "training steps"),
+    "epochs": (
+        float,
+        f"passes over the training rows (default {DEFAULT_EPOCHS:g}): max_steps = ceil(epochs x "
+        "training rows / (batch size x processes)); early stopping usually ends the run sooner",
+    ),
+    "max_steps": (int, "training steps; given, it wins over --epochs"),
     "batch_size": (int, "samples per step per process"),
-    "eval_every": (int, "steps between validation evaluations"),
+    "eval_every": (
+        int,
+        f"steps between validation scores (default: one epoch, at most {MAX_EVAL_EVERY} steps)",
+    ),
     "checkpoint_every": (int, "steps between checkpoints"),
     "patience": (int, "evaluations without gain before early stop (0 = off)"),
     "lr": (float, "AdamW learning rate (dense parameters)"),
@@ -46,6 +55,14 @@ _OPTIONS: dict[str, tuple[type, str]] = {
         "with --distill: single-task teachers per task, at seeds seed, seed+1, ... (default 3); "
         "the target is their mean",
     ),
+    "future_loss_weight": (
+        float,
+        "weight of the self-supervised objective (the user vector predicts the user's next "
+        "items and categories; default 1, 0 = off; the whole objective without tasks)",
+    ),
+    "future_window_seconds": (int, "future window of its targets (default: the data set's)"),
+    "future_targets": (int, "its targets per row and kind (default 16)"),
+    "future_temperature": (float, "its softmax temperature (default 0.1)"),
     "embedding_dim": (int, "table and transformer width D"),
     "num_layers": (int, "transformer blocks"),
     "user_dim": (int, "universal user vector size"),
@@ -140,8 +157,12 @@ def _train(args: argparse.Namespace) -> int:
         distill=args.distill,
         **options,
     )
-    if result.test_metrics:  # rank 0
-        figures = " ".join(f"{t}={m['auc']:.4f}" for t, m in result.test_metrics.items())
+    if result.report:  # rank 0
+        aucs = {t: m["auc"] for t, m in result.test_metrics.items()}
+        # the self-supervised objective's in-batch AUC per target kind (the figure of a run
+        # without tasks)
+        aucs |= {k: m["auc"] for k, m in result.report.get("future_test", {}).items()}
+        figures = " ".join(f"{t}={v:.4f}" for t, v in aucs.items())
         print(f"run {run_id}: {result.steps} steps, test AUC {figures}, dir {result.run_dir}")
     return 0
 

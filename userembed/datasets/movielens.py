@@ -109,7 +109,7 @@ def load_movielens(
     start = events["event_timestamp"].min()
     num_cuts = max(MIN_CUTS, int((end - start) // HORIZON))
     cuts = [end - HORIZON * k for k in range(num_cuts, 0, -1)]
-    labels = _labels(events, cuts)
+    labels = labels_at_cuts(events, cuts)
     train, validation, test = split_cuts(cuts)
     spec = DatasetSpec(
         name="movielens-100k",
@@ -131,7 +131,7 @@ def load_movielens(
     return events, users, labels, spec
 
 
-def _labels(events: pd.DataFrame, cuts: list[pd.Timestamp]) -> pd.DataFrame:
+def labels_at_cuts(events: pd.DataFrame, cuts: list[pd.Timestamp]) -> pd.DataFrame:
     """One label row per (user with a rating before the cut, cut); users without history are
     dropped (nothing to embed)."""
     frames = []

@@ -62,7 +62,17 @@ def load_parquet(
     events = events.assign(event_timestamp=pd.to_datetime(events["event_timestamp"], utc=True))
     labels = labels.assign(**{LABEL_TIMESTAMP: pd.to_datetime(labels[LABEL_TIMESTAMP], utc=True)})
     cuts = sorted(labels[LABEL_TIMESTAMP].unique())
+    if not cuts:
+        raise SchemaError(str(labels_path), LABEL_TIMESTAMP, "has no rows: no cut to train on")
     train, validation, test = split_cuts([to_utc(c) for c in cuts])
+    if not (train and validation):
+        logger.warning(
+            "%s: %d label time(s) give no %s cut: `userembed train` needs at least 3 (the "
+            "oldest train, the second newest validates, the newest tests)",
+            labels_path,
+            len(cuts),
+            "validation" if train else "training",
+        )
     start = min(events["event_timestamp"].min(), to_utc(cuts[0])).floor("D")
     end = max(events["event_timestamp"].max() + pd.Timedelta(seconds=1), to_utc(cuts[-1]))
     spec = DatasetSpec(
@@ -79,5 +89,12 @@ def load_parquet(
         sequence_length=DEFAULT_SEQUENCE_LENGTH,
         notes=f"events={events_path} users={users_path} labels={labels_path}",
     )
-    logger.info("parquet: %d users, %d events, %d label rows", len(users), len(events), len(labels))
+    logger.info(
+        "parquet: %d users, %d events, %d label rows; profile features: %s; tasks: %s",
+        len(users),
+        len(events),
+        len(labels),
+        ", ".join(profile) or "none (the model has no profile input)",
+        ", ".join(spec.tasks) or "none",
+    )
     return events, users, labels, spec

@@ -41,6 +41,9 @@ class DatasetSpec:
     data_start: str
     data_end: str  # the final snapshot time: what serving materialises
     label_horizon_seconds: int | None = None
+    # The window (cut, cut + w] of the self-supervised future targets (userembed.future_targets);
+    # None until `data build` computed them.
+    future_window_seconds: int | None = None
     sequence_length: int = 50
     bayes_auc: Mapping[str, float] = field(default_factory=dict)  # synthetic only, test split
     label_definitions: Mapping[str, str] = field(default_factory=dict)

@@ -280,3 +280,11 @@ def true_probabilities(
     rng = np.random.default_rng(seed)
     _, lat = _draw_users(num_users, cfg, rng)
     return task_probabilities(lat)
+
+
+def true_latents(num_users: int, seed: int = 0, config: SyntheticConfig | None = None) -> Latents:
+    """The per-user latent traits behind `generate_synthetic(num_users, seed)` (the planted
+    targets of bench/transfer.py's probes)."""
+    cfg = config or SyntheticConfig()
+    _, lat = _draw_users(num_users, cfg, np.random.default_rng(seed))
+    return lat

@@ -1,0 +1,189 @@
+"""The transfer benchmark (bench/transfer.py): a tiny run through the whole real path, and
+the pieces its figures rest on: the probe and its folds, the paired differences, the hand-made
+profile, and a MovieLens input that never holds the future window."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench import transfer_probe as probe
+from bench import transfer_report
+from bench.transfer_data import hand_profile, movielens_team_files
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_run_probes_vectors_read_back_from_redis_beside_the_profile(tmp_path: Path) -> None:
+    """Synthetic, 300 users, SUPERMOE and MMoE: data build, Feast, TorchRec training, ONNX
+    export, refresh into a real Redis, vectors read back, probes; the report is complete."""
+    md = ROOT / "BENCHMARKS.md"
+    before = md.read_text()
+    proc = subprocess.run(
+        [sys.executable, "bench/transfer.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(head["mean_auc"]) == {"profile", "supermoe", "mmoe"}
+    assert all(0.0 <= a <= 1.0 for a in head["mean_auc"].values())
+    assert set(head["delta_vs_profile"]) == {"supermoe", "mmoe"}
+    assert set(head["supermoe_minus"]) == {"mmoe"}
+    assert head["train_cpu_min"]["supermoe"] > 0
+
+    report = json.loads((tmp_path / "transfer_synthetic.json").read_text())
+    tasks = set(report["definitions"])
+    assert {"activity", "engagement", "buyer", "exploration", "gender"} <= tasks
+    assert report["probe_users"] == 300
+    by_model = {(r["model"], r["seed"]): r for r in report["records"]}
+    assert set(by_model) == {("profile", 0), ("supermoe", 0), ("mmoe", 0)}
+    for rec in report["records"]:
+        assert set(rec["probe_auc"]) == tasks
+        assert all(0.0 <= a <= 1.0 for a in rec["probe_auc"].values()), rec
+    for model in ("supermoe", "mmoe"):
+        rec = by_model[model, 0]
+        assert set(rec["labelled_auc"]) == {"click", "purchase", "churn", "explore"}
+        assert rec["vector_dim"] == 16  # --quick's user_dim: the exported model's vectors
+    assert (tmp_path / "transfer_synthetic.png").stat().st_size > 0
+    section = transfer_report.markdown(report)
+    assert section.startswith(transfer_report.begin_marker("synthetic"))
+    assert "hand-made profile" in section and "Bayes-optimal" in section
+    assert md.read_text() == before  # --quick never edits the doc
+
+
+def test_probe_finds_a_feature_that_sets_the_label_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    n = 600
+    y = (rng.random(n) < 0.3).astype(np.float64)
+    planted = rng.normal(size=(n, 8))
+    planted[:, 0] += 4.0 * y
+    noise = rng.normal(size=(n, 8))
+    fold = probe.stratified_folds(y, seed=0)
+    assert probe.probe_auc(planted, y, fold) > 0.95
+    assert abs(probe.probe_auc(noise, y, fold) - 0.5) < 0.07
+
+
+def test_folds_are_stratified_fixed_by_seed_and_leave_unlabelled_users_out() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random(500) < 0.2).astype(np.float64)
+    y[:100] = np.nan  # e.g. a future-window task of users inactive in the window
+    fold = probe.stratified_folds(y, seed=3)
+    assert np.all(fold[:100] == -1) and np.all(fold[100:] >= 0)
+    assert np.array_equal(fold, probe.stratified_folds(y, seed=3))
+    assert not np.array_equal(fold, probe.stratified_folds(y, seed=4))
+    positives = [int(np.sum(y[fold == f])) for f in range(probe.FOLDS)]
+    assert max(positives) - min(positives) <= 1
+    few = np.r_[np.ones(3), np.zeros(100)]  # fewer positives than folds: task skipped
+    assert np.all(probe.stratified_folds(few, seed=0) == -1)
+    assert np.isnan(probe.probe_auc(rng.normal(size=(103, 2)), few, np.full(103, -1)))
+
+
+def test_differences_to_the_profile_and_between_models_are_paired_by_seed() -> None:
+    # Seed 1's folds are easier for every representation: pairing takes that swing out.
+    profile = {0: 0.70, 1: 0.80, 2: 0.75}
+    vector = {0: 0.72, 1: 0.81, 2: 0.78}
+    mmoe = {0: 0.69, 1: 0.80, 2: 0.74}
+    records = []
+    for s in range(3):
+        records.append({"model": "profile", "seed": s, "probe_auc": {"a": profile[s], "b": 0.6}})
+        for name, auc in (("supermoe", vector[s]), ("mmoe", mmoe[s])):
+            records.append(
+                {
+                    "model": name,
+                    "seed": s,
+                    "probe_auc": {"a": auc, "b": 0.55},
+                    "labelled_auc": {"t": 0.7},
+                    "train_cpu_seconds": 60.0,
+                    "steps": 10,
+                }
+            )
+    s = transfer_report.summarise(records, ("profile", "supermoe", "mmoe"), ["a", "b"], ["t"])
+    d = s["vs_profile"]["supermoe"]["a"]
+    diffs = [0.02, 0.01, 0.03]
+    assert d["mean"] == pytest.approx(np.mean(diffs))
+    assert d["se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(3))
+    assert s["vs_profile"]["supermoe"]["worst_task"] == {"task": "b", "delta": pytest.approx(-0.05)}
+    assert s["vs_profile"]["supermoe"]["tasks_behind"] == ["b"]
+    assert s["supermoe_minus"]["mmoe"]["probe"]["a"]["mean"] == pytest.approx(
+        np.mean([0.03, 0.01, 0.04])
+    )
+    mean = s["vs_profile"]["mmoe"]["mean"]  # per seed over tasks, then over seeds
+    assert mean["mean"] == pytest.approx(np.mean([(-0.01 - 0.05) / 2, -0.025, -0.03]))
+    assert s["labelled"]["mmoe"]["train_cpu_min"] == pytest.approx(1.0)
+
+
+def test_hand_profile_summarises_the_whole_history_before_the_cut_only() -> None:
+    at = pd.Timestamp("2026-01-31", tz="UTC")
+    ts = pd.to_datetime(
+        ["2026-01-01", "2026-01-10", "2026-01-30", "2026-01-31", "2026-01-20"], utc=True
+    )
+    events = pd.DataFrame(
+        {
+            "user_id": [7, 7, 7, 7, 9],
+            "item_id": [1, 1, 2, 3, 4],
+            "category_id": [0, 1, 1, 2, 0],
+            "event_type": [1, 3, 5, 5, 2],
+            "event_timestamp": ts,
+        }
+    )
+    x, names = hand_profile(events, np.array([7, 9, 11]), at)
+    row = dict(zip(names, x[0], strict=True))
+    # the event at `at` itself is not history: category 2 and the fourth event never count
+    assert "category_2" not in names
+    assert (row["category_0"], row["category_1"]) == pytest.approx((1 / 3, 2 / 3))
+    assert row["event_type_mean"] == pytest.approx(3.0)
+    assert row["log_count"] == pytest.approx(np.log1p(3))
+    assert row["log_count_7d"] == pytest.approx(np.log1p(1))
+    assert row["log_distinct_items"] == pytest.approx(np.log1p(2))
+    assert row["log_recency_days"] == pytest.approx(np.log1p(1.0))
+    assert row["log_tenure_days"] == pytest.approx(np.log1p(30.0))
+    assert np.all(x[2] == 0.0)  # a user without history: zeros
+
+
+def test_movielens_input_never_holds_the_future_window(tmp_path: Path) -> None:
+    files, data = movielens_team_files(tmp_path)
+    events = pd.read_parquet(files.events)
+    users = pd.read_parquet(files.users)
+    labels = pd.read_parquet(files.labels)
+    assert events["event_timestamp"].max() < files.window_start
+    # every label window [cut, cut + 3 weeks) ends by the window start
+    assert labels["label_timestamp"].max() + pd.Timedelta(weeks=3) <= files.window_start
+    assert {c for c in labels if c.startswith("label_") and c != "label_timestamp"} == {
+        "label_active",
+        "label_rate_high",
+        "label_new_genre",
+    }
+    assert set(users.columns) == {"user_id", "region"} and users["region"].nunique() == 1
+    assert np.array_equal(data.user_ids, np.sort(events["user_id"].unique()))
+    assert {"gender", "age_35_plus", "occ_student", "future_active", "future_drama"} <= set(
+        data.targets
+    )
+    assert data.profile.shape == (len(data.user_ids), len(data.profile_columns))
+    active = data.targets["future_active"] == 1.0
+    # window tasks other than activity are defined exactly for the users active in it
+    assert np.array_equal(~np.isnan(data.targets["future_rating_level"]), active)
+
+
+def test_each_source_has_its_own_section_replaced_on_rerun(tmp_path: Path) -> None:
+    from bench.common import write_section
+
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\nhand-written verdict\n")
+    for run in ("first", "second"):
+        for source in transfer_report.SOURCES:
+            begin, end = transfer_report.begin_marker(source), transfer_report.end_marker(source)
+            write_section(f"{begin}\n{source} {run}\n{end}", begin, end, doc)
+    text = doc.read_text()
+    assert "hand-written verdict" in text and "first" not in text
+    assert "movielens second" in text and "synthetic second" in text
