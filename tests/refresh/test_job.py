@@ -11,8 +11,10 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -35,7 +37,7 @@ from tests.refresh.support import (
 )
 from tests.tiny_model import DIM, LT_SPEC, MODEL, SPEC, publish_tiny
 from userembed.errors import SchemaError
-from userembed.features import encode_inputs
+from userembed.features import InputSpec, encode_inputs
 from userembed.onnx_encoder import OnnxEncoder
 from userembed.registry import Registry
 from userembed.vectors import STATUS_BUILDING, STATUS_FAILED, STATUS_READY, VectorStore
@@ -281,16 +283,18 @@ def test_refresh_and_rollback_cli(cfg, registry, tmp_path) -> None:
     assert main(["rollback", *args, "--to", "nope"]) == 2  # one line, exit 2
 
 
-def test_refresh_reads_the_data_pipelines_offline_files(redis_url, registry, tmp_path) -> None:
-    """The real offline layout (userembed/snapshots.py: one row group per snapshot) gives each
-    user the vector of its newest snapshot, as the data engineer's `offline_latest` reads it."""
+def _refresh_built_offline_files(
+    spec: InputSpec, redis_url: str, registry: Registry, tmp_path: Path
+) -> tuple[RefreshConfig, Any, pd.DataFrame]:
+    """Offline files as `data build` writes them (300 synthetic users), a tiny model of `spec`
+    published, one refresh; returns its config, summary and each user's newest snapshot row."""
     from userembed.datasets.synthetic import generate_synthetic
     from userembed.snapshots import offline_latest, write_feature_tables
 
-    events, users, _, spec = generate_synthetic(300, seed=2)
+    events, users, _, dataset = generate_synthetic(300, seed=2)
     offline = tmp_path / "offline"
-    write_feature_tables(events, users, spec, offline, sequence_length=SPEC.sequence_length)
-    publish_tiny(registry, tmp_path / "staging", seed=0)
+    write_feature_tables(events, users, dataset, offline, sequence_length=spec.sequence_length)
+    publish_tiny(registry, tmp_path / "staging", seed=0, spec=spec)
     cfg = RefreshConfig(
         model=MODEL,
         part_rows=70,
@@ -299,8 +303,13 @@ def test_refresh_reads_the_data_pipelines_offline_files(redis_url, registry, tmp
         redis_url=redis_url,
         offline_dir=str(offline),
     )
-    s = refresh(cfg)
-    latest = offline_latest(offline)
+    return cfg, refresh(cfg), offline_latest(offline)
+
+
+def test_refresh_reads_the_data_pipelines_offline_files(redis_url, registry, tmp_path) -> None:
+    """The real offline layout (userembed/snapshots.py: one row group per snapshot) gives each
+    user the vector of its newest snapshot, as the data engineer's `offline_latest` reads it."""
+    cfg, s, latest = _refresh_built_offline_files(SPEC, redis_url, registry, tmp_path)
     assert s.users == len(latest) == 300
     rows = {f.name: list(latest[f.name]) for f in SPEC.sequence_features + SPEC.profile_features}
     loaded = registry.load_verified(MODEL)
@@ -315,23 +324,7 @@ def test_refresh_of_a_long_term_model_encodes_the_whole_history_columns(
     """A model with the long-term input reads the lt_* columns of the same behaviour rows and
     gets the vectors of the per-row reference; they differ from what empty long-term rows
     would give (the input reaches the vector)."""
-    from userembed.datasets.synthetic import generate_synthetic
-    from userembed.snapshots import offline_latest, write_feature_tables
-
-    events, users, _, spec = generate_synthetic(300, seed=2)
-    offline = tmp_path / "offline"
-    write_feature_tables(events, users, spec, offline, sequence_length=LT_SPEC.sequence_length)
-    publish_tiny(registry, tmp_path / "staging", seed=0, spec=LT_SPEC)
-    cfg = RefreshConfig(
-        model=MODEL,
-        part_rows=70,
-        batch_size=32,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline),
-    )
-    s = refresh(cfg)
-    latest = offline_latest(offline)
+    cfg, s, latest = _refresh_built_offline_files(LT_SPEC, redis_url, registry, tmp_path)
     rows = {n: list(latest[n]) for n in LT_SPEC.feature_names()}
     enc = OnnxEncoder(registry.load_verified(MODEL).session_source(), DIM, 1)
     want = enc.run(encode_inputs(rows, LT_SPEC))
