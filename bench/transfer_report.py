@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import doc_path, write_section
-from bench.quality import MODEL_LABELS
+from bench.quality_report import MODEL_LABELS
 
 SOURCES = ("movielens", "synthetic")
 MODELS: tuple[str, ...] = ("supermoe", "mmoe", "ple", "shared_bottom")  # ModelConfig.dense_arch

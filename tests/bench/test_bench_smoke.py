@@ -49,10 +49,10 @@ def test_quality_smoke_reports_every_model_with_seesaw_and_probes(tmp_path: Path
     out = _run(
         ["bench/quality.py", "--smoke", "--dataset", "synthetic", "--out", str(tmp_path)], 600
     )
-    quality = _bench_module("quality")
+    quality_report = _bench_module("quality_report")
     models = out["synthetic"]
-    assert set(models) == {"single_task", *quality.MULTI_TASK_MODELS}
-    for name in quality.MULTI_TASK_MODELS:
+    assert set(models) == {"single_task", *quality_report.MULTI_TASK_MODELS}
+    for name in quality_report.MULTI_TASK_MODELS:
         assert 0.0 <= models[name]["avg_auc"] <= 1.0
         assert 0 <= models[name]["seesaw"] <= 4  # four synthetic tasks
         assert set(models[name]["probe"]) == {"gender", "occupation"}
@@ -65,7 +65,7 @@ def test_quality_smoke_reports_every_model_with_seesaw_and_probes(tmp_path: Path
 def test_a_generated_section_is_replaced_on_rerun_and_the_rest_kept(tmp_path: Path) -> None:
     from bench.common import write_section
 
-    quality, perf = _bench_module("quality"), _bench_module("perf")
+    quality, perf = _bench_module("quality_report"), _bench_module("perf")
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nhand-written intro\n")
     for run in ("first", "second"):
@@ -80,7 +80,7 @@ def test_a_generated_section_is_replaced_on_rerun_and_the_rest_kept(tmp_path: Pa
 
 
 def test_probe_finds_an_attribute_written_into_the_vectors_and_not_a_random_one() -> None:
-    quality = _bench_module("quality")
+    quality = _bench_module("quality_probes")
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 2000)
     x = rng.normal(size=(2000, 8))
@@ -92,7 +92,7 @@ def test_probe_finds_an_attribute_written_into_the_vectors_and_not_a_random_one(
 
 
 def test_seesaw_counts_tasks_below_single_task_by_more_than_the_margin() -> None:
-    quality = _bench_module("quality")
+    quality = _bench_module("quality_report")
     single = [
         {"model": f"single:{t}", "seed": 0, "test_auc": {t: 0.8}, "seconds": 1, "steps": 1}
         for t in ("a", "b", "c")
@@ -104,7 +104,7 @@ def test_seesaw_counts_tasks_below_single_task_by_more_than_the_margin() -> None
 
 
 def test_difference_to_single_task_is_paired_by_seed() -> None:
-    quality = _bench_module("quality")
+    quality = _bench_module("quality_report")
     # Seed 1 is better for every model: unpaired, the 0.05 spread would swamp the gain.
     single = [
         {"model": "single:a", "seed": s, "test_auc": {"a": auc}, "seconds": 1, "steps": 1}
@@ -124,23 +124,23 @@ def test_difference_to_single_task_is_paired_by_seed() -> None:
 def test_a_kept_teacher_is_reused_only_for_the_same_budget(tmp_path: Path) -> None:
     """--workdir keeps single-task runs; a later invocation reuses one as the distilled
     model's teacher only when its saved config is the one it would train now."""
-    quality = _bench_module("quality")
+    quality, quality_data = _bench_module("quality"), _bench_module("quality_data")
     from tests.trainer.frames import tiny_frame
     from trainer.run_dir import FINAL_CHECKPOINT
 
     frame = tiny_frame(200, seed=1)
     qc = quality.QualityConfig(steps=8, batch_size=32, eval_every=4, sequence_length=12)
     spec = SimpleNamespace(model_profile_features=(), tasks=("click",))
-    mcfg = quality.model_config("single:click", frame, spec, qc)
+    mcfg = quality_data.model_config("single:click", frame, spec, qc)
     run = tmp_path / "single-click-s0"
-    cfg = quality.train_config("single:click", mcfg, 0, run, qc)
+    cfg = quality_data.train_config("single:click", mcfg, 0, run, qc)
     assert not quality._trained_with(run, cfg)  # nothing there
     run.mkdir()
     (run / "train_config.json").write_text(json.dumps(cfg.to_dict()))
     assert not quality._trained_with(run, cfg)  # cut short: no final model
     (run / FINAL_CHECKPOINT).write_bytes(b"")
     assert quality._trained_with(run, cfg)
-    other = quality.train_config("single:click", mcfg, 0, run, replace(qc, steps=16))
+    other = quality_data.train_config("single:click", mcfg, 0, run, replace(qc, steps=16))
     assert not quality._trained_with(run, other)  # another budget
     assert not quality._trained_with(run, cfg.with_(seed=1))
     # A config saved before a field was added reads back with the field's default.
@@ -157,7 +157,7 @@ def test_auc_standard_error_matches_a_bootstrap_of_the_test_split() -> None:
     exponential-score model runs up to a quarter high on normal scores: never far below."""
     from sklearn.metrics import roc_auc_score
 
-    quality = _bench_module("quality")
+    quality = _bench_module("quality_probes")
     rng = np.random.default_rng(0)
     for pos, neg in ((89, 813), (3000, 7000)):
         y = np.r_[np.ones(pos), np.zeros(neg)]
@@ -280,7 +280,7 @@ def test_a_single_task_run_is_trained_once_and_its_lock_serialises_processes(
     (same figures, no retraining), and the lock makes the second one wait."""
     import threading
 
-    quality = _bench_module("quality")
+    quality, quality_data = _bench_module("quality"), _bench_module("quality_data")
     from tests.trainer.dist_worker import PROFILE
     from tests.trainer.frames import tiny_frame
     from trainer.run_dir import FINAL_CHECKPOINT
@@ -289,8 +289,8 @@ def test_a_single_task_run_is_trained_once_and_its_lock_serialises_processes(
     qc = quality.QualityConfig(steps=8, batch_size=32, eval_every=4, sequence_length=12)
     spec = SimpleNamespace(model_profile_features=PROFILE, tasks=("click",))
     run = tmp_path / "runs" / "single-click-s0"
-    cfg = quality.train_config(
-        "single:click", quality.model_config("single:click", frame, spec, qc), 0, run, qc
+    cfg = quality_data.train_config(
+        "single:click", quality_data.model_config("single:click", frame, spec, qc), 0, run, qc
     )
     first = quality._train_or_reuse(cfg, frame)
     assert set(first[0]) == {"click"} and first[1] == 8 and first[3] > 0
