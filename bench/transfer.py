@@ -52,6 +52,7 @@ from bench.transfer_probe import FOLDS, probe_all, stratified_folds
 from bench.transfer_report import (
     MODELS,
     PROFILE,
+    RECIPES,
     SOURCES,
     headline,
     print_table,
@@ -76,11 +77,14 @@ class TransferConfig:
     threads: int = 1  # torch and onnxruntime threads: the machine is shared
     folds: int = FOLDS
     train_options: tuple[tuple[str, Any], ...] = ()  # more `userembed train` options (quick)
+    # Where to keep what was probed (user ids, profile, targets, each run's vectors) as .npy
+    # files, for a probe of one's own; None = nowhere.
+    save_vectors: Path | None = None
     quick: bool = False
 
     def options(self, model: str, seed: int) -> dict[str, Any]:
         """The `userembed train` options of one run: the arch, the seed, the budget."""
-        opts: dict[str, Any] = {"dense_arch": model, "seed": seed, **dict(self.train_options)}
+        opts: dict[str, Any] = {**RECIPES[model], "seed": seed, **dict(self.train_options)}
         if self.max_steps is not None:
             opts["max_steps"] = self.max_steps
         return opts
@@ -103,6 +107,7 @@ def quick(cfg: TransferConfig) -> TransferConfig:
             ("embedding_dim", 16),
             ("user_dim", 16),
             ("plots", False),
+            *cfg.train_options,
         ),
         quick=True,
     )
@@ -265,6 +270,8 @@ def run(cfg: TransferConfig, workdir: Path) -> dict[str, Any]:
             f"{len(data.user_ids)} users probed on {len(data.targets)} tasks "
             f"({time.perf_counter() - t0:.0f}s)"
         )
+        if cfg.save_vectors is not None:
+            save_probe_inputs(cfg.save_vectors, data)
         for seed in range(cfg.seeds):
             folds = {t: stratified_folds(y, seed, cfg.folds) for t, y in data.targets.items()}
             aucs = probe_all(data.profile, data, folds)
@@ -272,6 +279,8 @@ def run(cfg: TransferConfig, workdir: Path) -> dict[str, Any]:
             log(f"seed {seed}: profile mean probe AUC {np.nanmean(list(aucs.values())):.4f}")
             for model in cfg.models:
                 rec, vectors = run_model(model, seed, cfg, home, redis_url, data)
+                if cfg.save_vectors is not None:
+                    np.save(cfg.save_vectors / f"vectors_{model}_s{seed}.npy", vectors)
                 rec["probe_auc"] = probe_all(vectors, data, folds)
                 records.append(rec)
                 log(
@@ -284,7 +293,7 @@ def run(cfg: TransferConfig, workdir: Path) -> dict[str, Any]:
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(["python bench/transfer.py", *sys.argv[1:]]),
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "save_vectors": cfg.save_vectors and str(cfg.save_vectors)},
         "code": code,
         "source": cfg.source,
         "built": built,
@@ -297,6 +306,18 @@ def run(cfg: TransferConfig, workdir: Path) -> dict[str, Any]:
         "records": records,
         "summary": summarise(records, reps, tasks, list(built["tasks"])),
     }
+
+
+def save_probe_inputs(folder: Path, data: ProbeData) -> None:
+    """user_ids.npy, profile.npy (columns in profile_columns.json) and targets.npz (arr_i =
+    tasks.json's i-th task; NaN = no label) under `folder`; each run's vectors go beside
+    them, rows in user_ids order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "user_ids.npy", np.asarray(data.user_ids))
+    np.save(folder / "profile.npy", data.profile)
+    (folder / "profile_columns.json").write_text(json.dumps(list(data.profile_columns)))
+    np.savez(folder / "targets.npz", *data.targets.values())  # arr_0.. in task order
+    (folder / "tasks.json").write_text(json.dumps(list(data.targets)))
 
 
 def code_version() -> str | None:
@@ -322,6 +343,17 @@ def code_version() -> str | None:
     return f"{commit} with uncommitted changes to {listed}"
 
 
+def _option(text: str, ap: argparse.ArgumentParser) -> tuple[str, Any]:
+    """'name=value' -> (name, value as a JSON literal, else the string)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        ap.error(f"--option {text!r}: expected NAME=VALUE")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
@@ -329,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", choices=SOURCES, default=TransferConfig.source)
     ap.add_argument("--seeds", type=int, default=TransferConfig.seeds)
-    ap.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    ap.add_argument(
+        "--models", default=",".join(MODELS), help="comma list of " + ", ".join(RECIPES)
+    )
     ap.add_argument("--users", type=int, default=TransferConfig.users, help="synthetic users")
     ap.add_argument(
         "--data-seed", type=int, default=TransferConfig.data_seed, help="synthetic generator seed"
@@ -341,9 +375,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=TransferConfig.threads)
     ap.add_argument("--folds", type=int, default=TransferConfig.folds)
     ap.add_argument("--quick", action="store_true", help="tiny: synthetic, 1 seed, 2 models")
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a `userembed train` option for every model (repeatable), e.g. "
+        "summary_loss_weight=0 for an ablation",
+    )
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/transfer")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     ap.add_argument("--write-md", action="store_true", help="write the BENCHMARKS.md section")
+    ap.add_argument(
+        "--save-vectors",
+        type=Path,
+        default=None,
+        help="keep the probed inputs and every run's vectors as .npy files in this folder",
+    )
     ap.add_argument(
         "--from-json", type=Path, default=None, help="render a saved report again, run nothing"
     )
@@ -363,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(headline(report)))
         return 0
     models = tuple(m for m in args.models.split(",") if m)
-    unknown = [m for m in models if m not in MODELS]
+    unknown = [m for m in models if m not in RECIPES]
     if unknown:
-        ap.error(f"unknown models {unknown}; expected {', '.join(MODELS)}")
+        ap.error(f"unknown models {unknown}; expected {', '.join(RECIPES)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     # torch / fbgemm deprecation notices would bury the progress lines
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -380,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         max_steps=args.max_steps,
         threads=args.threads,
         folds=args.folds,
+        train_options=tuple(_option(o, ap) for o in args.option),
+        save_vectors=args.save_vectors,
     )
     if args.quick:
         cfg = quick(cfg)

@@ -15,21 +15,30 @@ from bench.quality_report import MODEL_LABELS
 
 SOURCES = ("movielens", "synthetic")
 MODELS: tuple[str, ...] = ("supermoe", "mmoe", "ple", "shared_bottom")  # ModelConfig.dense_arch
+# Recipes beyond the default set, by name -> their `userembed train` options (--models picks
+# them: `supermoe_distill` trains 3 single-task teachers per task first, ~10x the CPU).
+RECIPES: dict[str, dict[str, Any]] = {
+    **{m: {"dense_arch": m} for m in MODELS},
+    "supermoe_distill": {"dense_arch": "supermoe", "distill": True},
+}
 PROFILE = "profile"  # the hand-made reference's name among the representations
 LABELS: dict[str, str] = {
     PROFILE: "hand-made profile of the whole history",
     "supermoe": "SUPERMOE (as `userembed train` trains it)",
     **{m: MODEL_LABELS[m] for m in MODELS[1:]},
+    "supermoe_distill": "SUPERMOE, distilled from 3 single-task teachers per task (`--distill`)",
 }
 # TrainConfig fields the section quotes from the runs' saved configs: what "defaults" meant.
 BUDGET_FIELDS = (
     "max_steps",
     "batch_size",
     "eval_every",
+    "min_steps",
     "patience",
     "lr",
     "loss",
     "future_loss_weight",
+    "summary_loss_weight",
 )
 # Task AUC this far below the profile counts as behind it (the issue's bar).
 TASK_MARGIN = 0.02

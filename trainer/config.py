@@ -98,6 +98,10 @@ def check_future_options(
 # needs a validation score every epoch: MovieLens (12 steps an epoch) peaks within 10 epochs.
 DEFAULT_EPOCHS = 20.0
 MAX_EVAL_EVERY = 150  # steps between validation scores when an epoch is longer
+# Default min_steps = this many warm-up spans: a score taken while the learning rate still
+# climbs rates a model the self-supervised objectives have barely shaped, and on small data
+# (12 steps an epoch) patience alone would end the run inside the warm-up.
+MIN_STEPS_WARMUPS = 4
 
 
 def steps_per_epoch(train_rows: int, batch_size: int, world_size: int = 1) -> int:
@@ -106,10 +110,14 @@ def steps_per_epoch(train_rows: int, batch_size: int, world_size: int = 1) -> in
     return max(1, train_rows // batch_size // world_size)
 
 
-def check_budget(epochs: float, max_steps: int | None, eval_every: int | None) -> None:
+def check_budget(
+    epochs: float, max_steps: int | None, eval_every: int | None, min_steps: int | None = None
+) -> None:
     """The training budget TrainConfig accepts."""
     if not (math.isfinite(epochs) and epochs > 0):
         raise InvalidInputError(f"epochs {epochs}: expected a number of passes > 0")
+    if min_steps is not None and min_steps < 0:
+        raise InvalidInputError(f"min_steps {min_steps}: expected 0 or more steps")
     for name, value in (("max_steps", max_steps), ("eval_every", eval_every)):
         if value is not None and value < 1:
             raise InvalidInputError(f"{name} {value}: expected at least 1 step, or none to size it")
@@ -126,9 +134,12 @@ class TrainConfig:
     # The budget (`sized`): `epochs` passes over the training rows, i.e. max_steps =
     # ceil(epochs x steps per epoch), and a validation score once an epoch or every
     # MAX_EVAL_EVERY steps, whichever comes first. A given max_steps / eval_every wins.
+    # Validation scores before min_steps are logged but neither pick the final model nor
+    # count towards patience; None = MIN_STEPS_WARMUPS x warmup_steps (at most max_steps).
     epochs: float = DEFAULT_EPOCHS
     max_steps: int | None = None
     eval_every: int | None = None
+    min_steps: int | None = None
     checkpoint_every: int = 100
     patience: int = 3  # evaluations without validation-score gain before stopping; 0 = off
     lr: float = 2e-3  # AdamW, dense parameters
@@ -161,12 +172,16 @@ class TrainConfig:
     future_window_seconds: int | None = None
     future_targets: int = 16
     future_temperature: float = 0.1
+    # The whole-history objective (trainer/summary_loss.py): a linear decoder of the user vector
+    # reconstructs the standardised long-term features. Weight beside the task loss (0 = off;
+    # no effect on a model without the long-term input).
+    summary_loss_weight: float = 1.0
     plots: bool = True
     log_every: int = 50
 
     def __post_init__(self) -> None:
         check_loss_options(self.loss, self.task_weighting, self.task_weights)
-        check_budget(self.epochs, self.max_steps, self.eval_every)
+        check_budget(self.epochs, self.max_steps, self.eval_every, self.min_steps)
         check_future_options(
             self.future_loss_weight,
             self.future_window_seconds,
@@ -177,6 +192,10 @@ class TrainConfig:
             raise InvalidInputError(
                 "nothing to train: no labelled task and future_loss_weight=0 (the "
                 "self-supervised objective is the whole objective without tasks)"
+            )
+        if not (math.isfinite(self.summary_loss_weight) and self.summary_loss_weight >= 0):
+            raise InvalidInputError(
+                f"summary_loss_weight {self.summary_loss_weight}: expected a weight >= 0"
             )
         if not 0.0 <= self.distill_label_share <= 1.0:
             raise InvalidInputError(
@@ -202,12 +221,18 @@ class TrainConfig:
     def sized(self, train_rows: int, world_size: int = 1) -> TrainConfig:
         """This config with its budget fixed for `train_rows` training rows on `world_size`
         processes: max_steps = ceil(epochs x steps per epoch) unless given, eval_every = one
-        epoch or MAX_EVAL_EVERY steps (the smaller) unless given. train() trains the sized
-        config, and checkpoints, train_config.json and the report carry it."""
+        epoch or MAX_EVAL_EVERY steps (the smaller) unless given, min_steps =
+        MIN_STEPS_WARMUPS x warmup_steps unless given (both capped at max_steps). train() trains
+        the sized config, and checkpoints, train_config.json and the report carry it."""
         per_epoch = steps_per_epoch(train_rows, self.batch_size, world_size)
         max_steps = self.max_steps or max(1, math.ceil(self.epochs * per_epoch))
         eval_every = self.eval_every or min(per_epoch, MAX_EVAL_EVERY)
-        return replace(self, max_steps=max_steps, eval_every=eval_every)
+        min_steps = self.min_steps
+        if min_steps is None:
+            min_steps = MIN_STEPS_WARMUPS * self.warmup_steps
+        return replace(
+            self, max_steps=max_steps, eval_every=eval_every, min_steps=min(min_steps, max_steps)
+        )
 
     @property
     def total_steps(self) -> int:

@@ -7,8 +7,8 @@ unlabelled samples are never pushed towards "negative" (the seesaw of the plain 
 plain: unlabelled = negative, every task averaged over the whole batch.
 Total = sum_t w_t L_t (fixed; 'labelled': w_t = labelled rows of t / those of the most
 labelled task, from the training split) or sum_t exp(-s_t) L_t + s_t (uncertainty, Kendall
-et al. 2018), plus the self-supervised future loss (trainer/future_loss.py) and the MoE
-auxiliary losses (both added by the model). With no task the task part is 0.
+et al. 2018), plus the self-supervised future loss (trainer/future_loss.py), the whole-history
+loss (trainer/summary_loss.py) and the MoE auxiliary losses (all added by the model). With no task the task part is 0.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class LossOutput:
     per_task: Tensor  # (T,) unweighted L_t
     labelled: Tensor  # (T,) number of labelled samples per task
     future: FutureOutput | None = None  # the self-supervised objective, when the batch has it
+    summary: Tensor | None = None  # () the whole-history objective (trainer/summary_loss.py)
 
 
 def per_task_losses(logits: Tensor, labels: Tensor, kind: str) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,9 @@ from trainer.dense import DenseArch, DenseOutput
 from trainer.encoder import sequence_stats
 from trainer.future_loss import FutureLoss
 from trainer.loss import LossOutput, TaskLoss
+from trainer.summary_loss import SummaryLoss
 from trainer.tables import SparseArch, table_name
+from trainer.tensor_file import load_tensor_file
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class SuperMoEModel(nn.Module):
         task_loss: TaskLoss | None = None,
         device: torch.device | None = None,
         future_loss: FutureLoss | None = None,
+        summary_loss: SummaryLoss | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -52,6 +55,8 @@ class SuperMoEModel(nn.Module):
         self.task_loss = task_loss or TaskLoss(len(cfg.task_names))
         # The self-supervised objective (None = off); inside for the same reason.
         self.future_loss = future_loss
+        # The whole-history objective (None = off); trains only (no part of model.pt).
+        self.summary_loss = summary_loss
 
     def forward(
         self,
@@ -79,15 +84,28 @@ class SuperMoEModel(nn.Module):
         if future_kjt is not None and self.future_loss is not None:
             # The targets go through the same (possibly sharded) tables as the inputs.
             future = self.future_loss(out.user_vector, self.sparse_arch.ec(future_kjt), future_kjt)
-            task = loss or LossOutput(
-                total=out.user_vector.new_zeros(()),
-                per_task=out.task_logits.new_zeros(len(self.cfg.task_names)),
-                labelled=out.task_logits.new_zeros(len(self.cfg.task_names)),
-            )
+            loss = self._task_part(loss, out)
             loss = replace(
-                task, total=task.total + self.future_loss.weight * future.total, future=future
+                loss, total=loss.total + self.future_loss.weight * future.total, future=future
+            )
+        if self.training and long_term is not None and self.summary_loss is not None:
+            summary = self.summary_loss(out.user_vector, long_term)
+            loss = self._task_part(loss, out)
+            loss = replace(
+                loss, total=loss.total + self.summary_loss.weight * summary, summary=summary
             )
         return out, loss
+
+    def _task_part(self, loss: LossOutput | None, out: DenseOutput) -> LossOutput:
+        """The task loss, or a zero one when the batch brought no labels."""
+        if loss is not None:
+            return loss
+        tasks = len(self.cfg.task_names)
+        return LossOutput(
+            total=out.user_vector.new_zeros(()),
+            per_task=out.task_logits.new_zeros(tasks),
+            labelled=out.task_logits.new_zeros(tasks),
+        )
 
     def aux_loss(self, out: DenseOutput) -> Tensor:
         moe = self.cfg.moe
@@ -130,20 +148,28 @@ def save_final(
 
 def load_final(path: Path) -> tuple[ModelConfig, dict[str, Tensor], nn.Module]:
     """-> (config, {t_<feature>: (N, D)}, DenseArch in eval mode) from a run's model.pt."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    cfg, tables, dense, _ = _read_final(path)
+    return cfg, tables, dense
+
+
+def _read_final(
+    path: Path,
+) -> tuple[ModelConfig, dict[str, Tensor], nn.Module, dict[str, Tensor] | None]:
+    """load_final's answer + the saved future projections (None without them). The file is
+    read as tensors and plain data only: UnsafeFileError otherwise (trainer/tensor_file.py)."""
+    blob = load_tensor_file(path)
     cfg = ModelConfig.from_dict(blob["model_config"])
     dense = build_dense_arch(cfg)
     dense.load_state_dict(blob["dense_arch"])
     dense.eval()
-    return cfg, blob["tables"], dense
+    return cfg, blob["tables"], dense, blob.get("future_head")
 
 
 def load_unsharded(path: Path, future_loss: FutureLoss | None = None) -> SuperMoEModel:
     """Rebuild a full SuperMoEModel (unsharded, eval) from a run's model.pt. `future_loss`: an
     objective of the run's settings, given the saved projections when model.pt has them."""
-    cfg, tables, dense = load_final(path)
+    cfg, tables, dense, head = _read_final(path)
     if future_loss is not None:
-        head = torch.load(path, map_location="cpu", weights_only=False).get("future_head")
         if head is None:
             future_loss = None
         else:

@@ -60,8 +60,9 @@ def prepare(
     trained: nn.Module = shard_model(model, ctx) if ctx.sharded else model
     inner = unwrap(trained)
     params = list(inner.dense_arch.parameters()) + list(inner.task_loss.parameters())
-    if inner.future_loss is not None:
-        params += list(inner.future_loss.parameters())
+    for objective in (inner.future_loss, inner.summary_loss):
+        if objective is not None:
+            params += list(objective.parameters())
     dense = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(dense, lr_lambda(cfg))
     return trained, Optimizers(params, dense, scheduler, cfg.grad_clip)

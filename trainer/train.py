@@ -40,6 +40,7 @@ from trainer.model import SuperMoEModel, save_final
 from trainer.report import write_report
 from trainer.run_dir import HELDOUT_ROWS, RunDir
 from trainer.step import prepare, train_step
+from trainer.summary_loss import summary_loss_of
 from userembed.datasets.spec import SPLITS
 from userembed.errors import InvalidInputError
 from userembed.features import LONG_TERM_INPUT, PROFILE_INPUT
@@ -165,7 +166,7 @@ def _log_budget(asked: TrainConfig, cfg: TrainConfig, train_rows: int, world_siz
     per_epoch = steps_per_epoch(train_rows, cfg.batch_size, world_size)
     logger.info(
         "budget: %d steps (%s; %d an epoch of %d rows at batch %d x %d processes), "
-        "validation every %d steps, early stop after %s",
+        "validation every %d steps, early stop after %s, the model picked from step %d on",
         cfg.total_steps,
         f"{cfg.epochs:g} epochs" if asked.max_steps is None else "max_steps given",
         per_epoch,
@@ -174,6 +175,7 @@ def _log_budget(asked: TrainConfig, cfg: TrainConfig, train_rows: int, world_siz
         world_size,
         cfg.eval_interval,
         f"{cfg.patience} evaluations without gain" if cfg.patience else "never (patience 0)",
+        cfg.min_steps,
     )
 
 
@@ -205,12 +207,15 @@ class _Progress:
         self.loss = torch.zeros(len(self.tasks))
         self.future = torch.zeros(len(FUTURE_KINDS))  # the self-supervised loss per kind
         self.aux = torch.zeros(2)  # balance, z
+        self.summary = 0.0  # the whole-history objective
         self.n = 0
 
     def add(self, out: DenseOutput, loss: LossOutput) -> None:
         self.loss += loss.per_task.detach().cpu()
         if loss.future is not None:
             self.future += loss.future.per_kind.detach().cpu()
+        if loss.summary is not None:
+            self.summary += float(loss.summary.detach())
         self.aux += torch.stack([out.balance_loss, out.z_loss]).detach().cpu()
         self.n += 1
 
@@ -219,6 +224,7 @@ class _Progress:
         per_task = (self.loss / self.n).tolist()
         future = dict(zip(FUTURE_KINDS, (self.future / self.n).tolist(), strict=True))
         balance, z = float(self.aux[0] / self.n), float(self.aux[1] / self.n)
+        summary = self.summary / self.n
         if self.ctx.is_main:
             cfg = self.cfg
             elapsed = time.perf_counter() - self.t0
@@ -228,6 +234,8 @@ class _Progress:
             losses = [*zip(self.tasks, per_task, strict=True)]
             if cfg.future_loss_weight > 0:
                 losses += list(future.items())
+            if cfg.summary_loss_weight > 0:
+                losses.append(("summary", summary))
             logger.info(
                 "step %d/%d loss %s balance %.3f z %.3f lr %.2e %.0f samples/s ETA %.0fs",
                 step,
@@ -242,6 +250,7 @@ class _Progress:
         self.loss.zero_()
         self.future.zero_()
         self.aux.zero_()
+        self.summary = 0.0
         self.n = 0
         entry: dict[str, Any] = {
             "step": step,
@@ -251,6 +260,8 @@ class _Progress:
         }
         if self.cfg.future_loss_weight > 0:
             entry["future_loss"] = future
+        if self.cfg.summary_loss_weight > 0:
+            entry["summary_loss"] = summary
         return entry
 
 
@@ -279,13 +290,15 @@ def _evaluate(
     if cfg.future_loss_weight > 0:
         entry["future"] = future.metrics()
     state["history"]["validation"].append(entry)
+    # Before min_steps a score is history only (TrainConfig says why).
+    counted = step >= (cfg.min_steps or 0)
     # NaN: nothing on this split can be scored (train() said why): keep the newest model.
-    if val_score > state["best_auc"] or not np.isfinite(val_score):
+    if counted and (val_score > state["best_auc"] or not np.isfinite(val_score)):
         state.update(best_auc=val_score, best_step=step, bad_evals=0)
         state["best_tables"] = gather_tables(model, ctx)
         state["best_dense"] = dense_state_dict(model)
         state["best_future"] = _future_state(model)
-    else:
+    elif counted:
         state["bad_evals"] += 1
     if ctx.is_main:
         logger.info(
@@ -381,7 +394,9 @@ def train(
     torch.manual_seed(cfg.seed)
     task_loss = TaskLoss(len(tasks), cfg.loss, cfg.task_weighting, weights)
     model, optim = prepare(
-        SuperMoEModel(cfg.model, task_loss, ctx.device, future_loss_of(cfg)), cfg, ctx
+        SuperMoEModel(cfg.model, task_loss, ctx.device, future_loss_of(cfg), summary_loss_of(cfg)),
+        cfg,
+        ctx,
     )
 
     state = _initial_state(cfg)

@@ -30,6 +30,9 @@ def test_steps_are_epochs_of_the_training_rows_unless_given(frame, tmp_path: Pat
     # MovieLens as a team's files: 3,200 training rows, 12 full batches of 256 an epoch
     small = cfg.with_(batch_size=256).sized(3200)
     assert (small.max_steps, small.eval_every) == (240, 12)
+    # no score inside the warm-up picks the model or ends the run
+    assert small.min_steps == 4 * small.warmup_steps
+    assert cfg.with_(batch_size=256, epochs=1).sized(3200).min_steps == 12  # capped
     assert cfg.with_(batch_size=256).sized(3200, world_size=2).max_steps == 120
     # a long epoch is scored every MAX_EVAL_EVERY steps, not once
     large = cfg.with_(batch_size=256, epochs=2.5).sized(200_000)
@@ -85,6 +88,16 @@ def test_with_nothing_to_score_the_last_evaluation_is_the_final_model(
     result = train(cfg, one_class)
     assert result.best_step == 20 and not result.stopped_early
     assert RunDir(cfg.run_dir).model.is_file()
+
+
+def test_scores_before_min_steps_neither_pick_the_model_nor_stop_the_run(
+    frame, tmp_path: Path
+) -> None:
+    cfg = tiny_config(str(tmp_path / "run"), frame, max_steps=40, eval_every=5, min_steps=25)
+    result = train(cfg.with_(patience=1, plots=False), frame)
+    scored = [h["step"] for h in result.report["history"]["validation"]]
+    assert scored[:5] == [5, 10, 15, 20, 25]  # patience 1 counts from step 25 on
+    assert result.best_step >= 25
 
 
 def test_a_data_set_too_small_to_split_is_one_clear_error(frame, tmp_path: Path) -> None:
