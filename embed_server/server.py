@@ -47,7 +47,10 @@ class EmbeddingServer:
     ) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.registry = registry or Registry(settings.registry_root)
+        # The server only reads the registry: it verifies and never signs.
+        self.registry = registry or Registry(
+            settings.registry_root, verify_key=settings.model_verify_key, signing_key=""
+        )
         self.manager = ModelManager(settings, self.registry, self.metrics)
         self._features = features
         self.lookup: EmbeddingLookup | None = None

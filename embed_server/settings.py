@@ -53,6 +53,9 @@ class ServerSettings:
     default_model: str = ""  # empty: the first served model
     model_alias: str = "latest"  # registry alias followed by hot reload
     reload_interval_s: float = 5.0  # registry alias and Redis pointer poll period
+    # PEM public key that every loaded manifest must be signed with (userembed/signing.py);
+    # empty: no check
+    model_verify_key: str = field(default_factory=paths.model_verify_key)
     # onnxruntime threads per encoder run; 0: cores // compute_workers (at least 1), so the
     # runs that compute_workers overlap do not oversubscribe the cores (docs/serving.md)
     intra_op_threads: int = 0

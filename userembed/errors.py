@@ -64,3 +64,15 @@ class BackendUnavailableError(UserEmbedError):
 
 class OverloadedError(UserEmbedError):
     grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class UntrustedModelError(CorruptModelError):
+    """A registry version whose manifest is unsigned, or not signed by the configured key
+    (userembed.signing): refused like a corrupt one."""
+
+
+class UnsafeFileError(UserEmbedError):
+    """A file that could run code when loaded (a pickle of more than tensors and plain data):
+    refused unread, whoever wrote it."""
+
+    grpc_status = "FAILED_PRECONDITION"

@@ -48,3 +48,15 @@ def registry_root() -> str:
 
 def redis_url() -> str:
     return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def model_signing_key() -> str:
+    """PEM file of the ed25519 key the export signs manifests with; empty: unsigned
+    (userembed.signing). Only the trainer/export job mounts it."""
+    return os.environ.get("USEREMBED_MODEL_SIGNING_KEY", "")
+
+
+def model_verify_key() -> str:
+    """PEM file of the ed25519 public key a loader requires on every manifest; empty: no
+    check (userembed.signing)."""
+    return os.environ.get("USEREMBED_MODEL_VERIFY_KEY", "")

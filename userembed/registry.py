@@ -3,6 +3,7 @@
 Layout (root = `userembed.paths.registry_root()` by default: a local path or any fsspec URL):
 
     <root>/<model>/<version>/manifest.json     written last: a version exists once it is there
+    <root>/<model>/<version>/manifest.sig      with a signing key: who published it (signing.py)
     <root>/<model>/<version>/<files>           ONNX file(s), external data, report.json, plots
     <root>/<model>/aliases/<alias>             text file holding one version id
 
@@ -10,7 +11,11 @@ Version ids sort by time: `20261128T193000Z-<6 hex>` (UTC second of publishing, 
 hex digits of the fp32 ONNX file's sha256). `latest` is moved on every publish; other aliases
 (`prod`, `canary`, ...) are moved with `set_alias`. Readers load with `load_verified`, which
 checks the manifest and the sha256 and size of every file it hands out and refuses a corrupt
-entry with one CorruptModelError. Light imports only (no torch, no onnx): the server uses this.
+entry with one CorruptModelError. With a verifying key (`verify_key`, default
+$USEREMBED_MODEL_VERIFY_KEY) every manifest read must carry that key's signature, else
+UntrustedModelError (a CorruptModelError); with a signing key (`signing_key`, default
+$USEREMBED_MODEL_SIGNING_KEY) `publish` signs. Light imports only (no torch, no onnx): the server
+uses this.
 
     reg = Registry()                                   # or Registry("s3://bucket/models")
     m = reg.publish(manifest, staging_dir)             # -> manifest with version set
@@ -45,6 +50,7 @@ from userembed.manifest import (
     parse_manifest,
     sha256_file,
 )
+from userembed.signing import SIGNATURE_FILE, ManifestSigner, ManifestVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +123,27 @@ class LoadedModel:
 
 
 class Registry:
-    """A model registry at `root` (local path or fsspec URL, e.g. `memory://reg`, `s3://b/m`)."""
+    """A model registry at `root` (local path or fsspec URL, e.g. `memory://reg`, `s3://b/m`).
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, **storage_options: Any) -> None:
+    `verify_key` / `signing_key`: PEM paths (None: from the environment, "": none); an
+    unreadable or wrong key fails here, at start, not at the first load."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        verify_key: str | None = None,
+        signing_key: str | None = None,
+        **storage_options: Any,
+    ) -> None:
         self.root = str(root) if root is not None else paths.registry_root()
         self.fs, base = fsspec.core.url_to_fs(self.root, **storage_options)
         self._base = base.rstrip("/") or "/"
         self._local = isinstance(self.fs, LocalFileSystem)
+        verify_key = paths.model_verify_key() if verify_key is None else verify_key
+        signing_key = paths.model_signing_key() if signing_key is None else signing_key
+        self.verifier = ManifestVerifier.from_pem(verify_key) if verify_key else None
+        self.signer = ManifestSigner.from_pem(signing_key) if signing_key else None
 
     def __repr__(self) -> str:
         return f"Registry({self.root!r})"
@@ -259,7 +279,10 @@ class Registry:
             target = f"{vdir}/{e.path}"
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(src / e.path), target)
-        self.fs.pipe_file(f"{vdir}/{MANIFEST_FILE}", published.to_json().encode())
+        manifest_bytes = published.to_json().encode()
+        if self.signer is not None:  # before the manifest: a version is complete once it is there
+            self.fs.pipe_file(f"{vdir}/{SIGNATURE_FILE}", self.signer.sign(manifest_bytes))
+        self.fs.pipe_file(f"{vdir}/{MANIFEST_FILE}", manifest_bytes)
         for a in aliases:
             self.set_alias(model, a, version)
         logger.info("published %s/%s (%d files)", model, version, len(manifest.all_files()))
@@ -274,7 +297,14 @@ class Registry:
 
     def _read_manifest_at(self, model: str, version: str) -> Manifest:
         source = f"{self.root}/{model}/{version}/{MANIFEST_FILE}"
-        m = parse_manifest(self.fs.cat_file(self._path(model, version, MANIFEST_FILE)), source)
+        data = self.fs.cat_file(self._path(model, version, MANIFEST_FILE))
+        if self.verifier is not None:
+            try:
+                signature = self.fs.cat_file(self._path(model, version, SIGNATURE_FILE))
+            except FileNotFoundError:
+                signature = None
+            self.verifier.verify(data, signature, f"model {model}/{version}")
+        m = parse_manifest(data, source)
         if m.model_name != model or m.version != version:
             raise CorruptModelError(
                 f"{source}: names {m.model_name}/{m.version}, but lies at {model}/{version}"

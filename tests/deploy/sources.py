@@ -24,7 +24,14 @@ DOCKERFILES = {
     "trainer": DOCKER / "trainer.Dockerfile",
     "server": DOCKER / "server.Dockerfile",
 }
-K8S_KUSTOMIZATIONS = (".", "base", "training", "training-multinode", "overlays/gpu")
+K8S_KUSTOMIZATIONS = (
+    ".",
+    "base",
+    "training",
+    "training-multinode",
+    "overlays/gpu",
+    "overlays/signed-models",
+)
 
 # ${NAME:-default}, ${NAME-default}, ${NAME}, $NAME
 _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")

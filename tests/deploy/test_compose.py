@@ -107,12 +107,15 @@ def test_only_the_gpu_server_is_in_a_profile() -> None:
 
 
 def test_every_userembed_service_shares_the_workspace_volume() -> None:
+    """Only the training steps write it; the server and the refresh read it (docs/deploy.md)."""
     data = sources.compose()
     assert "workspace" in data["volumes"]
+    writers = {"init", "train"}
     for name, svc in data["services"].items():
         if name in {"redis", "client"}:  # the client only calls the server over gRPC
             continue
-        assert "workspace:/workspace" in svc["volumes"], name
+        mount = "workspace:/workspace" if name in writers else "workspace:/workspace:ro"
+        assert mount in svc["volumes"], name
         assert svc["environment"]["USEREMBED_HOME"] == "/workspace", name
 
 

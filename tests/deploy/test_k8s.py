@@ -23,6 +23,7 @@ API_VERSIONS = {
     "CronJob": "batch/v1",
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PodDisruptionBudget": "policy/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
 }
 
 DOCS = sources.k8s_documents()

@@ -1,5 +1,6 @@
-"""Run under `torchrun --nproc_per_node=2`: sharded training on the tiny frame, then save
-(rank 0) the sharded model's eval outputs on a fixed batch and its gathered tables + DenseArch.
+"""Run under `torchrun --nproc_per_node=2`: sharded training on the tiny frame (stopped after
+its first checkpoint, then resumed), then save (rank 0) the sharded model's eval outputs on a
+fixed batch and its gathered tables + DenseArch.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def main(out_dir: str) -> None:
             )
         model.train()
 
-    train(cfg, frame, on_trained=on_trained)
+    # Killed after its first checkpoint and resumed: sharded checkpoints load back as plain
+    # tensors (weights_only, trainer/checkpoint.py).
+    train(cfg, frame, stop_after_steps=cfg.checkpoint_every)
+    train(cfg, frame, resume=True, on_trained=on_trained)
     shutdown_distributed(DistContext(world_size=2))
 
 
