@@ -3,8 +3,10 @@
 Per model, up to `batch_size` users wait at most `batch_wait_ms`; then one feature read, one
 encoder run and one pipelined write-back run in a worker thread (feature reads and onnxruntime
 release the event loop; `compute_workers` batches run at once, so one batch's feature read
-overlaps another's encoder run). A failed write-back is logged and counted, and the vectors
-still return (degraded mode).
+overlaps another's encoder run). A failed write-back (Redis unreachable, or an error reply:
+OOM, READONLY, MISCONF, LOADING, WRONGTYPE on one key) is logged and counted, and the vectors
+still return (degraded mode). An error reply to the batch's feature read is narrowed down to
+the users it belongs to: they fail (RedisReplyError), the others of the micro-batch do not.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import redis
 
 from embed_server.batching import MicroBatcher
 from embed_server.embedding import COMPUTED, Embedding
-from embed_server.errors import REDIS_OUTAGE
+from embed_server.errors import REDIS_ERRORS, RedisReplyError
 from embed_server.metrics import ServerMetrics
 from embed_server.model_manager import ServingModel
 from embed_server.online_features import OnlineFeatureSource
@@ -114,7 +116,12 @@ class ComputePath:
         self, model: ServingModel, embedding_version: str, user_ids: list[str]
     ) -> list[Embedding | BaseException]:
         """Blocking: one feature read, one encoder run and one pipelined write for the batch."""
-        rows = self.features.fetch(user_ids, model.spec)
+        try:
+            rows = self.features.fetch(user_ids, model.spec)
+        except RedisReplyError:
+            if len(user_ids) == 1:
+                raise
+            return self._compute_each(model, embedding_version, user_ids)
         out: list[Embedding | BaseException] = [
             UserNotFoundError(f"unknown user '{u}': not in the feature store") for u in user_ids
         ]
@@ -142,6 +149,19 @@ class ComputePath:
             )
         return out
 
+    def _compute_each(
+        self, model: ServingModel, embedding_version: str, user_ids: list[str]
+    ) -> list[Embedding | BaseException]:
+        """One user at a time, after an error reply to the batch's feature read: only the users
+        whose keys give it fail (rare: a key of the wrong type in the online store)."""
+        out: list[Embedding | BaseException] = []
+        for user_id in user_ids:
+            try:
+                out += self._compute_sync(model, embedding_version, [user_id])
+            except UserEmbedError as e:
+                out.append(e)
+        return out
+
     def _write_back(
         self,
         model: ServingModel,
@@ -151,20 +171,33 @@ class ComputePath:
         feature_ts_ms: list[int],
         computed_at_ms: int,
     ) -> None:
-        """Degraded mode: a failed write-back is logged and counted, the vectors still return."""
+        """Degraded mode: a failed write-back is logged and counted (per user whose vector was
+        not written), the vectors still return."""
         store = VectorStore(self._redis, model.name, ttl_s=self.settings.vector_ttl_s)
         try:
             self.versions.register_online(store, model.version, embedding_version)
-            store.write(
+            errors = store.write(
                 embedding_version,
                 user_ids,
                 vectors,
                 model.version,
                 feature_ts_ms,
                 computed_at_ms=computed_at_ms,
+                raise_on_error=False,
             )
-        except REDIS_OUTAGE as e:
-            self.metrics.writeback_failures.labels(model.name).inc(len(user_ids))
-            logger.warning(
-                "model %s: write-back of %d vectors failed: %s", model.name, len(user_ids), e
-            )
+        except REDIS_ERRORS as e:  # unreachable, or an error reply before any vector was written
+            failed, first = len(user_ids), e
+        else:
+            failures = [e for e in errors if e is not None]
+            if not failures:
+                return
+            failed, first = len(failures), failures[0]
+        self.metrics.writeback_failures.labels(model.name).inc(failed)
+        logger.warning(
+            "model %s: write-back of %d of %d vectors failed: %s: %s",
+            model.name,
+            failed,
+            len(user_ids),
+            type(first).__name__,
+            first,
+        )

@@ -24,8 +24,18 @@ class DeadlineExceededError(UserEmbedError):
     grpc_status = "DEADLINE_EXCEEDED"
 
 
+class RedisReplyError(UserEmbedError):
+    """Redis answered one user's key with an error reply (WRONGTYPE, ...): that user fails and
+    the other users of the call, and of the micro-batch it shared, are answered."""
+
+    grpc_status = "UNAVAILABLE"
+
+
 # Redis client errors that mean "cannot reach Redis" (the Feast online store is Redis too).
 REDIS_OUTAGE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError)
+# ... and with the error replies of a reachable Redis (OOM, READONLY, LOADING, MISCONF,
+# WRONGTYPE, ...): a read that gets one is UNAVAILABLE, a write-back that gets one is counted.
+REDIS_ERRORS = (redis.RedisError, *REDIS_OUTAGE)
 
 
 def as_unavailable(what: str, e: BaseException) -> BackendUnavailableError:
@@ -42,7 +52,7 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     their traceback and become INTERNAL without leaking internals to the client."""
     if isinstance(e, UserEmbedError):
         return grpc_code(e), str(e)
-    if isinstance(e, REDIS_OUTAGE):
+    if isinstance(e, REDIS_ERRORS):
         return grpc.StatusCode.UNAVAILABLE, str(as_unavailable("redis", e))
     logger.error("internal error while serving", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})"

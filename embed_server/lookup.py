@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from embed_server.compute import ComputePath
 from embed_server.embedding import COMPUTED, STORED, Embedding
-from embed_server.errors import REDIS_OUTAGE, as_unavailable
+from embed_server.errors import REDIS_ERRORS, RedisReplyError, as_unavailable
 from embed_server.metrics import ServerMetrics
 from embed_server.model_manager import ModelManager, ServingModel
 from embed_server.online_features import OnlineFeatureSource
@@ -39,6 +39,7 @@ from userembed.errors import (
     OverloadedError,
     UserEmbedError,
 )
+from userembed.ids import parse_user_id
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +136,14 @@ class EmbeddingLookup:
         self.redis_sync.close()
 
     def check_user_id(self, user_id: str) -> None:
+        """Before any key is built: only the canonical spelling of an id (userembed.ids)."""
         if not user_id:
             raise InvalidInputError("empty user id")
         if len(user_id) > self.settings.max_user_id_length:
             raise InvalidInputError(
                 f"user id longer than {self.settings.max_user_id_length} characters"
             )
-        self.features.check_user_id(user_id)
+        parse_user_id(user_id)
 
     async def get(
         self, model_name: str, user_id: str, force: bool, deadline: float | None
@@ -152,7 +154,7 @@ class EmbeddingLookup:
             key = self.versions.keys(model.name).vector(embedding_version, user_id).encode()
             try:
                 row = await self.reader.read(key, deadline)
-            except REDIS_OUTAGE as e:
+            except REDIS_ERRORS as e:  # an error reply for this key too: UNAVAILABLE
                 raise as_unavailable("redis", e) from e
             embedding = stored_embedding(model, embedding_version, user_id, row)
             if embedding is not None:
@@ -165,7 +167,8 @@ class EmbeddingLookup:
     async def get_many(
         self, model_name: str, user_ids: Sequence[str], force: bool, deadline: float | None
     ) -> BatchResult:
-        """Per-id results; a Redis / feature store outage fails the whole call (UNAVAILABLE)."""
+        """Per-id results; a Redis / feature store outage fails the whole call (UNAVAILABLE),
+        an error reply for one user's key fails that id alone."""
         model, embedding_version = self.versions.resolve(model_name)
         n = len(user_ids)
         if n > self.settings.max_batch_ids:
@@ -197,16 +200,18 @@ class EmbeddingLookup:
         user_ids: Sequence[str],
         todo: list[int],
     ) -> list[int]:
-        """Stored vectors into `result` at the positions `todo`; returns the positions missed."""
+        """Stored vectors into `result` at the positions `todo`; returns the positions missed.
+        A key Redis answered with an error reply fails its own id (RedisReplyError)."""
         model = result.model
         wanted = [user_ids[i] for i in todo]
         keys = self.versions.keys(model.name).vector_keys(embedding_version, wanted)
         try:
             rows = await self.reader.read_many(keys)
-        except REDIS_OUTAGE as e:
+        except REDIS_ERRORS as e:
             raise as_unavailable("redis", e) from e
         plain = plain_hits(model, rows)
         misses: list[int] = []
+        failed = 0
         if all(plain) and len(todo) == len(result.vectors):  # the common case: all stored
             result.set_all_stored(embedding_version, rows)
         else:
@@ -214,13 +219,19 @@ class EmbeddingLookup:
                 if is_plain:
                     result.set_stored(i, embedding_version, row)
                     continue
+                if isinstance(row, Exception):  # an error reply for this key (WRONGTYPE, ...)
+                    result.set_error(
+                        i, RedisReplyError(f"user {user_id}: redis error reply: {row}")
+                    )
+                    failed += 1
+                    continue
                 # other encodings (f16), or a row the loaded model version did not make
                 embedding = stored_embedding(model, embedding_version, user_id, row)
                 if embedding is None:
                     misses.append(i)
                 else:
                     result.set_embedding(i, embedding)
-        self._counter(model.name, STORED).inc(len(todo) - len(misses))
+        self._counter(model.name, STORED).inc(len(todo) - len(misses) - failed)
         return misses
 
     async def _fill_computed(

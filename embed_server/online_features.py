@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from embed_server.errors import REDIS_OUTAGE, as_unavailable
-from userembed.errors import FeatureMismatchError, InvalidInputError
+import redis
+
+from embed_server.errors import REDIS_OUTAGE, RedisReplyError, as_unavailable
+from userembed.errors import FeatureMismatchError
 from userembed.features import InputSpec
+from userembed.ids import parse_user_id
 from userembed.schema import USER_ID
 
 logger = logging.getLogger(__name__)
@@ -32,25 +35,12 @@ class FeatureRows:
 
 
 class OnlineFeatureSource(Protocol):
-    def check_user_id(self, user_id: str) -> None:
-        """Raise InvalidInputError for an id the feature store cannot hold."""
-        ...
-
     def fetch(self, user_ids: Sequence[str], spec: InputSpec) -> FeatureRows:
-        """Read the features of `spec` for `user_ids`. Raises BackendUnavailableError when the
-        online store cannot be reached, InvalidInputError for ids the store cannot hold."""
+        """Read the features of `spec` for `user_ids` (canonical ids, userembed.ids). Raises
+        BackendUnavailableError when the online store cannot be reached, RedisReplyError when
+        it answers an error reply (a key of the wrong type: which user's is unknown),
+        InvalidInputError for an id that is not canonical."""
         ...
-
-
-def parse_user_id(user_id: str) -> int:
-    """Feature store entity keys are int64 user ids (userembed.schema)."""
-    try:
-        v = int(user_id)
-    except ValueError as e:
-        raise InvalidInputError(f"user id {user_id!r} is not a decimal integer") from e
-    if v < 0 or v >= 2**63:
-        raise InvalidInputError(f"user id {user_id!r} is outside 0..2^63-1")
-    return v
 
 
 class FeastFeatureSource:
@@ -66,9 +56,6 @@ class FeastFeatureSource:
 
         return cls(open_store(redis_url, Path(repo)))
 
-    def check_user_id(self, user_id: str) -> None:
-        parse_user_id(user_id)
-
     def fetch(self, user_ids: Sequence[str], spec: InputSpec) -> FeatureRows:
         entity_ids = [parse_user_id(u) for u in user_ids]
         try:
@@ -77,6 +64,8 @@ class FeastFeatureSource:
             )
         except REDIS_OUTAGE as e:
             raise as_unavailable("feature store", e) from e
+        except redis.ResponseError as e:  # WRONGTYPE on an entity's hash: Redis is up
+            raise RedisReplyError(f"feature store error reply: {e}") from e
         except KeyError as e:  # Feast: "Feature X not found in projection <view>"
             raise FeatureMismatchError(
                 f"the feature store's registry lacks features the model reads ({e}): rebuild "

@@ -29,12 +29,14 @@ from userembed import resp
 logger = logging.getLogger(__name__)
 
 # One round trip for a batch of stored reads on a single Redis server: HMGET of each key.
+# pcall: a key that fails (WRONGTYPE) gets its error reply in its own place, so it fails only
+# its own caller, not every read sharing the script call.
 # Redis Cluster rejects multi-key scripts across slots: there `redis_script_reads: 0` uses a
 # pipeline of one HMGET per key instead (redis-py).
 READ_SCRIPT = """
 local out = {}
 for i, k in ipairs(KEYS) do
-  out[i] = redis.call('HMGET', k, unpack(ARGV))
+  out[i] = redis.pcall('HMGET', k, unpack(ARGV))
 end
 return out
 """
@@ -361,8 +363,12 @@ class ReadCoalescer:
             return
         rows = [reply.result()] if single else reply.result()
         for f, row in zip(futures, rows, strict=True):
-            if not f.done():
+            if f.done():
+                continue
+            if row.__class__ is list:
                 f.set_result(row)
+            else:  # this key's own error reply (READ_SCRIPT's pcall): this caller alone
+                f.set_exception(redis.ResponseError(str(row)))
 
     async def _run(self, keys: list[bytes], futures: list[asyncio.Future[Any]]) -> None:
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -9,8 +9,10 @@
   Cluster); single reads are micro-batched, taking what is queued and never waiting for more.
 
 Every reader returns raw rows in VECTOR_FIELDS order (vector None: no stored vector) and raises
-redis / OS errors on an outage; the caller turns those into UNAVAILABLE. `stored_embedding` and
-`plain_hits` say which rows the loaded model version made.
+redis / OS errors on an outage or an error reply to the whole command; the caller turns those
+into UNAVAILABLE. A key Redis answered with its own error reply (WRONGTYPE) is, in `read_many`,
+that error in the key's place instead of a row, and, in `read`, raised to that caller alone.
+`stored_embedding` and `plain_hits` say which rows the loaded model version made.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from embed_server.redis_reads import READ_SCRIPT, PipelinedRedis, ReadCoalescer
 from embed_server.settings import ServerSettings
 from userembed.vectors import VECTOR_FIELDS, decode_vector
 
-# vector, dtype, model_version, computed_at, feature_ts: raw bytes as Redis returns them
+# vector, dtype, model_version, computed_at, feature_ts: raw bytes as Redis returns them (a list)
 StoredRow = Sequence[bytes | None]
 
 
@@ -41,7 +43,8 @@ class StoredReader(Protocol):
         ...
 
     async def read_many(self, keys: Sequence[bytes]) -> list[StoredRow]:
-        """Many vector hashes in one round trip: the batch path."""
+        """Many vector hashes in one round trip: the batch path. An error reply for one key
+        (an Exception) stands in its row."""
         ...
 
     def start(self) -> None: ...
@@ -125,7 +128,7 @@ class PipelineReader(_MicroBatchedReader):
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hmget(key.decode(), list(VECTOR_FIELDS))
-            return list(await pipe.execute())
+            return list(await pipe.execute(raise_on_error=False))
 
 
 def open_stored_reader(
@@ -145,11 +148,15 @@ def open_stored_reader(
 
 def plain_hits(model: ServingModel, rows: Sequence[StoredRow]) -> list[bool]:
     """Per row: made by the loaded model version in f32 (the default layout), so its vector
-    bytes can be returned as they are."""
+    bytes can be returned as they are. An error reply in a row's place is not."""
     version, size = model.version_bytes, 4 * model.dim
     # indexed, not unpacked: a batch has up to max_batch_ids rows (0 vector, 1 dtype, 2 made by)
     return [
-        r[0] is not None and r[2] == version and len(r[0]) == size and r[1] in (None, b"f32")
+        r.__class__ is list
+        and r[0] is not None
+        and r[2] == version
+        and len(r[0]) == size
+        and r[1] in (None, b"f32")
         for r in rows
     ]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from embed_server.errors import REDIS_OUTAGE
+from embed_server.errors import REDIS_ERRORS
 from embed_server.model_manager import ModelManager, ServingModel
 from userembed.vectors import VectorKeys, VectorStore
 
@@ -85,7 +85,7 @@ class VersionPolicy:
                     if current
                     else None
                 )
-            except REDIS_OUTAGE as e:
+            except REDIS_ERRORS as e:  # unreachable, LOADING, a pointer of the wrong type
                 logger.warning("model %s: cannot read the vector pointer: %s", name, e)
                 continue
             new = VectorPointer(

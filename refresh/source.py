@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from userembed.errors import DataNotFoundError, SchemaError
 from userembed.features import InputSpec
+from userembed.ids import format_user_ids
 from userembed.schema import EVENT_TIMESTAMP, USER_ID
 from userembed.snapshots import BEHAVIOR_FILE, PROFILE_FILE
 
@@ -259,4 +260,4 @@ class OfflineSource:
         )
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(rows), size=min(n, len(rows)), replace=False)
-        return [str(u) for u in uid[rows[np.sort(pick)]]]
+        return format_user_ids(uid[rows[np.sort(pick)]])

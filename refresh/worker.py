@@ -22,6 +22,7 @@ import redis
 from refresh.checkpoint import PartResult
 from refresh.source import FEATURE_TS, OfflineSource, Part
 from userembed.features import encode_arrow
+from userembed.ids import format_user_ids
 from userembed.onnx_encoder import OnnxEncoder
 from userembed.registry import Registry
 from userembed.schema import USER_ID
@@ -77,7 +78,7 @@ class PartWorker:
     def process(self, part: Part) -> PartResult:
         """Compute (or, for unchanged users, copy) the part's vectors into the new version."""
         table = self.source.read_part(part, self.job.part_rows)
-        user_ids = [str(u) for u in table.column(USER_ID).to_pylist()]
+        user_ids = format_user_ids(table.column(USER_ID).to_numpy())  # the keys' spelling
         feature_ts = np.asarray(table.column(FEATURE_TS).to_numpy(), dtype=np.int64)
         compute = np.asarray(part.changed, dtype=bool).copy()
         copied = 0
@@ -97,7 +98,7 @@ class PartWorker:
         rows = np.nonzero(compute)[0]
         nonfinite = 0
         norms_min, norms_max = np.inf, 0.0
-        pending: Future[None] | None = None
+        pending: Future[list[redis.ResponseError | None]] | None = None
         for a in range(0, len(rows), self.job.batch_size):
             idx = rows[a : a + self.job.batch_size]
             if idx[-1] - idx[0] == len(idx) - 1:  # contiguous rows (a full refresh): no copy

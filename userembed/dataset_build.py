@@ -2,8 +2,10 @@
 `userembed feast ...` run, and what the trainer reads back (`load_built`).
 
 A build loads and validates a source, then writes the raw tables and spec under
-`paths.data_dir()` and the Feast offline tables under `paths.offline_dir()`. Feast is imported
-inside the functions that need it (slow import, ~10 s store start).
+`paths.data_dir()` and the Feast offline tables under `paths.offline_dir()`, all staged
+(userembed.staged_files) and renamed into place once every file is written: a failed build
+leaves the previous data set whole. Feast is imported inside the functions that need it (slow
+import, ~10 s store start).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from userembed import paths
-from userembed.datasets.spec import DatasetSpec
+from userembed.datasets.spec import SPEC_FILE, DatasetSpec
 from userembed.errors import InvalidInputError
+from userembed.staged_files import StagedFiles
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -62,7 +65,8 @@ def build_dataset(req: BuildRequest) -> dict[str, Any]:
     """Load + validate the source, add the future targets to the labels, then write the raw
     tables, spec.json and the feature tables.
 
-    Nothing is written unless the whole source validated.
+    Nothing is written unless the whole source validated, and nothing is replaced unless
+    every file was written.
     """
     from userembed.future_targets import add_future_targets
     from userembed.snapshots import write_feature_tables
@@ -73,15 +77,18 @@ def build_dataset(req: BuildRequest) -> dict[str, Any]:
     # a Feast feature); the spec records their window.
     labels, spec = add_future_targets(events, labels, spec)
     out = paths.data_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    for file_name, df in (
-        (paths.EVENTS_FILE, events),
-        (paths.USERS_FILE, users),
-        (paths.LABELS_FILE, labels),
-    ):
-        df.to_parquet(out / file_name, index=False)
-    spec.save(out)
-    tables = write_feature_tables(events, users, spec, paths.offline_dir(), spec.sequence_length)
+    with StagedFiles() as staged:
+        for file_name, df in (
+            (paths.EVENTS_FILE, events),
+            (paths.USERS_FILE, users),
+            (paths.LABELS_FILE, labels),
+        ):
+            df.to_parquet(staged.path(out / file_name), index=False)
+        spec.write(staged.path(out / SPEC_FILE))
+        tables = write_feature_tables(
+            events, users, spec, paths.offline_dir(), spec.sequence_length, staged
+        )
+        staged.commit()
     summary = {
         "source": req.source,
         "dataset": spec.name,

@@ -15,7 +15,6 @@ and one bincount per histogram per snapshot.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from userembed.features import (
     gap_buckets,
 )
 from userembed.paths import BEHAVIOR_FILE, PROFILE_FILE
+from userembed.staged_files import StagedFiles
 
 logger = logging.getLogger(__name__)
 
@@ -242,20 +242,20 @@ def write_feature_tables(
     spec: DatasetSpec,
     out_dir: Path,
     sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+    staged: StagedFiles | None = None,
 ) -> dict[str, object]:
     """Write profile.parquet and behavior.parquet (one row group per snapshot) into out_dir.
 
-    Files are written under temporary names and renamed at the end, so a failure leaves the
-    previous tables in place. Returns a summary of figures.
+    Files are staged (userembed.staged_files) and renamed at the end, so a failure leaves the
+    previous tables in place; with `staged`, they join the caller's files and the caller
+    commits. Returns a summary of figures.
     """
     t0 = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
     ev = sort_events(events, users["user_id"].to_numpy(dtype=np.int64))
     times = spec.snapshot_times
-    # Per-process names: two processes that build the same folder at once (the quality
-    # bench's processes sharing one --workdir) each rename a whole file of their own.
-    tmp_behavior = out_dir / f"{BEHAVIOR_FILE}.{os.getpid()}.tmp"
-    tmp_profile = out_dir / f"{PROFILE_FILE}.{os.getpid()}.tmp"
+    files = staged if staged is not None else StagedFiles()
+    tmp_behavior = files.path(out_dir / BEHAVIOR_FILE)
+    tmp_profile = files.path(out_dir / PROFILE_FILE)
     rows = 0
     writer: pq.ParquetWriter | None = None
     try:
@@ -280,11 +280,10 @@ def write_feature_tables(
                 writer.close()
         pq.write_table(profile_table(users, ev.user_ids, to_utc(spec.data_start)), tmp_profile)
     except BaseException:
-        tmp_behavior.unlink(missing_ok=True)
-        tmp_profile.unlink(missing_ok=True)
+        files.discard()
         raise
-    tmp_behavior.replace(out_dir / BEHAVIOR_FILE)
-    tmp_profile.replace(out_dir / PROFILE_FILE)
+    if staged is None:
+        files.commit()
     summary = {
         "users": int(len(ev.user_ids)),
         "snapshots": len(times),

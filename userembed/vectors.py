@@ -8,9 +8,10 @@ pointer flip is one MULTI in one slot; vector keys are tagged by user, so they s
     ue:{<model>}:ev:<ev>             HASH    model_version, created_at, status, users, note
     ue:<model>:<ev>:{<user_id>}      HASH    vector, dtype, model_version, computed_at, feature_ts
 
-`vector` is the raw little-endian float32 (dtype "f32") or float16 ("f16") bytes of the user
-vector; `computed_at` and `feature_ts` are epoch milliseconds as decimal strings. Vector keys
-carry a TTL. Batch reads and writes are pipelined per key (no cross-slot multi-key command).
+`<user_id>` is the id's canonical decimal spelling (userembed.ids). `vector` is the raw
+little-endian float32 (dtype "f32") or float16 ("f16") bytes of the user vector; `computed_at`
+and `feature_ts` are epoch milliseconds as decimal strings. Vector keys carry a TTL. Batch
+reads and writes are pipelined per key (no cross-slot multi-key command).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class EmbeddingVersion:
     created_at_ms: int
     status: str
     users: int
+    note: str = ""  # why a version failed (`mark`)
 
 
 def encode_vector(vector: np.ndarray, dtype: str = "f32") -> bytes:
@@ -113,6 +115,7 @@ class VectorStore:
             created_at_ms=int(d.get("created_at", 0)),
             status=d.get("status", ""),
             users=int(d.get("users", 0)),
+            note=d.get("note", ""),
         )
 
     def list_versions(self) -> list[EmbeddingVersion]:
@@ -176,14 +179,35 @@ class VectorStore:
         feature_ts_ms: Sequence[int] | None = None,
         dtype: str = "f32",
         computed_at_ms: int | None = None,
-    ) -> None:
-        """Pipelined write of (N, D) vectors; one HSET (+ EXPIRE) per user."""
+        raise_on_error: bool = True,
+    ) -> list[redis.ResponseError | None]:
+        """Pipelined write of (N, D) vectors; one HSET (+ EXPIRE) per user. Every reply is read;
+        then the first error reply (OOM, READONLY, WRONGTYPE, ...) is raised, or, with
+        `raise_on_error` False, each user's error reply is returned (None: written)."""
         assert vectors.ndim == 2 and len(user_ids) == vectors.shape[0]
         at = computed_at_ms if computed_at_ms is not None else now_ms()
         data = np.ascontiguousarray(vectors, dtype=DTYPES[dtype])
         if isinstance(self.r, redis.Redis):
-            self._write_packed(ev, user_ids, data, model_version, feature_ts_ms, dtype, at)
-            return
+            errors = self._write_packed(ev, user_ids, data, model_version, feature_ts_ms, dtype, at)
+        else:
+            errors = self._write_pipelined(
+                ev, user_ids, data, model_version, feature_ts_ms, dtype, at
+            )
+        first = next((e for e in errors if e is not None), None)
+        if raise_on_error and first is not None:
+            raise first
+        return errors
+
+    def _write_pipelined(
+        self,
+        ev: str,
+        user_ids: Sequence[str],
+        data: np.ndarray,  # (N, D) in the stored dtype
+        model_version: str,
+        feature_ts_ms: Sequence[int] | None,
+        dtype: str,
+        at: int,
+    ) -> list[redis.ResponseError | None]:
         pipe = self.r.pipeline(transaction=False)  # Redis Cluster: redis-py routes per slot
         for i, uid in enumerate(user_ids):
             key = self.keys.vector(ev, str(uid))
@@ -199,7 +223,12 @@ class VectorStore:
             )
             if self.ttl_s:
                 pipe.expire(key, self.ttl_s)
-        pipe.execute()
+        replies = pipe.execute(raise_on_error=False)
+        per_user = 2 if self.ttl_s else 1
+        return [
+            next((r for r in replies[i : i + per_user] if isinstance(r, redis.ResponseError)), None)
+            for i in range(0, len(replies), per_user)
+        ]
 
     def _write_packed(
         self,
@@ -210,11 +239,12 @@ class VectorStore:
         feature_ts_ms: Sequence[int] | None,
         dtype: str,
         at: int,
-    ) -> None:
+    ) -> list[redis.ResponseError | None]:
         """The same HSET + EXPIRE commands as the redis-py pipeline, packed as RESP into one
         buffer and sent on one pooled connection: redis-py's Python cost of packing and parsing
         two commands per user would be paid on the cores the batch refresh shares with
-        onnxruntime and Redis. Single server only (no per-slot routing)."""
+        onnxruntime and Redis. Single server only (no per-slot routing). Returns each user's
+        first error reply (None: written)."""
         row = data.shape[1] * data.itemsize
         buf = memoryview(data.tobytes())  # one copy of the batch, sliced per user without copies
         head = resp.array_header(12) + resp.bulk(b"HSET")
@@ -241,18 +271,24 @@ class VectorStore:
             parts.append(resp.bulk(b"%d" % fts))
             if ttl:
                 parts += (expire_head, key, ttl)
-        replies = len(user_ids) * (2 if ttl else 1)
+        per_user = 2 if ttl else 1
+        errors: list[redis.ResponseError | None] = [None] * len(user_ids)
         pool = self.r.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command([b"".join(parts)])  # a list: bytes alone is iterated
-            for _ in range(replies):
-                conn.read_response()  # raises the first error reply (ResponseError)
+            for i in range(len(user_ids)):
+                for _ in range(per_user):
+                    try:
+                        conn.read_response()  # raises an error reply: read on, it is one user's
+                    except redis.ResponseError as e:
+                        errors[i] = errors[i] or e
         except BaseException:
             conn.disconnect()  # replies may be left unread: never reuse this connection
             raise
         finally:
             pool.release(conn)
+        return errors
 
     def read(self, ev: str, user_ids: Sequence[str]) -> list[StoredVector | None]:
         """Pipelined read; None where a user has no vector in `ev`."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from embed_server.online_features import FeatureRows, parse_user_id
+from embed_server.online_features import FeatureRows
 from embed_server.server import EmbeddingServer
 from embed_server.settings import ServerSettings, load_settings
 from tests.tiny_model import DIM, MODEL, SPEC, publish_tiny  # noqa: F401 (server tests)
@@ -38,9 +38,6 @@ class FakeFeatures:
             "age_bucket": age,
             "_ts": ts_ms,
         }
-
-    def check_user_id(self, user_id: str) -> None:
-        parse_user_id(user_id)
 
     def fetch(self, user_ids: Sequence[str], spec: InputSpec) -> FeatureRows:
         self.fetched.append(list(user_ids))

@@ -66,6 +66,16 @@ def write_offline(offline: Path) -> None:
     pq.write_table(pa.table(profile), offline / "profile.parquet")
 
 
+def _feast_key(store, user_id: int) -> bytes:
+    """The Redis key of a user's Feast online row."""
+    from feast.infra.online_stores.helpers import _redis_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    key = EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=user_id)])
+    return _redis_key(store.project, key, store.config.entity_key_serialization_version)
+
+
 @pytest.fixture
 def feast_store(tmp_path, monkeypatch, redis_url):
     monkeypatch.setenv("USEREMBED_HOME", str(tmp_path / "home"))
@@ -132,6 +142,15 @@ def test_miss_path_reads_real_feast_and_survives_redis_restart(
             # ... until the features are materialised again; the same server serves them.
             feast_ops.materialize(feast_store)
             assert c.get("12").source == "computed"
+
+            # An entity hash of the wrong type fails its own user, not the others of the
+            # micro-batch it shares (an error reply, not an outage: UNAVAILABLE, not INTERNAL).
+            r = redis_server.client()
+            r.delete(_feast_key(feast_store, 11))
+            r.set(_feast_key(feast_store, 11), "not a hash")
+            bad, good = c.batch_get(["11", "12"], force=True)
+            assert bad.code == grpc.StatusCode.UNAVAILABLE and "WRONGTYPE" in bad.message
+            assert good.source == "computed"
     finally:
         loop.run(srv.stop(grace=0.5))
         loop.close()

@@ -81,6 +81,37 @@ def test_wrong_type_leaves_a_previous_build_untouched(home: Path, tmp_path: Path
     assert {p: p.stat().st_mtime_ns for p in home.rglob("*") if p.is_file()} == before
 
 
+def test_a_build_that_fails_part_way_leaves_the_previous_data_set_whole(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raw tables, spec.json and feature tables are replaced together, once all are written:
+    a build that dies half way through its feature tables changes no file and leaves none."""
+    from userembed import snapshots
+
+    files = _team_files(tmp_path)
+    assert cli.main(_build_argv(files)) == 0
+    before = {p: p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    events, users, labels, _ = generate_synthetic(150, seed=9)  # another data set
+    for name, frame in (("events", events), ("users", users), ("labels", labels)):
+        frame.to_parquet(files[name], index=False)
+    real, calls = snapshots.snapshot, []
+
+    def snapshot_then_fail(*args, **kwargs):  # the disk fills up at the second snapshot
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snapshots, "snapshot", snapshot_then_fail)
+    assert cli.main(_build_argv(files)) == 1
+    assert {p: p.read_bytes() for p in home.rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(snapshots, "snapshot", real)
+    assert cli.main(_build_argv(files)) == 0  # the same build, whole: every file replaced
+    after = {p: p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    assert after.keys() == before.keys()
+    assert all(after[p] != before[p] for p in before), [p for p in before if after[p] == before[p]]
+
+
 def test_build_and_materialize_serves_users_from_redis(home: Path, redis_url: str, capsys) -> None:
     summary = build_and_materialize("synthetic", num_users=150, seed=4, redis_url=redis_url)
     assert summary["materialized"] and summary["users"] == 150

@@ -149,6 +149,14 @@ def test_team_parquet_missing_column_names_file_and_column(tmp_path: Path, synth
     assert err.value.column == "category_id" and err.value.source == str(ev)
 
 
+def test_team_parquet_without_events_is_one_schema_error(tmp_path: Path, synthetic) -> None:
+    ev, us, lb = _write_team_files(tmp_path, synthetic)
+    synthetic[0].head(0).to_parquet(ev, index=False)
+    with pytest.raises(SchemaError) as err:
+        load_parquet(ev, us, lb)
+    assert err.value.source == str(ev) and "has no rows" in str(err.value)
+
+
 def test_team_parquet_wrong_type_names_file_and_column(tmp_path: Path, synthetic) -> None:
     ev, us, lb = _write_team_files(tmp_path, synthetic)
     synthetic[1].assign(region=synthetic[1]["region"].astype(str)).to_parquet(us, index=False)

@@ -18,6 +18,7 @@ from userembed.errors import DataNotFoundError, SchemaError
 from userembed.features import DEFAULT_SEQUENCE_LENGTH, PROFILE_FEATURES
 from userembed.schema import (
     EVENT_COLUMNS,
+    EVENT_TIMESTAMP,
     LABEL_PREFIX,
     LABEL_TIMESTAMP,
     task_columns,
@@ -56,6 +57,8 @@ def load_parquet(
     users = _read(users_path)
     labels = _read(labels_path)
     validate_table(events, EVENT_COLUMNS, str(events_path))
+    if events.empty:  # the data window would start at NaT
+        raise SchemaError(str(events_path), EVENT_TIMESTAMP, "has no rows: no behaviour to learn")
     profile = tuple(f for f in PROFILE_FEATURES if f in users.columns)
     validate_users(users, profile, str(users_path))
     validate_labels(labels, str(labels_path))

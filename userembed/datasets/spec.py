@@ -93,7 +93,10 @@ class DatasetSpec:
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / SPEC_FILE
+        return self.write(folder / SPEC_FILE)
+
+    def write(self, path: Path) -> Path:
+        """The JSON at exactly `path` (a staged file, userembed.staged_files)."""
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
