@@ -1,6 +1,7 @@
 """`userembed data build` and `userembed feast apply / materialize / online`.
 
-Thin wrappers over userembed.dataset_build and userembed.feast_ops.
+Thin wrappers over userembed.dataset_build and userembed.feast_ops; each feast command first
+checks its inputs (userembed.prerequisites), which costs no Feast import.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from userembed import prerequisites
 from userembed.dataset_build import SOURCES, BuildRequest, build_dataset
+from userembed.errors import UserNotFoundError
+from userembed.ids import parse_user_id
 
 
 def _data_build(args: argparse.Namespace) -> int:
@@ -28,6 +32,7 @@ def _data_build(args: argparse.Namespace) -> int:
 
 
 def _feast_apply(args: argparse.Namespace) -> int:
+    prerequisites.require_offline_tables()
     from userembed import feast_ops
 
     names = feast_ops.apply(feast_ops.open_store(args.redis_url), fresh=args.fresh)
@@ -36,6 +41,8 @@ def _feast_apply(args: argparse.Namespace) -> int:
 
 
 def _feast_materialize(args: argparse.Namespace) -> int:
+    prerequisites.require_offline_tables()
+    prerequisites.require_feast_registry()
     from userembed import feast_ops
 
     end = feast_ops.materialize(feast_ops.open_store(args.redis_url))
@@ -44,10 +51,22 @@ def _feast_materialize(args: argparse.Namespace) -> int:
 
 
 def _feast_online(args: argparse.Namespace) -> int:
+    user_ids = [parse_user_id(u) for u in args.user_id]  # canonical spellings only
+    prerequisites.require_feast_registry()
     from userembed import feast_ops
 
     store = feast_ops.open_store(args.redis_url)
-    print(json.dumps(feast_ops.online_features(store, args.user_id), default=str))
+    features = feast_ops.online_features(store, user_ids)
+    values = [v for name, v in features.items() if name != "user_id"]
+    if all(column[i] is None for column in values for i in range(len(args.user_id))):
+        raise UserNotFoundError(
+            prerequisites.run_first(
+                f"no online features for user {' '.join(map(str, args.user_id))} (unknown user, "
+                "or nothing materialised)",
+                prerequisites.FEAST_MATERIALIZE,
+            )
+        )
+    print(json.dumps(features, default=str))
     return 0
 
 
@@ -83,5 +102,5 @@ def register(subparsers: Any) -> None:
         func=_feast_materialize
     )
     online = feast_sub.add_parser("online", help="print a user's serving features from Redis")
-    online.add_argument("--user-id", type=int, nargs="+", required=True)
+    online.add_argument("--user-id", nargs="+", required=True)
     online.set_defaults(func=_feast_online)

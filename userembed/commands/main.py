@@ -5,6 +5,10 @@ Each area registers its subcommands from its own module in this package
 embed_server/, refresh/ and the contract, which tests call directly. Those are imported inside
 the handlers, so `userembed --help` stays fast and an image without torch runs every serving
 command.
+
+A command run before its inputs exist answers one line naming what is missing and the command
+that makes it (userembed.prerequisites), exit 2. An unexpected error is one line too, exit 1;
+`-v` shows its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from userembed.commands import data, demo, refresh, registry, serve, train
+import redis
+
+from userembed.commands import data, demo, refresh, registry, serve, status, train
 from userembed.commands.logs import configure_logging
 from userembed.errors import UserEmbedError
 
@@ -29,6 +35,7 @@ COMMAND_MODULES: tuple[ModuleType, ...] = (
     serve,  # serve, embed, models, health
     refresh,  # refresh, rollback
     demo,  # demo: the main job end to end
+    status,  # status: every stage and the next command
 )
 
 
@@ -48,11 +55,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except UserEmbedError as e:
+        logger.debug("%s", type(e).__name__, exc_info=True)
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except redis.ConnectionError as e:
+        logger.debug("Redis connection", exc_info=True)
+        print(
+            f"error: Redis does not answer ({e}): start redis-server, or set REDIS_URL",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.verbose:
+            raise
+        print(
+            f"error: unexpected {type(e).__name__}: {e} (-v shows the traceback)", file=sys.stderr
+        )
+        return 1
     return int(rc or 0)
 
 

@@ -10,6 +10,8 @@ from dataclasses import asdict
 from typing import Any
 
 from refresh.config import ENGINES, FULL, INCREMENTAL, RefreshConfig
+from refresh.errors import NoVersionError
+from userembed import prerequisites
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ def _refresh(args: argparse.Namespace) -> int:
         pause_between_parts_s=args.pause_s,
         **{k: v for k, v in locations.items() if v is not None},  # unset: the config's env default
     )
+    prerequisites.require_offline_tables(cfg.offline_dir)
+    prerequisites.require_model(cfg.model, cfg.registry_root)
     summary = refresh(cfg)
     print(json.dumps(asdict(summary)) if args.json else summary.line())
     return 0
@@ -127,10 +131,25 @@ def _rollback(args: argparse.Namespace) -> int:
     from userembed import paths
     from userembed.vectors import VectorStore
 
-    store = VectorStore(redis.Redis.from_url(args.redis_url or paths.redis_url()), args.model)
+    url = args.redis_url or paths.redis_url()
+    store = VectorStore(redis.Redis.from_url(url), args.model)
+    lines = version_lines(store)
+    if not lines:
+        problem = f"no embedding version of {args.model} in Redis at {url}"
+        if args.list:
+            print(f"{problem}: '{prerequisites.REFRESH}' makes one")
+            return 0
+        raise NoVersionError(prerequisites.run_first(problem, prerequisites.REFRESH))
     if not args.list:
-        previous, now = rollback(store, args.to)
+        try:
+            previous, now = rollback(store, args.to)
+        except NoVersionError as e:
+            # Each refresh that validates adds a ready version to come back to.
+            raise NoVersionError(
+                f"{e}: each '{prerequisites.REFRESH}' that validates adds one"
+            ) from e
         print(f"{args.model}: readers switched {previous} -> {now}")
-    for line in version_lines(store):
+        lines = version_lines(store)
+    for line in lines:
         print(line)
     return 0

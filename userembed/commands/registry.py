@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from userembed import prerequisites
 from userembed.registry import LATEST, Registry
 
 logger = logging.getLogger(__name__)
@@ -53,15 +54,19 @@ def list_lines(reg: Registry, model: str | None = None) -> list[str]:
 
 def _list(args: argparse.Namespace) -> int:
     reg = Registry(args.root)
+    if args.model is not None:
+        prerequisites.require_model(args.model, args.root)
     lines = list_lines(reg, args.model)
     if not lines:
-        print(f"no models in {reg.root}")
+        export = prerequisites.EXPORT.format(run="RUN_DIR")
+        print(f"no models in {reg.root}: '{export}' publishes one")
     for line in lines:
         print(line)
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    prerequisites.require_model(args.model, args.root)
     reg = Registry(args.root)
     if args.verify:
         loaded = reg.load_verified(args.model, args.ref, variant=args.variant)
@@ -77,6 +82,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _alias(args: argparse.Namespace) -> int:
+    prerequisites.require_model(args.model, args.root)
     reg = Registry(args.root)
     version = reg.set_alias(args.model, args.alias, args.ref)
     print(f"{args.model}/{args.alias} -> {version}")

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any
 
+from userembed import prerequisites
+from userembed.ids import parse_user_id
 from userembed.processes import LISTENING
 
 logger = logging.getLogger(__name__)
@@ -70,13 +72,45 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         models=models,
     )
+    _warn_without_models(settings.registry_root, settings.models)
     run_server(settings)
     return 0
 
 
-def _rpc_error(e: Any) -> int:
+def _warn_without_models(registry_root: str, wanted: tuple[str, ...]) -> None:
+    """The server waits for a model (it polls the registry, health NOT_SERVING until one
+    loads): say so in one line when none is there to load at start."""
+    from userembed.registry import Registry
+
+    registry = Registry(registry_root)
+    if not [m for m in registry.list_models() if not wanted or m in wanted]:
+        what = ", ".join(wanted) if wanted else "model"
+        export = prerequisites.EXPORT.format(run="RUN_DIR")
+        print(
+            f"waiting: no {what} in registry {registry.root} yet; health says NOT_SERVING until "
+            f"'{export}' publishes one",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+# gRPC's own wording when no connection could be made (the server never answered); an
+# UNAVAILABLE the server itself sends (e.g. Redis down) keeps its details.
+_NO_CONNECTION = ("failed to connect", "connection refused", "connections to all backends")
+
+
+def _rpc_error(e: Any, target: str) -> int:
     """A failed call (grpc.RpcError) as one line on stderr, exit 2 (like UserEmbedError)."""
-    print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+    details = e.details() or ""
+    if e.code().name == "UNAVAILABLE" and any(p in details.lower() for p in _NO_CONNECTION):
+        logger.debug("%s: %s", target, details)
+        print(
+            f"error: no server answers at {target}: start one with '{prerequisites.SERVE}', "
+            "or pass --target",
+            file=sys.stderr,
+        )
+    else:
+        print(f"error: {e.code().name}: {details}", file=sys.stderr)
     return 2
 
 
@@ -106,10 +140,11 @@ def embed_summary(
 def _embed(args: argparse.Namespace) -> int:
     import grpc
 
+    parse_user_id(args.user_id)  # refused here as the server would: no round trip
     try:
         s = embed_summary(args.target, args.user_id, args.model, args.force)
     except grpc.RpcError as e:
-        return _rpc_error(e)
+        return _rpc_error(e, args.target)
     if args.json:
         print(json.dumps(s))
         return 0
@@ -139,7 +174,7 @@ def _models(args: argparse.Namespace) -> int:
     try:
         print(json.dumps(models_summary(args.target), indent=2))
     except grpc.RpcError as e:
-        return _rpc_error(e)
+        return _rpc_error(e, args.target)
     return 0
 
 
@@ -152,7 +187,7 @@ def _health(args: argparse.Namespace) -> int:
         with EmbeddingClient(args.target, timeout_s=5.0) as c:
             status = c.health(args.service)
     except grpc.RpcError as e:
-        _rpc_error(e)
+        _rpc_error(e, args.target)
         return 1  # health-check convention (Docker, Kubernetes exec probes): 1 = unhealthy
     print(status)
     return 0 if status == "SERVING" else 1

@@ -17,10 +17,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.config import DEFAULT_EPOCHS, MAX_EVAL_EVERY  # light: no torch
-from userembed import paths
+from trainer.config import (  # light: no torch
+    DEFAULT_EPOCHS,
+    MAX_EVAL_EVERY,
+    TrainConfig,
+    check_loss_options,
+)
+from userembed import paths, prerequisites
 from userembed.commands.logs import quiet_libraries
-from userembed.errors import InvalidInputError
+from userembed.errors import DataNotFoundError, InvalidInputError
 from userembed.registry import DEFAULT_MODEL, LATEST
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,11 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     ),
     "checkpoint_every": (int, "steps between checkpoints"),
     "patience": (int, "evaluations without gain before early stop (0 = off)"),
+    "min_steps": (
+        int,
+        "steps before a validation score may pick the model or stop the run (default 4 x "
+        "warmup_steps)",
+    ),
     "lr": (float, "AdamW learning rate (dense parameters)"),
     "sparse_lr": (float, "Adagrad learning rate (embedding tables)"),
     "seed": (int, "random seed"),
@@ -63,6 +73,11 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "future_window_seconds": (int, "future window of its targets (default: the data set's)"),
     "future_targets": (int, "its targets per row and kind (default 16)"),
     "future_temperature": (float, "its softmax temperature (default 0.1)"),
+    "summary_loss_weight": (
+        float,
+        "weight of the whole-history objective (a linear read-out of the user vector rebuilds "
+        "the user's long-term features; default 1, 0 = off)",
+    ),
     "embedding_dim": (int, "table and transformer width D"),
     "num_layers": (int, "transformer blocks"),
     "user_dim": (int, "universal user vector size"),
@@ -143,6 +158,15 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError("--distill-teachers is the number --distill trains: add --distill")
     if args.teacher:
         options["teachers"] = _teachers(args.teacher)
+    # Option errors first, then what the training frame reads: the labels and spec, and
+    # Feast's views over the offline tables (both before torch and Feast are imported).
+    check_loss_options(
+        options.get("loss", TrainConfig.loss),
+        options.get("task_weighting", TrainConfig.task_weighting),
+        None,
+    )
+    prerequisites.require_data_set()
+    prerequisites.require_feast_registry()
     run_id = args.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn_torchrun(args, run_id)
@@ -241,6 +265,13 @@ def _add_export(subparsers: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from trainer.run_dir import RunDir
+
+    run = Path(args.run)  # a run folder, or its model file (as trainer.export reads it)
+    if not (RunDir(run).model if run.is_dir() else run).is_file():
+        raise DataNotFoundError(
+            prerequisites.run_first(f"no trained model at {run}", prerequisites.TRAIN)
+        )
     quiet_libraries()
     from trainer.export import export_model
 
