@@ -71,6 +71,18 @@ def test_failed_write_raises_and_keeps_the_connection_usable(redis_url: str) -> 
     assert store.read("e", ["4"])[0] is not None
 
 
+def test_write_can_report_each_users_error_reply_instead_of_raising(redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    store = VectorStore(r, "m")
+    r.set(store.keys.vector("e", "2"), "not a hash")
+    errors = store.write(
+        "e", ["1", "2", "3"], np.ones((3, 4), np.float32), "v1", raise_on_error=False
+    )
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], redis.ResponseError) and "WRONGTYPE" in str(errors[1])
+    assert [g is not None for g in store.read("e", ["1", "3"])] == [True, True]
+
+
 def test_resp_encoder_writes_what_redis_py_sends() -> None:
     args = (b"HSET", b"ue:m:e:{1}", b"vector", bytes(range(256)) * 40, b"dtype", b"f32", b"")
     assert resp.command(*args) == b"".join(redis.Connection().pack_command(*args))
