@@ -8,11 +8,16 @@ Otherwise (no refresh yet for this model version, a rollout in progress, a model
 server uses its own embedding version `online-<model_version>`, registered in the versions ZSET
 with status "online", so it never returns a vector of another model version. Each stored
 vector's own `model_version` is checked where it is read (stored_reader.stored_embedding).
+Each poll also heartbeats the version each model writes back into (`ue:{<model>}:writer:<ev>`
+with a TTL of several polls), so the refresh's garbage collection never deletes it while this
+server lives (refresh/versions.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -25,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 ONLINE_PREFIX = "online-"
 STATUS_ONLINE = "online"
+WRITER_TTL_S = 60.0  # the write-back heartbeat outlives a few missed polls
+WRITER_MARK = f"{socket.gethostname()} pid {os.getpid()}"  # who heartbeats (for a reader)
 
 
 def online_version(model_version: str) -> str:
@@ -74,9 +81,10 @@ class VersionPolicy:
         pointer = self._pointers.get(model)
         return pointer.current if pointer else None
 
-    async def refresh_pointers(self) -> None:
-        """Read each served model's pointer and the model version behind it."""
-        for name in self.manager.models:
+    async def refresh_pointers(self, writer_ttl_s: float = WRITER_TTL_S) -> None:
+        """Read each served model's pointer and the model version behind it, then heartbeat
+        the embedding version it writes back into (kept by garbage collection while alive)."""
+        for name, model in self.manager.models.items():
             keys = self.keys(name)
             try:
                 current = await self._redis.get(keys.current)
@@ -96,6 +104,11 @@ class VersionPolicy:
                     "model %s: vector pointer -> %s (by %s)", name, new.current, new.model_version
                 )
             self._pointers[name] = new
+            try:
+                writer = keys.writer(self.serving_version(model))
+                await self._redis.set(writer, WRITER_MARK, px=int(writer_ttl_s * 1000))
+            except REDIS_ERRORS as e:
+                logger.warning("model %s: cannot heartbeat the write-back version: %s", name, e)
 
     def register_online(
         self, store: VectorStore, model_version: str, embedding_version: str

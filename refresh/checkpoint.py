@@ -26,6 +26,13 @@ from userembed.vectors import STATUS_BUILDING, VectorStore
 logger = logging.getLogger(__name__)
 
 PLAN_FIELD = "plan"
+# What a finished run records beside its parts (refresh/job.py writes, `userembed ui` reads).
+DRIFT_FIELD = "drift"
+SECONDS_FIELD = "seconds"
+FINISHED_AT_FIELD = "finished_at"
+MODE_FIELD = "mode"
+ENGINE_FIELD = "engine"
+WATERMARK_FIELD = "watermark_ms"
 PART_PREFIX = "part:"
 
 

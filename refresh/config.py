@@ -44,6 +44,8 @@ class RefreshConfig:
     vector_ttl_s: int | None = DEFAULT_VECTOR_TTL_S
     progress_every_s: float = 10.0
     pause_between_parts_s: float = 0.0  # throttle: spare a shared Redis (and lets tests kill)
+    lock_ttl_s: float = 60.0  # refresh lock TTL, renewed every third of it (refresh/lock.py)
+    lock_wait_s: float = 0.0  # a second run of the model: 0 fails at once, else waits this long
     registry_root: str = field(default_factory=paths.registry_root)
     redis_url: str = field(default_factory=paths.redis_url)
     offline_dir: str = field(default_factory=lambda: str(paths.offline_dir()))
@@ -56,6 +58,8 @@ class RefreshConfig:
             problems.append(f"engine must be one of {ENGINES}")
         if self.batch_size < 1 or self.part_rows < 1 or self.ray_actors < 1:
             problems.append("batch_size, part_rows and ray_actors must be >= 1")
+        if self.lock_ttl_s <= 0 or self.lock_wait_s < 0:
+            problems.append("lock_ttl_s must be > 0 and lock_wait_s >= 0")
         if self.keep < 1:
             problems.append("keep must be >= 1 (the serving version)")
         if problems:

@@ -7,9 +7,11 @@ One run writes every user's vector into a NEW embedding version of the Redis lay
 `current` pointer to the previous version. Parts (slices of the offline parquet file) are
 checkpointed in the version's metadata: a killed run is resumed by the next one with the same
 plan. Only when every part is done and the checks pass (count, NaN/inf, norms, read-back) is the
-pointer flipped, atomically (`VectorStore.publish`); a failing run is marked `failed` and the
-old version keeps serving. The last `keep` ready versions stay for rollback
-(refresh/versions.py); older ones are deleted. See docs/refresh.md.
+pointer flipped, atomically and only if it still names the version the run validated against
+(`VectorStore.publish_if`); a failing run is marked `failed` and the old version keeps serving.
+The last `keep` ready versions stay for rollback (refresh/versions.py); older ones are deleted.
+The whole run holds the model's refresh lock (refresh/lock.py): one run per model at a time.
+See docs/refresh.md.
 """
 
 from __future__ import annotations
@@ -23,9 +25,21 @@ from typing import Any
 
 import redis
 
-from refresh.checkpoint import Checkpoint, PartResult, RunPlan, find_resumable
+from refresh.checkpoint import (
+    DRIFT_FIELD,
+    ENGINE_FIELD,
+    FINISHED_AT_FIELD,
+    MODE_FIELD,
+    SECONDS_FIELD,
+    WATERMARK_FIELD,
+    Checkpoint,
+    PartResult,
+    RunPlan,
+    find_resumable,
+)
 from refresh.config import FULL, INCREMENTAL, RAY, RefreshConfig
-from refresh.errors import RefreshValidationError
+from refresh.errors import RefreshValidationError, StaleFlipError
+from refresh.lock import RefreshLock
 from refresh.ray_engine import run_ray
 from refresh.source import OfflineSource, Part, SourcePlan
 from refresh.validate import (
@@ -132,11 +146,11 @@ class _Mode:
     base_version: str | None  # incremental: every other user is copied from here
 
 
-def _start(cfg: RefreshConfig) -> _Start:
+def _start(cfg: RefreshConfig, store: VectorStore) -> _Start:
+    """Read under the lock: the serving version is what the flip compares against."""
     registry = Registry(cfg.registry_root)
     model_version = registry.resolve(cfg.model, cfg.model_ref)
     manifest = registry.read_manifest(cfg.model, model_version)
-    store = VectorStore(redis.Redis.from_url(cfg.redis_url), cfg.model, cfg.vector_ttl_s)
     serving_id = store.current_version()
     serving = store.version_info(serving_id) if serving_id else None
     return _Start(model_version, manifest, store, serving, serving_id)
@@ -148,7 +162,7 @@ def _mode(cfg: RefreshConfig, start: _Start) -> _Mode:
         return _Mode(cfg.mode, None, None)
     serving_id = start.serving_id
     watermark = (
-        Checkpoint(start.store, serving_id).get_field("watermark_ms") if serving_id else None
+        Checkpoint(start.store, serving_id).get_field(WATERMARK_FIELD) if serving_id else None
     )
     if start.serving is None or watermark is None:
         logger.warning("incremental refresh: no previous version with a watermark; full run")
@@ -163,13 +177,17 @@ def _mode(cfg: RefreshConfig, start: _Start) -> _Mode:
     return _Mode(INCREMENTAL, int(watermark), serving_id)
 
 
-def _open_version(cfg: RefreshConfig, start: _Start, plan: RunPlan, source_plan: SourcePlan) -> str:
-    """The killed run's version to resume, or a new `building` version with its plan saved."""
+def _open_version(
+    cfg: RefreshConfig, start: _Start, plan: RunPlan, source_plan: SourcePlan, fence: int
+) -> str:
+    """The killed run's version to resume, or a new `building` version with its plan saved;
+    either is stamped with this run's fencing token."""
     version = find_resumable(start.store, plan) if cfg.resume else None
     if version is not None:
+        Checkpoint(start.store, version).set_fields({"fence": fence})
         return version
     version = new_embedding_version(start.model_version)
-    start.store.create_version(version, start.model_version)
+    start.store.create_version(version, start.model_version, fence=fence)
     Checkpoint(start.store, version).save_plan(plan)
     logger.info(
         "refresh %s: new version %s (%s, %d users, %d to compute, %d parts)",
@@ -206,6 +224,7 @@ def _compute(
     checkpoint: Checkpoint,
     bounds: NormBounds,
     progress: Progress,
+    lock: RefreshLock,
 ) -> tuple[int, int]:
     """Run the parts on the engine, checkpointing and checking each as it arrives.
     Returns (computed, copied) users."""
@@ -213,6 +232,7 @@ def _compute(
     results = _run_parts(cfg, job, parts)
     try:
         for result in results:
+            lock.check()  # a run that lost its lock stops writing checkpoints
             checkpoint.mark_done(result)
             problems = part_problems(result, bounds)
             if problems:  # fail fast: a broken model shows in the first part
@@ -254,10 +274,34 @@ def _validate(
 
 
 def refresh(cfg: RefreshConfig) -> RefreshSummary:
-    """Build, validate and publish a new embedding version of `cfg.model` (see module doc)."""
+    """Build, validate and publish a new embedding version of `cfg.model` (see module doc).
+    RefreshLockedError when another run of the model holds the lock (after `lock_wait_s`)."""
+    store = VectorStore(redis.Redis.from_url(cfg.redis_url), cfg.model, cfg.vector_ttl_s)
+    with RefreshLock(store, cfg.lock_ttl_s, cfg.lock_wait_s).held() as lock:
+        return _refresh_locked(cfg, store, lock)
+
+
+def _flip(start: _Start, version: str, users: int, lock: RefreshLock) -> str | None:
+    """Point readers at `version` if the pointer still names the version this run validated
+    against and the run still holds the lock; StaleFlipError otherwise."""
+    lock.check()
+    flip = start.store.publish_if(version, start.serving_id, fence=lock.token, users=users)
+    if flip.done:
+        return flip.pointer
+    problem = (
+        f"refresh {version}: flip refused ({flip.refused}): the pointer names "
+        f"{flip.pointer or '-'}, the run validated against {start.serving_id or '-'}"
+    )
+    if flip.refused == "pointer moved":  # complete but stale: never served, GC removes it
+        start.store.mark(version, STATUS_FAILED, note=problem)
+    logger.error("%s; readers stay where they are", problem)
+    raise StaleFlipError(problem)
+
+
+def _refresh_locked(cfg: RefreshConfig, store: VectorStore, lock: RefreshLock) -> RefreshSummary:
     t0 = time.monotonic()
     # Plan: the model, the mode, the parts of the offline file, the version to (re)build.
-    start = _start(cfg)
+    start = _start(cfg, store)
     mode = _mode(cfg, start)
     source = OfflineSource(cfg.offline_dir, start.manifest.input_spec)
     source_plan = source.plan(cfg.part_rows, mode.since_ms)
@@ -273,7 +317,7 @@ def refresh(cfg: RefreshConfig) -> RefreshSummary:
         users=source_plan.users,
         parts=len(source_plan.parts),
     )
-    version = _open_version(cfg, start, plan, source_plan)
+    version = _open_version(cfg, start, plan, source_plan, lock.token)
     checkpoint = Checkpoint(start.store, version)
     done = checkpoint.done()
     if done:
@@ -284,7 +328,7 @@ def refresh(cfg: RefreshConfig) -> RefreshSummary:
             len(done),
             len(source_plan.parts),
         )
-    checkpoint.set_fields({"mode": mode.mode, "engine": cfg.engine})
+    checkpoint.set_fields({MODE_FIELD: mode.mode, ENGINE_FIELD: cfg.engine})
 
     # Compute the parts not done yet.
     bounds = norm_bounds(start.manifest, cfg.min_norm, cfg.max_norm)
@@ -312,7 +356,7 @@ def refresh(cfg: RefreshConfig) -> RefreshSummary:
     )
     t_compute = time.monotonic()
     todo = [p for p in source_plan.parts if p.id not in done]
-    computed, copied = _compute(cfg, job, todo, checkpoint, bounds, progress)
+    computed, copied = _compute(cfg, job, todo, checkpoint, bounds, progress, lock)
     compute_s = time.monotonic() - t_compute
 
     # Validate, then switch readers and drop the versions no longer kept.
@@ -320,14 +364,14 @@ def refresh(cfg: RefreshConfig) -> RefreshSummary:
     seconds = time.monotonic() - t0
     checkpoint.set_fields(
         {
-            "watermark_ms": max(source_plan.watermark_ms, mode.since_ms or 0),
-            "drift": drift or {},
-            "seconds": round(seconds, 3),
+            WATERMARK_FIELD: max(source_plan.watermark_ms, mode.since_ms or 0),
+            DRIFT_FIELD: drift or {},
+            SECONDS_FIELD: round(seconds, 3),
             "compute_seconds": round(compute_s, 3),
-            "finished_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            FINISHED_AT_FIELD: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     )
-    replaced = start.store.publish(version, users=source_plan.users)
+    replaced = _flip(start, version, source_plan.users, lock)
     logger.info("refresh %s: readers switched %s -> %s", cfg.model, replaced, version)
     deleted = expire_old(start.store, cfg.keep)
     summary = RefreshSummary(

@@ -12,6 +12,7 @@ from pathlib import Path
 import redis
 
 from userembed.errors import BackendUnavailableError
+from userembed.redis_urls import redacted
 
 
 def redis_server_argv(port: int, workdir: Path | str | None = None, *extra: str) -> list[str]:
@@ -37,7 +38,7 @@ def wait_until_up(url: str, timeout_s: float = 10.0) -> None:
             return
         except redis.ConnectionError as e:
             if time.monotonic() > deadline:
-                raise BackendUnavailableError(f"no Redis answers at {url}") from e
+                raise BackendUnavailableError(f"no Redis answers at {redacted(url)}") from e
             time.sleep(0.05)
         finally:
             client.close()

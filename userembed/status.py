@@ -30,6 +30,7 @@ from userembed.datasets.spec import SPEC_FILE, DatasetSpec, to_utc
 from userembed.errors import UserEmbedError
 from userembed.feast_ops import feast_registry_path
 from userembed.features import BEHAVIOR_VIEW
+from userembed.redis_urls import redacted
 from userembed.registry import DEFAULT_MODEL, LATEST, Registry
 from userembed.vectors import STATUS_FAILED, STATUS_READY, VectorStore
 
@@ -308,9 +309,10 @@ def _guarded(stage: str, check: Callable[[], Check]) -> Check:
 
 def gather(runs: Sequence[RunInfo], server: ServerProbe, model: str = DEFAULT_MODEL) -> Status:
     url = paths.redis_url()
+    shown = redacted(url)  # the password never reaches a status line
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
     try:
-        redis_state = redis_check(client, url)
+        redis_state = redis_check(client, shown)
         redis_ok = redis_state.state == OK
         spec: list[DatasetSpec] = []
 
@@ -346,4 +348,4 @@ def gather(runs: Sequence[RunInfo], server: ServerProbe, model: str = DEFAULT_MO
         )
     finally:
         client.close()
-    return Status(str(paths.home()), url, checks)
+    return Status(str(paths.home()), shown, checks)

@@ -5,13 +5,19 @@ pointer flip is one MULTI in one slot; vector keys are tagged by user, so they s
 
     ue:{<model>}:current             STRING  embedding version id readers follow
     ue:{<model>}:versions            ZSET    embedding version id -> created_at (ms)
-    ue:{<model>}:ev:<ev>             HASH    model_version, created_at, status, users, note
+    ue:{<model>}:ev:<ev>             HASH    model_version, created_at, status, users, note, fence
+    ue:{<model>}:refresh_lock        STRING  "<fencing token> <holder>" of the running refresh (PX TTL)
+    ue:{<model>}:fence               STRING  counter the refresh lock's fencing tokens come from
+    ue:{<model>}:writer:<ev>         STRING  a live server writes back into <ev> (PX TTL heartbeat)
     ue:<model>:<ev>:{<user_id>}      HASH    vector, dtype, model_version, computed_at, feature_ts
 
 `<user_id>` is the id's canonical decimal spelling (userembed.ids). `vector` is the raw
 little-endian float32 (dtype "f32") or float16 ("f16") bytes of the user vector; `computed_at`
 and `feature_ts` are epoch milliseconds as decimal strings. Vector keys carry a TTL. Batch
-reads and writes are pipelined per key (no cross-slot multi-key command).
+reads and writes are pipelined per key (no cross-slot multi-key command). A version's `fence`
+is the fencing token of the refresh run that builds it (refresh/lock.py); `publish_if` flips
+the pointer only while that token holds the lock and the pointer still names the version the
+run validated against (one Lua script over the `{<model>}` slot).
 """
 
 from __future__ import annotations
@@ -55,6 +61,36 @@ class EmbeddingVersion:
     status: str
     users: int
     note: str = ""  # why a version failed (`mark`)
+    fence: int = 0  # fencing token of the refresh run building it (0: none)
+
+
+@dataclass(frozen=True)
+class Flip:
+    """What `publish_if` did: `done`, or why not (`refused`: "pointer moved", "lock lost",
+    "version gone"); `pointer` is the version the pointer named when the script ran."""
+
+    done: bool
+    pointer: str | None
+    refused: str = ""
+
+
+# KEYS: current, meta(ev), refresh lock. ARGV: ev, expected pointer ("" none), fencing token
+# ("" no lock check), users ("" unchanged). Returns {1|0, pointer found, reason refused}.
+_PUBLISH_IF = """
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[2] then return {0, cur, 'pointer moved'} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {0, cur, 'version gone'} end
+if ARGV[3] ~= '' then
+  local held = redis.call('GET', KEYS[3]) or ''
+  if string.match(held, '^%d+') ~= ARGV[3] or redis.call('HGET', KEYS[2], 'fence') ~= ARGV[3] then
+    return {0, cur, 'lock lost'}
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'status', 'ready')
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'users', ARGV[4]) end
+return {1, cur, ''}
+"""
 
 
 def encode_vector(vector: np.ndarray, dtype: str = "f32") -> bytes:
@@ -74,9 +110,14 @@ class VectorKeys:
         self.model = model
         self.current = f"ue:{{{model}}}:current"
         self.versions = f"ue:{{{model}}}:versions"
+        self.refresh_lock = f"ue:{{{model}}}:refresh_lock"
+        self.fence = f"ue:{{{model}}}:fence"
 
     def meta(self, ev: str) -> str:
         return f"ue:{{{self.model}}}:ev:{ev}"
+
+    def writer(self, ev: str) -> str:
+        return f"ue:{{{self.model}}}:writer:{ev}"
 
     def vector(self, ev: str, user_id: str) -> str:
         return f"ue:{self.model}:{ev}:{{{user_id}}}"
@@ -116,6 +157,7 @@ class VectorStore:
             status=d.get("status", ""),
             users=int(d.get("users", 0)),
             note=d.get("note", ""),
+            fence=int(d.get("fence", 0)),
         )
 
     def list_versions(self) -> list[EmbeddingVersion]:
@@ -127,19 +169,20 @@ class VectorStore:
                 out.append(info)
         return out
 
-    def create_version(self, ev: str, model_version: str) -> None:
-        """Register a version being built; readers do not see it until `publish`."""
+    def create_version(self, ev: str, model_version: str, fence: int = 0) -> None:
+        """Register a version being built (by the run holding fencing token `fence`); readers
+        do not see it until `publish`."""
         created = now_ms()
+        mapping: dict[str, str | int] = {
+            "model_version": model_version,
+            "created_at": created,
+            "status": STATUS_BUILDING,
+            "users": 0,
+        }
+        if fence:
+            mapping["fence"] = fence
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(
-            self.keys.meta(ev),
-            mapping={
-                "model_version": model_version,
-                "created_at": created,
-                "status": STATUS_BUILDING,
-                "users": 0,
-            },
-        )
+        pipe.hset(self.keys.meta(ev), mapping=mapping)
         pipe.zadd(self.keys.versions, {ev: created}, nx=True)
         pipe.execute()
 
@@ -168,6 +211,24 @@ class VectorStore:
                     return prev.decode() if isinstance(prev, bytes) else prev
                 except redis.WatchError:
                     continue
+
+    def publish_if(
+        self, ev: str, expected: str | None, fence: int | None = None, users: int | None = None
+    ) -> Flip:
+        """Compare-and-set flip: point readers at `ev` only if the pointer still names
+        `expected` (None: no pointer) and, with `fence`, the refresh lock still holds that
+        fencing token and `ev` was built under it. A refused flip changes nothing."""
+        args = [ev, expected or "", str(fence) if fence else "", "" if users is None else users]
+        keys = [self.keys.current, self.keys.meta(ev), self.keys.refresh_lock]
+        done, pointer, refused = self.r.eval(_PUBLISH_IF, len(keys), *keys, *args)
+        found = pointer.decode() if isinstance(pointer, bytes) else pointer
+        why = refused.decode() if isinstance(refused, bytes) else refused
+        return Flip(bool(done), found or None, why)
+
+    def has_live_writer(self, ev: str) -> bool:
+        """Whether a live server heartbeats that it writes back into `ev` (garbage collection
+        keeps it)."""
+        return bool(self.r.exists(self.keys.writer(ev)))
 
     # -- vectors ----------------------------------------------------------------------------
     def write(

@@ -39,6 +39,9 @@ redis_answers() {
   "$PYTHON" -c 'import sys, redis; redis.Redis.from_url(sys.argv[1], socket_timeout=2).ping()' \
     "$REDIS_URL" >/dev/null 2>&1
 }
+# the URL as this script prints it: without its password
+REDIS_SHOWN=$("$PYTHON" -c 'import sys; from userembed.redis_urls import redacted
+print(redacted(sys.argv[1]))' "$REDIS_URL")
 
 if alive "$STATE/server.pid"; then
   echo "up: a server started by up.sh is running (pid $(cat "$STATE/server.pid")):" \
@@ -48,13 +51,13 @@ fi
 
 # 1. Redis: reuse whatever answers; otherwise start a local one on the URL's port.
 if redis_answers; then
-  say "redis answers at $REDIS_URL"
+  say "redis answers at $REDIS_SHOWN"
 else
   read -r host port < <("$PYTHON" -c 'import sys, urllib.parse as u
 p = u.urlparse(sys.argv[1]); print(p.hostname or "127.0.0.1", p.port or 6379)' "$REDIS_URL")
   case "$host" in
     127.0.0.1 | localhost) ;;
-    *) echo "up: nothing answers at $REDIS_URL and it is not local: start it first" >&2; exit 1 ;;
+    *) echo "up: nothing answers at $REDIS_SHOWN and it is not local: start it first" >&2; exit 1 ;;
   esac
   say "starting redis-server on 127.0.0.1:$port (pid file $STATE/redis.pid)"
   # No persistence: the online store and the vectors are rebuilt by this script.

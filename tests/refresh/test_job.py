@@ -162,7 +162,7 @@ def test_killed_refresh_resumes_its_version_without_recomputing_done_parts(
     store = store_of(cfg)
     cmd = [
         str(Path(sys.executable).with_name("userembed")), "refresh", "--model", MODEL,
-        "--part-rows", "100", "--batch-size", "32", "--pause-s", "0.5",
+        "--part-rows", "100", "--batch-size", "32", "--pause-s", "0.5", "--lock-ttl-s", "1",
         "--offline-dir", cfg.offline_dir, "--registry-root", cfg.registry_root,
         "--redis-url", cfg.redis_url,
     ]  # fmt: skip
@@ -195,7 +195,7 @@ def test_killed_refresh_resumes_its_version_without_recomputing_done_parts(
     }
     users_done = sum(json.loads(v)["users"] for v in done_before.values())
 
-    s = refresh(replace(cfg, part_rows=100))
+    s = refresh(replace(cfg, part_rows=100, lock_wait_s=10))  # the killed run's lock expires
     assert s.embedding_version == building and s.previous_version == old
     assert store.current_version() == building
     assert s.parts_resumed >= len(done_before)

@@ -23,6 +23,7 @@ import numpy as np
 from userembed import paths, processes
 from userembed.commands.logs import quiet_libraries
 from userembed.errors import BackendUnavailableError
+from userembed.redis_urls import redacted
 from userembed.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def ensure_redis(url: str, start: bool) -> str:
         host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
         if not start or host not in ("127.0.0.1", "localhost"):
             raise BackendUnavailableError(
-                f"no Redis answers at {url} (start one, or set REDIS_URL)"
+                f"no Redis answers at {redacted(url)} (start one, or set REDIS_URL)"
             ) from e
         argv = redis_server_argv(port, None, "--daemonize", "yes")
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
@@ -95,7 +96,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     os.environ["REDIS_URL"] = cfg.redis_url  # every stage (and the server process) reads it
 
-    t = _stage(1, total, f"Redis at {cfg.redis_url}")
+    t = _stage(1, total, f"Redis at {redacted(cfg.redis_url)}")
     _done(t, ensure_redis(cfg.redis_url, cfg.start_redis))
 
     t = _stage(2, total, f"data: {cfg.source} ({cfg.users} users), point-in-time feature tables")

@@ -77,6 +77,18 @@ def register(sub: Any) -> None:
         default=RefreshConfig.pause_between_parts_s,
         help="pause between parts (throttle)",
     )
+    p.add_argument(
+        "--lock-ttl-s",
+        type=float,
+        default=RefreshConfig.lock_ttl_s,
+        help="refresh lock TTL (renewed while the run lives)",
+    )
+    p.add_argument(
+        "--lock-wait-s",
+        type=float,
+        default=RefreshConfig.lock_wait_s,
+        help="wait this long for another run's lock (0: fail at once)",
+    )
     p.add_argument("--offline-dir", default=None, help="default $USEREMBED_OFFLINE_DIR")
     p.add_argument("--registry-root", default=None, help="default $USEREMBED_REGISTRY_ROOT")
     p.add_argument("--redis-url", default=None, help="default $REDIS_URL")
@@ -115,6 +127,8 @@ def _refresh(args: argparse.Namespace) -> int:
         drift_sample=args.drift_sample,
         intra_op_threads=args.threads,
         pause_between_parts_s=args.pause_s,
+        lock_ttl_s=args.lock_ttl_s,
+        lock_wait_s=args.lock_wait_s,
         **{k: v for k, v in locations.items() if v is not None},  # unset: the config's env default
     )
     prerequisites.require_offline_tables(cfg.offline_dir)
@@ -129,13 +143,14 @@ def _rollback(args: argparse.Namespace) -> int:
 
     from refresh.versions import rollback, version_lines
     from userembed import paths
+    from userembed.redis_urls import redacted
     from userembed.vectors import VectorStore
 
     url = args.redis_url or paths.redis_url()
     store = VectorStore(redis.Redis.from_url(url), args.model)
     lines = version_lines(store)
     if not lines:
-        problem = f"no embedding version of {args.model} in Redis at {url}"
+        problem = f"no embedding version of {args.model} in Redis at {redacted(url)}"
         if args.list:
             print(f"{problem}: '{prerequisites.REFRESH}' makes one")
             return 0
