@@ -4,9 +4,9 @@
     .venv/bin/python bench/quality.py --smoke           # seconds: tiny data, a few steps
 
 For each data set (synthetic with planted structure, MovieLens-100K) it builds the training
-frame once through the platform's own path (datasets -> userembed.snapshots point-in-time
-feature tables -> feast_ops.training_frame's direct point-in-time join over the same parquet
-files the Feast views read), then trains with trainer.train.train, per seed:
+frame once (datasets -> userembed.snapshots point-in-time feature tables -> bench/pit_join.py's
+merge_asof join over the parquet files the Feast views read, which gives the offline stores'
+frame), then trains with trainer.train.train, per seed:
 single-task models (the SUPERMOE model on one task each), shared-bottom, MMoE, PLE
 (trainer/baselines.py), the dense transformer (SUPERMOE without MoE layers, FFN width = k x
 expert width so active compute matches), SUPERMOE with the plain summed loss, with

@@ -1,11 +1,11 @@
 """The quality benchmark's inputs (bench/quality.py): its config (QualityConfig), the training
-frame built through the platform's own feature path, and each benchmarked model's configs."""
+frame (bench/pit_join.py over the point-in-time feature tables) and each benchmarked model's
+configs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -38,23 +38,9 @@ class QualityConfig:
 # --- data --------------------------------------------------------------------------------------
 
 
-def _offline_files(offline_dir: Path) -> Any:
-    """The two views' batch-source paths, shaped like the FeatureStore calls that
-    feast_ops.training_frame(engine="direct") makes; no registry or Redis needed."""
-    from userembed.features import BEHAVIOR_VIEW, PROFILE_VIEW
-    from userembed.snapshots import BEHAVIOR_FILE, PROFILE_FILE
-
-    files = {BEHAVIOR_VIEW: offline_dir / BEHAVIOR_FILE, PROFILE_VIEW: offline_dir / PROFILE_FILE}
-    return SimpleNamespace(
-        get_feature_view=lambda view: SimpleNamespace(
-            batch_source=SimpleNamespace(path=str(files[view]))
-        )
-    )
-
-
 def load_frame(name: str, qc: QualityConfig, workdir: Path) -> tuple[pd.DataFrame, Any]:
     """Data set name -> (training frame, DatasetSpec)."""
-    from userembed.feast_ops import training_frame
+    from bench.pit_join import merge_asof_frame
     from userembed.future_targets import add_future_targets
     from userembed.snapshots import write_feature_tables
 
@@ -71,7 +57,9 @@ def load_frame(name: str, qc: QualityConfig, workdir: Path) -> tuple[pd.DataFram
     labels, spec = add_future_targets(events, labels, spec)  # as `data build` writes them
     offline = workdir / f"offline-{name}"
     write_feature_tables(events, users, spec, offline, qc.sequence_length)
-    frame = training_frame(_offline_files(offline), labels, spec, engine="direct")
+    # The merge_asof reference gives the offline stores' frame (tests/userembed/test_feast_repo.py)
+    # with no registry or Redis.
+    frame = merge_asof_frame(offline, labels, spec)
     if qc.smoke:  # keep every split, a few hundred rows each
         frame = frame.groupby("split", group_keys=False).head(300).reset_index(drop=True)
     val = frame.index[frame["split"] == "validation"]

@@ -14,14 +14,13 @@ from trainer.run_dir import RunDir
 from trainer.teachers import own_teachers, train_teachers
 from trainer.train import TrainResult, train
 from userembed import feast_ops
-from userembed.dataset_build import load_built
+from userembed.dataset_build import load_built, load_built_items
 from userembed.errors import InvalidInputError
 
 
 def train_from_feast(
     run_dir: Path,
     resume: bool = False,
-    engine: str = "auto",
     tasks: tuple[str, ...] | None = None,
     distill: bool = False,
     **options: Any,
@@ -45,7 +44,9 @@ def train_from_feast(
                 f"unknown tasks {unknown}: this data set has {', '.join(spec.tasks)}"
             )
     store = feast_ops.open_store()
-    frame = feast_ops.training_frame(store, labels, spec, engine=engine)
+    frame = feast_ops.training_frame(store, labels, spec)
+    # The data set's items table, when it has one; a resumed run keeps the map it started with.
+    items = run.items() if resume else load_built_items()
     if resume:
         cfg = run.read_config()
     else:
@@ -55,6 +56,7 @@ def train_from_feast(
             tuple(spec.model_profile_features),
             run_dir,
             sequence_length=spec.sequence_length,
+            items=items,
             **options,
         )
         if distill:
@@ -63,6 +65,6 @@ def train_from_feast(
     if own:
         if init_distributed().is_main:  # the config a resume reads, before the teachers
             run.write_config(cfg)
-        train_teachers(cfg, frame)
+        train_teachers(cfg, frame, items)
     # A distilled run cut short while training its teachers has no checkpoint of its own yet.
-    return train(cfg, frame, resume=resume and (has_checkpoint(run_dir) or not own))
+    return train(cfg, frame, resume=resume and (has_checkpoint(run_dir) or not own), items=items)

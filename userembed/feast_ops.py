@@ -2,13 +2,16 @@
 
 `FeatureStore(...)` takes about 10 s to construct (shared/STACK.md): open it once per process
 with `open_store` and pass it around. The repository is feature_repo/; its feature_store.yaml
-takes the Redis connection string and the registry path from the environment, which
-`open_store` fills from REDIS_URL and the workspace without touching os.environ.
+(DuckDB offline store) or, with USEREMBED_FEAST_CONFIG=feature_store.ray.yaml, the Ray one
+(docs/data.md, "Offline stores") takes the Redis connection string and the registry path from
+the environment, which `open_store` fills from REDIS_URL and the workspace without touching
+os.environ.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import string
@@ -18,10 +21,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import redis
 import yaml
 
@@ -38,6 +43,7 @@ from userembed.features import (
     TRAINING_FEATURE_SERVICE,
 )
 from userembed.future_targets import FUTURE_COLUMNS
+from userembed.redis_urls import redacted
 from userembed.schema import LABEL_TIMESTAMP, task_columns
 
 if TYPE_CHECKING:
@@ -51,20 +57,56 @@ BEHAVIOR_COLUMNS: tuple[str, ...] = (*SEQUENCE_FEATURES, SEQ_LEN_FEATURE, *LONG_
 FEATURE_COLUMNS: tuple[str, ...] = (*BEHAVIOR_COLUMNS, *PROFILE_FEATURES)
 
 
+# The feature_store.yaml that `open_store` loads: a file name in the repository (or a path).
+FEAST_CONFIG_ENV = "USEREMBED_FEAST_CONFIG"
+DEFAULT_FEAST_CONFIG = "feature_store.yaml"  # DuckDB offline store: one machine
+RAY_FEAST_CONFIG = "feature_store.ray.yaml"  # Ray offline store: a Ray cluster (RAY_ADDRESS)
+
+
+def feature_store_yaml(repo: Path) -> Path:
+    """The repository's configuration in use: $USEREMBED_FEAST_CONFIG, default feature_store.yaml."""
+    return repo / os.environ.get(FEAST_CONFIG_ENV, DEFAULT_FEAST_CONFIG)
+
+
 def feast_registry_path() -> Path:
     """Feast's file registry: USEREMBED_FEAST_REGISTRY or <USEREMBED_HOME>/feast/registry.db."""
     return Path(os.environ.get("USEREMBED_FEAST_REGISTRY", paths.home() / "feast" / "registry.db"))
 
 
+# Socket timeouts of Feast's Redis client (the URL's socket_connect_timeout / socket_timeout
+# options win): a stalled Redis fails a feature read instead of holding a compute thread.
+FEAST_CONNECT_TIMEOUT_S = 2.0
+FEAST_REPLY_TIMEOUT_S = 5.0
+
+
+def _feast_value(text: str) -> str:
+    """A connection-string value Feast reads back unchanged: it splits on ',' and JSON-decodes
+    each value, so a JSON string with its commas escaped round-trips any password."""
+    return json.dumps(text).replace(",", "\\u002c")
+
+
 def redis_connection_string(redis_url: str) -> str:
-    """redis://[:password@]host:port/db -> Feast's 'host:port,db=N[,password=..][,ssl=true]'."""
+    """redis://[user:password@]host:port/db (user and password URL-encoded) -> Feast's
+    'host:port,db=N,socket_timeout=..[,username=..,password=..][,ssl=true]'."""
     u = urlparse(redis_url)
     if u.scheme not in ("redis", "rediss"):
-        raise InvalidInputError(f"REDIS_URL must be redis:// or rediss://, got {redis_url!r}")
-    db = (u.path or "/0").lstrip("/") or parse_qs(u.query).get("db", ["0"])[0]
-    parts = [f"{u.hostname or '127.0.0.1'}:{u.port or 6379}", f"db={db}"]
+        raise InvalidInputError(
+            f"REDIS_URL must be redis:// or rediss://, got {redacted(redis_url)!r}"
+        )
+    query = parse_qs(u.query)
+    db = (u.path or "/0").lstrip("/") or query.get("db", ["0"])[0]
+    connect = query.get("socket_connect_timeout", [FEAST_CONNECT_TIMEOUT_S])[0]
+    reply = query.get("socket_timeout", [FEAST_REPLY_TIMEOUT_S])[0]
+    parts = [
+        f"{u.hostname or '127.0.0.1'}:{u.port or 6379}",
+        f"db={int(db)}",
+        f"socket_connect_timeout={float(connect)}",
+        f"socket_timeout={float(reply)}",
+    ]
+    if u.username:
+        parts.append(f"username={_feast_value(unquote(u.username))}")
     if u.password:
-        parts.append(f"password={u.password}")
+        parts.append(f"password={_feast_value(unquote(u.password))}")
     if u.scheme == "rediss":
         parts.append("ssl=true")
     return ",".join(parts)
@@ -74,13 +116,17 @@ def _repo_config(redis_url: str, repo: Path) -> Any:
     from feast.repo_config import RepoConfig
 
     registry = feast_registry_path()
-    registry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        registry.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a reader's read-only workspace (server, refresh): `feast apply` makes it
+        logger.debug("feast registry folder %s not created (%s)", registry.parent, e)
     env = {
         **os.environ,
-        "REDIS_CONNECTION_STRING": redis_connection_string(redis_url),
+        # a YAML double-quoted scalar: a password may hold ': ' or ' #'
+        "REDIS_CONNECTION_STRING": json.dumps(redis_connection_string(redis_url)),
         "USEREMBED_FEAST_REGISTRY": str(registry),
     }
-    text = string.Template((repo / "feature_store.yaml").read_text()).safe_substitute(env)
+    text = string.Template(feature_store_yaml(repo).read_text()).safe_substitute(env)
     config = RepoConfig(**yaml.safe_load(text))
     config.repo_path = repo
     return config
@@ -95,8 +141,21 @@ def open_store(redis_url: str | None = None, repo: Path | None = None) -> Featur
     store = FeatureStore(
         repo_path=str(repo), config=_repo_config(redis_url or paths.redis_url(), repo)
     )
+    bound_redis_waits(store._get_provider().online_store, store.config.online_store)
     logger.info("feature store opened from %s in %.1fs", repo, time.perf_counter() - t0)
     return store
+
+
+def bound_redis_waits(online_store: Any, online_config: Any) -> None:
+    """Feast's redis-py client retries a timed-out command 3 times with backoff (about four
+    socket timeouts and 7 s more): without retries one socket timeout bounds a stalled Redis,
+    and the caller, who knows its deadline, decides whether to try again."""
+    from feast.infra.online_stores.redis import RedisOnlineStore
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    if isinstance(online_store, RedisOnlineStore):
+        online_store._get_client(online_config).set_retry(Retry(NoBackoff(), 0))
 
 
 def _definitions(repo: Path) -> list[Any]:
@@ -136,97 +195,164 @@ def apply(store: FeatureStore, fresh: bool = False) -> list[str]:
 
 
 def materialize(store: FeatureStore, end: datetime | None = None) -> datetime:
-    """Load the newest snapshot of every user into Redis (rows up to `end`, default now)."""
+    """Load the newest snapshot of every user into Redis (rows up to `end`, default now).
+
+    The offline store picks each user's newest row (`materialization.pull_latest_features` in
+    feature_store.yaml) and Feast writes them in batches; the rows written are logged as they
+    go (done/total, rate, ETA)."""
     end = end or datetime.now(UTC)
     t0 = time.perf_counter()
+    views = [v for v in store.list_feature_views() if v.online]
+    counts = [_rows_to_write(v, end) for v in views]
+    progress = WriteProgress(None if None in counts else sum(c or 0 for c in counts))
+    # Feast's engines write through this instance and report no progress: count its writes.
+    online = store._get_provider().online_store
+    online.online_write_batch = progress.counting(online.online_write_batch)  # type: ignore[method-assign]
     try:
         store.materialize(start_date=datetime(1970, 1, 2, tzinfo=UTC), end_date=end)
     except redis.exceptions.ConnectionError as e:
         raise BackendUnavailableError(f"materialize: Redis unavailable: {e}") from e
-    logger.info("materialized up to %s in %.1fs", end.isoformat(), time.perf_counter() - t0)
+    finally:
+        del online.online_write_batch  # back to the class's method
+    logger.info(
+        "materialized %d rows of %d views up to %s in %.1fs",
+        progress.done,
+        len(views),
+        end.isoformat(),
+        time.perf_counter() - t0,
+    )
     return end
 
 
-# Above this many label rows `training_frame(engine="auto")` joins directly (see below).
-FEAST_JOIN_MAX_ROWS = 20_000
+def _rows_to_write(view: Any, end: datetime) -> int | None:
+    """Users with a row at or before `end` in a view's parquet batch source (None: not a
+    local file), i.e. the rows its materialisation writes."""
+    path = Path(getattr(view.batch_source, "path", "") or "")
+    if not path.is_file():
+        return None
+    ts = view.batch_source.timestamp_field
+    table = pq.read_table(path, columns=["user_id", ts], filters=[(ts, "<=", pd.Timestamp(end))])
+    return int(pc.count_distinct(table["user_id"]).as_py())
 
 
-def training_frame(
-    store: FeatureStore, labels: pd.DataFrame, spec: DatasetSpec, engine: str = "auto"
-) -> pd.DataFrame:
+class WriteProgress:
+    """Rows written online so far against the total: one log line every `every_s` seconds.
+    The rate counts from the first write (reading the offline rows comes before it)."""
+
+    def __init__(self, total: int | None, every_s: float = 5.0) -> None:
+        self.total = total
+        self.done = 0
+        self.every_s = every_s
+        self._first: float | None = None
+        self._last = time.perf_counter()
+
+    def counting(self, write: Any) -> Any:
+        """`write` (an online store's online_write_batch) that also counts its rows."""
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self._first is None:
+                self._first = time.perf_counter()
+            out = write(*args, **kwargs)
+            data = kwargs["data"] if "data" in kwargs else args[2]
+            self.add(len(data))
+            return out
+
+        return counted
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        now = time.perf_counter()
+        if now - self._last < self.every_s and self.done != self.total:
+            return
+        self._last = now
+        rate = self.done / max(now - (self._first or now), 1e-9)
+        if self.total:
+            eta = max(self.total - self.done, 0) / max(rate, 1e-9)
+            logger.info(
+                "materialize: %d/%d rows (%.0f%%), %.0f rows/s, ETA %.0fs",
+                self.done,
+                self.total,
+                100 * self.done / self.total,
+                rate,
+                eta,
+            )
+        else:
+            logger.info("materialize: %d rows, %.0f rows/s", self.done, rate)
+
+
+# The label row's position in the labels table: the one column the join carries beside the keys.
+LABEL_ROW = "label_row"
+
+
+def entity_rows(labels: pd.DataFrame) -> pd.DataFrame:
+    """The labels as Feast's entity dataframe: user_id, event_timestamp (the label time, UTC)
+    and label_row. The task labels and future targets stay out of the join (the stores carry
+    extra entity columns through every step) and are taken back by label_row."""
+    return pd.DataFrame(
+        {
+            "user_id": labels["user_id"].to_numpy(),
+            "event_timestamp": pd.to_datetime(labels[LABEL_TIMESTAMP], utc=True).to_numpy(),
+            LABEL_ROW: np.arange(len(labels), dtype=np.int64),
+        }
+    ).astype({"event_timestamp": "datetime64[ns, UTC]"})
+
+
+def training_frame(store: FeatureStore, labels: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     """Labels joined point-in-time to the features: the frame the trainer consumes.
 
-    Columns: user_id, label_timestamp, split, label_<task>..., the future targets when the
-    labels carry them, the sequence features (lists), seq_len, the long-term features (lists
-    and ints; None where a row is missing) and the profile ints; sorted by
-    (label_timestamp, user_id). Labels at a time that is not one of the spec's cuts are dropped.
-
-    engine: "feast" = store.get_historical_features with the training feature service;
-    "direct" = the same point-in-time rule (newest feature row at or before the label time,
-    no TTL) as a pandas merge_asof over the views' own batch source files, because Feast's
-    dask file offline store needs minutes beyond ~100k rows on 2 cores; tests check both give
-    the same frame. "auto" = feast up to FEAST_JOIN_MAX_ROWS label rows, direct above.
+    One path for every size: `get_historical_features` with the training feature service,
+    computed by the configured offline store (DuckDB in-process by default, Ray on a cluster;
+    docs/data.md). The rule: per label row, the newest feature row at or before the label time
+    (ttl=0: no expiry). Columns: see `frame_from_joined`.
     """
-    tasks = task_columns(labels)
-    # Future targets (userembed.future_targets) ride as extra entity columns, never features.
-    future = [c for c in FUTURE_COLUMNS if c in labels.columns]
-    entity = labels[["user_id", LABEL_TIMESTAMP, *tasks, *future]].rename(
-        columns={LABEL_TIMESTAMP: "event_timestamp"}
-    )
-    entity["event_timestamp"] = pd.to_datetime(entity["event_timestamp"], utc=True)
-    if engine == "auto":
-        engine = "feast" if len(entity) <= FEAST_JOIN_MAX_ROWS else "direct"
     t0 = time.perf_counter()
-    if engine == "feast":
-        job = store.get_historical_features(
-            entity_df=entity, features=store.get_feature_service(TRAINING_FEATURE_SERVICE)
-        )
-        df = job.to_df()
-    elif engine == "direct":
-        df = _direct_join(store, entity)
-    else:
-        raise InvalidInputError(f"engine must be auto, feast or direct, got {engine!r}")
-    df = df.rename(columns={"event_timestamp": LABEL_TIMESTAMP})
-    df["split"] = spec.split_of(df[LABEL_TIMESTAMP]).to_numpy()
-    df = df[df["split"].notna()]
-    for f in SEQUENCE_FEATURES:  # Feast hands back numpy arrays (or NaN for a missing row)
-        df[f] = [list(v) if isinstance(v, list | np.ndarray) else [] for v in df[f]]
+    joined = store.get_historical_features(
+        entity_df=entity_rows(labels),
+        features=store.get_feature_service(TRAINING_FEATURE_SERVICE),
+    ).to_df()
+    out = frame_from_joined(joined, labels, spec)
+    logger.info(
+        "training frame (%s offline store): %d rows in %.1fs",
+        store.config.offline_store.type,
+        len(out),
+        time.perf_counter() - t0,
+    )
+    return out
+
+
+def frame_from_joined(
+    joined: pd.DataFrame, labels: pd.DataFrame, spec: DatasetSpec
+) -> pd.DataFrame:
+    """`entity_rows(labels)` joined to the features -> the trainer's frame.
+
+    Columns: user_id, label_timestamp, split, label_<task>..., the future targets when the
+    labels carry them, the sequence features (int64 arrays, empty where a row is missing),
+    seq_len, the long-term features (arrays and ints; None where a row is missing) and the
+    profile ints; sorted by (label_timestamp, user_id). Rows at a time that is not one of the
+    spec's cuts are dropped. Cells stay the arrays the join returns: Python lists of 1M rows
+    would take several GiB more.
+    """
+    carried = [LABEL_TIMESTAMP, *task_columns(labels)]
+    carried += [c for c in FUTURE_COLUMNS if c in labels.columns]
+    rows = joined[LABEL_ROW].to_numpy()
+    df = labels[carried].iloc[rows].reset_index(drop=True)
+    df[LABEL_TIMESTAMP] = pd.to_datetime(df[LABEL_TIMESTAMP], utc=True)
+    df.insert(0, "user_id", joined["user_id"].to_numpy())
+    df.insert(2, "split", spec.split_of(df[LABEL_TIMESTAMP]).to_numpy())
+    keep = df["split"].notna().to_numpy()
+    features = joined.loc[keep, list(FEATURE_COLUMNS)].reset_index(drop=True)
+    df = pd.concat([df[keep].reset_index(drop=True), features], axis=1)
+    empty = np.zeros(0, dtype=np.int64)
+    for f in SEQUENCE_FEATURES:  # the stores give an array per row, or NaN / None if none
+        df[f] = [v if isinstance(v, np.ndarray) else _ids(v, empty) for v in df[f]]
     for f in LONG_TERM_LIST_FEATURES:
-        df[f] = [list(v) if isinstance(v, list | np.ndarray) else None for v in df[f]]
-    cols = ["user_id", LABEL_TIMESTAMP, "split", *tasks, *future, *FEATURE_COLUMNS]
-    out = df[cols].sort_values([LABEL_TIMESTAMP, "user_id"], ignore_index=True)
-    logger.info("training frame (%s): %d rows in %.1fs", engine, len(out), time.perf_counter() - t0)
-    return out
+        df[f] = [v if isinstance(v, np.ndarray) else _ids(v, None) for v in df[f]]
+    return df.sort_values([LABEL_TIMESTAMP, "user_id"], ignore_index=True)
 
 
-def _direct_join(store: FeatureStore, entity: pd.DataFrame) -> pd.DataFrame:
-    """Point-in-time join of entity rows (user_id, event_timestamp) to both views' files."""
-    from userembed.features import BEHAVIOR_VIEW, PROFILE_VIEW
-
-    out = entity.sort_values("event_timestamp", kind="stable")
-    out["event_timestamp"] = out["event_timestamp"].astype("datetime64[ns, UTC]")
-    for view, cols in (
-        (BEHAVIOR_VIEW, list(BEHAVIOR_COLUMNS)),
-        (PROFILE_VIEW, list(PROFILE_FEATURES)),
-    ):
-        source = store.get_feature_view(view).batch_source
-        path = getattr(source, "path", None)
-        if path is None:
-            raise InvalidInputError(f"direct join needs a file batch source for {view}")
-        feat = pd.read_parquet(path, columns=["user_id", "event_timestamp", *cols])
-        feat["event_timestamp"] = pd.to_datetime(feat["event_timestamp"], utc=True).astype(
-            "datetime64[ns, UTC]"
-        )
-        feat = feat.sort_values("event_timestamp", kind="stable")
-        out = pd.merge_asof(
-            out,
-            feat,
-            on="event_timestamp",
-            by="user_id",
-            direction="backward",
-            allow_exact_matches=True,
-        )
-    return out
+def _ids(value: Any, missing: np.ndarray | None) -> np.ndarray | None:
+    """A list cell that is not an array: a list (-> int64 array) or a missing row."""
+    return np.asarray(value, dtype=np.int64) if isinstance(value, list) else missing
 
 
 def online_features(store: FeatureStore, user_ids: Sequence[int]) -> dict[str, list[Any]]:

@@ -14,8 +14,9 @@ COPY deploy/docker/requirements.py deploy/docker/requirements.py
 # torch first, exactly pinned, from the CPU wheel index: nothing may pull a CUDA build.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 # Pins come from pyproject.toml (one place). `serve` adds onnxruntime (CPU): the export checks
-# the ONNX model against PyTorch with it.
-RUN python deploy/docker/requirements.py train serve > /tmp/requirements.txt \
+# the ONNX model against PyTorch with it. `refresh` adds Ray: the multi-node Job's Ray offline
+# store (docs/data.md, "Offline stores").
+RUN python deploy/docker/requirements.py train serve refresh > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && pip install --no-deps torchrec==1.8.0 recbole==1.2.1
 # recbole is installed only for the MovieLens-100K files it ships (never imported).

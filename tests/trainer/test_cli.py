@@ -24,7 +24,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> Pat
 def test_train_command_reads_the_feast_frame_and_writes_the_run_dir(home: Path, capsys) -> None:
     assert cli.main(["data", "build", "--source", "synthetic", "--users", "300"]) == 0
     assert cli.main(["feast", "apply"]) == 0
-    argv = ["train", "--run-id", "r1", "--engine", "feast", "--max-steps", "20",
+    argv = ["train", "--run-id", "r1", "--max-steps", "20",
             "--batch-size", "64", "--eval-every", "10", "--embedding-dim", "16",
             "--num-experts", "4", "--num-experts-per-tok", "1"]  # fmt: skip
     assert cli.main(argv) == 0

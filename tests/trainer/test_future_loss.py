@@ -274,7 +274,7 @@ def test_labels_without_task_columns_build_train_and_export(
     assert {FUTURE_ITEMS, FUTURE_CATEGORIES, FUTURE_OFFSETS} <= set(built.columns)
 
     assert cli.main(["feast", "apply", "--fresh"]) == 0
-    argv = ["train", "--run-id", "ssl", "--engine", "feast", "--max-steps", "12",
+    argv = ["train", "--run-id", "ssl", "--max-steps", "12",
             "--batch-size", "64", "--eval-every", "6", "--embedding-dim", "16"]  # fmt: skip
     assert cli.main(argv) == 0
     run = home / "runs" / "ssl"

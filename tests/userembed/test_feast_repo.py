@@ -1,8 +1,10 @@
-"""The real Feast repository over the real Redis fixture: point-in-time training rows,
+"""The real Feast repository over the real Redis fixture: point-in-time training rows through
+each offline store (DuckDB, the default; Ray, the cluster configuration, on a local 2-CPU Ray),
 materialised serving rows, pushed rows."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from bench.pit_join import merge_asof_frame
 from userembed import feast_ops
 from userembed.datasets import generate_synthetic
 from userembed.errors import InvalidInputError
@@ -22,6 +26,8 @@ from userembed.features import (
     SEQUENCE_FEATURES,
     LongTermSpec,
 )
+from userembed.paths import FEATURE_REPO
+from userembed.schema import task_columns
 from userembed.snapshots import offline_latest, write_feature_tables
 
 NUM_USERS = 250
@@ -40,6 +46,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterato
         feast_ops.apply(store)
         yield {
             "store": store,
+            "redis_url": redis_server.url,
             "events": events,
             "users": users,
             "labels": labels,
@@ -48,13 +55,53 @@ def repo(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterato
         }
 
 
+def _ray_store(repo: dict[str, Any], mp: pytest.MonkeyPatch) -> Any:
+    """The repository opened with feature_store.ray.yaml over a local 2-CPU Ray of the test's
+    own (Feast would start one on every core); Feast then uses the running instance."""
+    ray = pytest.importorskip("ray")
+    from feast.infra import ray_initializer
+
+    mp.delenv("RAY_ADDRESS", raising=False)
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:  # seen once: GCS "Deadline Exceeded" on a loaded 2-core machine
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    # Feast remembers that it connected; a later Ray store in this process must connect again.
+    mp.setattr(ray_initializer, "_ray_initialized", False)
+    mp.setenv(feast_ops.FEAST_CONFIG_ENV, feast_ops.RAY_FEAST_CONFIG)
+    store = feast_ops.open_store(repo["redis_url"])
+    mp.delenv(feast_ops.FEAST_CONFIG_ENV)
+    assert store.config.offline_store.type == "ray"
+    return store
+
+
+@pytest.fixture(scope="module", params=["duckdb", pytest.param("ray", marks=[pytest.mark.slow])])
+def frame(repo: dict[str, Any], request: pytest.FixtureRequest) -> Iterator[pd.DataFrame]:
+    """The training frame of every label row through one offline store."""
+    if request.param == "duckdb":
+        assert repo["store"].config.offline_store.type == "duckdb"  # the default configuration
+        yield feast_ops.training_frame(repo["store"], repo["labels"], repo["spec"])
+        return
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            store = _ray_store(repo, mp)
+            yield feast_ops.training_frame(store, repo["labels"], repo["spec"])
+        finally:
+            ray.shutdown()  # stray ray:: workers would outlive the test otherwise
+
+
 def _events_before(events: pd.DataFrame, user: int, at: pd.Timestamp, n: int = 50) -> list[int]:
     mine = events[(events["user_id"] == user) & (events["event_timestamp"] < at)]
     return mine.sort_values("event_timestamp", kind="stable")["item_id"].tolist()[-n:]
 
 
-def test_training_rows_never_use_an_event_at_or_after_their_label_time(repo) -> None:
-    frame = feast_ops.training_frame(repo["store"], repo["labels"], repo["spec"], engine="feast")
+def test_training_rows_never_use_an_event_at_or_after_their_label_time(repo, frame) -> None:
     events = repo["events"]
     assert len(frame) == len(repo["labels"])  # every (user, cut) row, empty histories included
     assert set(frame["split"]) == {"train", "validation", "test"}
@@ -71,11 +118,10 @@ def test_training_rows_never_use_an_event_at_or_after_their_label_time(repo) -> 
 
 
 def test_training_rows_long_term_features_count_the_whole_history_before_the_label(
-    repo,
+    repo, frame
 ) -> None:
     """Every row of the real point-in-time join against the raw events: the long-term
     features cover all events strictly before the label time, none at or after it."""
-    frame = feast_ops.training_frame(repo["store"], repo["labels"], repo["spec"], engine="feast")
     lt = LongTermSpec()
     by_user = dict(tuple(repo["events"].groupby("user_id")))
     longer = 0
@@ -98,10 +144,7 @@ def test_training_rows_long_term_features_count_the_whole_history_before_the_lab
     assert longer > 0
 
 
-def test_direct_join_gives_the_same_frame_as_feast(repo) -> None:
-    labels = repo["labels"].iloc[::7]
-    a = feast_ops.training_frame(repo["store"], labels, repo["spec"], engine="feast")
-    b = feast_ops.training_frame(repo["store"], labels, repo["spec"], engine="direct")
+def _assert_same_frame(a: pd.DataFrame, b: pd.DataFrame) -> None:
     assert list(a.columns) == list(b.columns) and len(a) == len(b)
     for col in a.columns:
         if col in (*SEQUENCE_FEATURES, *LONG_TERM_LIST_FEATURES):
@@ -110,25 +153,50 @@ def test_direct_join_gives_the_same_frame_as_feast(repo) -> None:
             pd.testing.assert_series_equal(a[col], b[col], check_dtype=False, check_names=False)
 
 
-def test_future_targets_ride_through_both_joins_unchanged(repo) -> None:
-    """The self-supervised objective's targets are extra entity columns, never features:
-    Feast's point-in-time join and the direct one hand them back as the labels held them."""
+def test_offline_store_frame_equals_the_merge_asof_reference(repo, frame) -> None:
+    """The store's frame is the one bench/pit_join.py builds by pandas merge_asof over the same
+    files (the benchmark's and the quality benchmark's reference)."""
+    reference = merge_asof_frame(repo["home"] / "offline", repo["labels"], repo["spec"])
+    _assert_same_frame(frame, reference)
+
+
+def test_task_labels_and_future_targets_come_back_with_their_own_row(repo) -> None:
+    """The task labels and the self-supervised objective's targets (future information: never
+    features) skip the join and are taken back by label row: each frame row holds the values
+    of the label row with its user and time, as the labels held them (rows shuffled first)."""
     from userembed.future_targets import FUTURE_COLUMNS, add_future_targets
 
     labels, spec = add_future_targets(repo["events"], repo["labels"].iloc[::5], repo["spec"])
+    labels = labels.sample(frac=1.0, random_state=0)
     key = ["user_id", "label_timestamp"]
-    for engine in ("feast", "direct"):
-        frame = feast_ops.training_frame(repo["store"], labels, spec, engine=engine)
-        both = frame.merge(labels, on=key, suffixes=("", "_label"), validate="1:1")
-        assert len(both) == len(labels)
-        for col in FUTURE_COLUMNS:
-            assert [list(x) for x in both[col]] == [list(x) for x in both[f"{col}_label"]], col
-        assert both[FUTURE_COLUMNS[0]].map(len).sum() > 0
+    store_frame = feast_ops.training_frame(repo["store"], labels, spec)
+    _assert_same_frame(store_frame, merge_asof_frame(repo["home"] / "offline", labels, spec))
+    both = store_frame.merge(labels, on=key, suffixes=("", "_label"), validate="1:1")
+    assert len(both) == len(labels)
+    for col in task_columns(labels):
+        pd.testing.assert_series_equal(both[col], both[f"{col}_label"], check_names=False)
+    for col in FUTURE_COLUMNS:
+        assert [list(x) for x in both[col]] == [list(x) for x in both[f"{col}_label"]], col
+    assert both[FUTURE_COLUMNS[0]].map(len).sum() > 0
 
 
-def test_materialize_serves_the_latest_snapshot_online(repo, redis_url: str) -> None:
+def test_the_ray_configuration_differs_from_the_default_only_in_its_offline_store() -> None:
+    repo = FEATURE_REPO
+    default = yaml.safe_load((repo / feast_ops.DEFAULT_FEAST_CONFIG).read_text())
+    ray = yaml.safe_load((repo / feast_ops.RAY_FEAST_CONFIG).read_text())
+    assert default.pop("offline_store") == {"type": "duckdb"}
+    assert ray.pop("offline_store")["type"] == "ray"
+    assert default == ray
+
+
+def test_materialize_serves_the_latest_snapshot_online(
+    repo, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     store = repo["store"]
-    feast_ops.materialize(store)
+    with caplog.at_level(logging.INFO, logger=feast_ops.__name__):
+        feast_ops.materialize(store)
+    # Progress counts the rows written: one per user in each of the two views.
+    assert f"materialize: {2 * NUM_USERS}/{2 * NUM_USERS} rows (100%)" in caplog.text
     ids = [0, 7, 42]
     online = feast_ops.online_features(store, ids)
     latest = offline_latest(repo["home"] / "offline", ids)
@@ -180,15 +248,19 @@ def test_pushed_behaviour_is_read_back_online(repo, redis_url: str) -> None:
 
 
 def test_redis_url_becomes_a_feast_connection_string() -> None:
-    assert feast_ops.redis_connection_string("redis://127.0.0.1:6390/2") == "127.0.0.1:6390,db=2"
+    timeouts = "socket_connect_timeout=2.0,socket_timeout=5.0"
+    assert (
+        feast_ops.redis_connection_string("redis://127.0.0.1:6390/2")
+        == f"127.0.0.1:6390,db=2,{timeouts}"
+    )
     assert (
         feast_ops.redis_connection_string("rediss://:pw@cache:6380/0")
-        == "cache:6380,db=0,password=pw,ssl=true"
+        == f'cache:6380,db=0,{timeouts},password="pw",ssl=true'
     )
 
 
 def test_feature_store_yaml_reads_redis_and_registry_from_the_environment(repo) -> None:
     config = repo["store"].config
     assert config.online_store.type == "redis"
-    assert config.online_store.connection_string.endswith(",db=0")
+    assert ",db=0,socket_connect_timeout=" in config.online_store.connection_string
     assert Path(config.registry.path) == repo["home"] / "feast" / "registry.db"

@@ -76,7 +76,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "summary_loss_weight": (
         float,
         "weight of the whole-history objective (a linear read-out of the user vector rebuilds "
-        "the user's long-term features; default 1, 0 = off)",
+        "the user's long-term features; default 3, 0 = off)",
     ),
     "embedding_dim": (int, "table and transformer width D"),
     "num_layers": (int, "transformer blocks"),
@@ -120,7 +120,7 @@ def _tasks(value: str | None) -> tuple[str, ...] | None:
 def _spawn_torchrun(args: argparse.Namespace, run_id: str) -> int:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     argv = [torchrun, "--standalone", f"--nproc_per_node={args.nproc}", "-m", "userembed.commands"]
-    argv += ["train", "--run-id", run_id, "--engine", args.engine]
+    argv += ["train", "--run-id", run_id]
     if args.resume:
         argv.append("--resume")
     for name in _OPTIONS:
@@ -176,7 +176,6 @@ def _train(args: argparse.Namespace) -> int:
     result = train_from_feast(
         paths.runs_dir() / run_id,
         resume=args.resume,
-        engine=args.engine,
         tasks=tasks,
         distill=args.distill,
         **options,
@@ -200,12 +199,6 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--run-id", help="run folder name (default: UTC time)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun, sharded tables)")
     p.add_argument("--resume", action="store_true", help="continue the run's last checkpoint")
-    p.add_argument(
-        "--engine",
-        choices=("auto", "feast", "direct"),
-        default="auto",
-        help="training-frame join (see feast_ops.training_frame)",
-    )
     for name, (typ, help_text) in _OPTIONS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, help=help_text)
     p.add_argument(
