@@ -81,6 +81,7 @@ class TransferConfig:
     # files, for a probe of one's own; None = nowhere.
     save_vectors: Path | None = None
     quick: bool = False
+    items: bool = False  # build with the source's items table (userembed.items)
 
     def options(self, model: str, seed: int) -> dict[str, Any]:
         """The `userembed train` options of one run: the arch, the seed, the budget."""
@@ -149,9 +150,13 @@ def build(cfg: TransferConfig, workdir: Path, redis_url: str) -> tuple[ProbeData
     from userembed.dataset_build import BuildRequest, build_dataset, load_built, serve_online
 
     if cfg.source == "movielens":
-        files, data = movielens_team_files(workdir / "team", cfg.future_weeks)
+        files, data = movielens_team_files(workdir / "team", cfg.future_weeks, cfg.items)
         req = BuildRequest(
-            "parquet", events_path=files.events, users_path=files.users, labels_path=files.labels
+            "parquet",
+            events_path=files.events,
+            users_path=files.users,
+            labels_path=files.labels,
+            items_path=files.items,
         )
         log(
             f"movielens: history before {files.window_start:%Y-%m-%d}, future window to "
@@ -159,7 +164,9 @@ def build(cfg: TransferConfig, workdir: Path, redis_url: str) -> tuple[ProbeData
         )
         summary = build_dataset(req)
     else:
-        summary = build_dataset(BuildRequest("synthetic", cfg.users, cfg.data_seed))
+        summary = build_dataset(
+            BuildRequest("synthetic", cfg.users, cfg.data_seed, items=cfg.items)
+        )
         # the tables the build wrote: exactly what the pipeline was given
         events = pd.read_parquet(paths.data_dir() / paths.EVENTS_FILE)
         users = pd.read_parquet(paths.data_dir() / paths.USERS_FILE)
@@ -387,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     ap.add_argument("--write-md", action="store_true", help="write the BENCHMARKS.md section")
     ap.add_argument(
+        "--items", action="store_true", help="with the items table (MovieLens: every genre)"
+    )
+    ap.add_argument(
         "--save-vectors",
         type=Path,
         default=None,
@@ -430,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         folds=args.folds,
         train_options=tuple(_option(o, ap) for o in args.option),
         save_vectors=args.save_vectors,
+        items=args.items,
     )
     if args.quick:
         cfg = quick(cfg)

@@ -135,13 +135,20 @@ class TeamFiles:
     labels: Path
     window_start: pd.Timestamp
     window_end: pd.Timestamp
+    items: Path | None = None  # the optional items table (every genre, release-year bucket)
 
 
 def movielens_team_files(
-    folder: Path, future_weeks: int = FUTURE_WEEKS
+    folder: Path, future_weeks: int = FUTURE_WEEKS, items: bool = False
 ) -> tuple[TeamFiles, ProbeData]:
-    """Write the pipeline's input under `folder` and return it with the probe data."""
-    from userembed.datasets.movielens import HORIZON, labels_at_cuts, load_movielens
+    """Write the pipeline's input under `folder` and return it with the probe data; `items`:
+    also the items table (userembed.items: every genre, the release-year bucket)."""
+    from userembed.datasets.movielens import (
+        HORIZON,
+        labels_at_cuts,
+        load_movielens,
+        load_movielens_items,
+    )
     from userembed.datasets.spec import to_utc
     from userembed.schema import EVENT_COLUMNS
 
@@ -165,7 +172,10 @@ def movielens_team_files(
         folder / "labels.parquet",
         start,
         end,
+        folder / "items.parquet" if items else None,
     )
+    if files.items is not None:
+        load_movielens_items().to_parquet(files.items, index=False)
     past[[c.name for c in EVENT_COLUMNS]].to_parquet(files.events, index=False)
     pd.DataFrame(
         {"user_id": user_ids, CONSTANT_PROFILE: np.zeros(len(user_ids), np.int64)}

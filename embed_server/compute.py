@@ -129,7 +129,7 @@ class ComputePath:
         if not found:
             return out
         columns = {name: [values[i] for i in found] for name, values in rows.columns.items()}
-        vectors = model.encoder.run(encode_inputs(columns, model.spec))  # (n, D)
+        vectors = model.encoder.run(encode_inputs(columns, model.spec, model.items))  # (n, D)
         computed_at_ms = now_ms()
         found_ids = [user_ids[i] for i in found]
         feature_ts_ms = [rows.feature_ts_ms[i] for i in found]

@@ -19,6 +19,7 @@ from embed_server.metrics import ServerMetrics
 from embed_server.settings import ServerSettings
 from userembed.errors import CorruptModelError, ModelNotFoundError, UserEmbedError
 from userembed.features import InputSpec
+from userembed.items import ItemAttributeMap
 from userembed.manifest import Manifest
 from userembed.onnx_encoder import OnnxEncoder
 from userembed.registry import Registry
@@ -36,6 +37,9 @@ class ServingModel:
     manifest: Manifest
     encoder: OnnxEncoder
     loaded_at_ms: int
+    # The entry's verified item attribute map (None for a model without item attributes):
+    # the miss path looks each event's item up in it before the encoder runs.
+    items: ItemAttributeMap | None = None
 
     @property
     def version_bytes(self) -> bytes:
@@ -58,6 +62,7 @@ def load_serving_model(
     loaded = registry.load_verified(model, ref)
     m = loaded.manifest
     try:
+        items = loaded.items()  # read before release(): a download folder goes with it
         encoder = OnnxEncoder(
             loaded.session_source(),
             m.vector.dim,
@@ -67,9 +72,14 @@ def load_serving_model(
         )
     finally:
         loaded.release()  # the session holds the model now
-    encoder.smoke_test(m.input_spec)
+    encoder.smoke_test(m.input_spec, items)
     return ServingModel(
-        name=model, version=m.version, manifest=m, encoder=encoder, loaded_at_ms=now_ms()
+        name=model,
+        version=m.version,
+        manifest=m,
+        encoder=encoder,
+        loaded_at_ms=now_ms(),
+        items=items,
     )
 
 

@@ -27,6 +27,7 @@ from embed_server.model_manager import ModelManager
 from embed_server.online_features import FeastFeatureSource, OnlineFeatureSource
 from embed_server.servicer import UserEmbeddingServicer
 from embed_server.settings import ServerSettings
+from embed_server.version_policy import WRITER_TTL_S
 from userembed.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,9 @@ class EmbeddingServer:
     async def _poll(self) -> None:
         await self.manager.poll_once()
         assert self.lookup is not None
-        await self.lookup.versions.refresh_pointers()
+        # the write-back heartbeat must outlive a few polls, however long the period
+        writer_ttl_s = max(WRITER_TTL_S, 3 * self.settings.reload_interval_s)
+        await self.lookup.versions.refresh_pointers(writer_ttl_s)
         if not self._draining:
             await self._set_health(self.manager.ready)
 

@@ -57,6 +57,7 @@ class PartWorker:
         manifest = loaded.manifest
         self.spec = manifest.input_spec
         try:
+            self.items = loaded.items()  # the model's item attribute map (None without one)
             self.encoder = OnnxEncoder(
                 loaded.session_source(),
                 manifest.vector.dim,
@@ -105,7 +106,7 @@ class PartWorker:
                 batch = table.slice(int(idx[0]), len(idx))
             else:
                 batch = table.take(pa.array(idx))
-            vectors = self.encoder.run(encode_arrow(batch, self.spec))  # (B, D)
+            vectors = self.encoder.run(encode_arrow(batch, self.spec, self.items))  # (B, D)
             finite = np.isfinite(vectors).all(axis=1)
             nonfinite += int((~finite).sum())
             if finite.any():

@@ -33,6 +33,7 @@ from userembed.features import (
     LongTermSpec,
     encode_inputs,
 )
+from userembed.items import ItemAttributeMap
 
 DEFAULT_TABLE_CAP = 100_000
 
@@ -54,12 +55,15 @@ def build_input_spec(
     sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
     table_cap: int = DEFAULT_TABLE_CAP,
     long_term: bool | None = None,
+    items: ItemAttributeMap | None = None,
 ) -> InputSpec:
     """Table sizes from the data: num_embeddings = min(max raw id + 2, cap).
 
     long_term: the long-term input (userembed.features.LongTermSpec, its default parameters,
     the ones the data build writes); None = when the frame has the long-term columns (every
     frame of `feast_ops.training_frame` has them), False = never (an ablation).
+    items: the data set's item attribute map (userembed.items): one input per attribute,
+    its table sized from the map's values; None = a model without item attributes.
     """
     if long_term is None:
         long_term = all(c in frame.columns for c in LONG_TERM_FEATURES)
@@ -82,6 +86,7 @@ def build_input_spec(
         ),
         feature_service=TRAINING_FEATURE_SERVICE,
         long_term=LongTermSpec() if long_term else None,
+        item_attributes=items.specs(table_cap) if items is not None else (),
     )
 
 
@@ -96,7 +101,8 @@ def task_names_of(frame: pd.DataFrame) -> tuple[str, ...]:
 
 @dataclass
 class EncodedSplit:
-    """One split, encoded once: (N, L) table indices per sequence feature, (N, P), (N, T)."""
+    """One split, encoded once: (N, L) table indices per sequence feature and (N, L, K) per
+    item attribute input (both in `sequences`), (N, P), (N, T)."""
 
     sequences: dict[str, np.ndarray]
     profile: np.ndarray
@@ -110,10 +116,16 @@ class EncodedSplit:
         return int(self.labels.shape[0])
 
 
-def encode_split(frame: pd.DataFrame, spec: InputSpec, task_names: Sequence[str]) -> EncodedSplit:
+def encode_split(
+    frame: pd.DataFrame,
+    spec: InputSpec,
+    task_names: Sequence[str],
+    items: ItemAttributeMap | None = None,
+) -> EncodedSplit:
+    """`items`: the model's item attribute map, required iff the spec has item attributes."""
     names = [f.name for f in spec.sequence_features + spec.profile_features]
     rows = {n: frame[n].tolist() for n in (*names, *spec.long_term_names)}
-    enc = encode_inputs(rows, spec)
+    enc = encode_inputs(rows, spec, items)
     labels = (
         np.stack([frame[f"label_{t}"].to_numpy(dtype=np.float32) for t in task_names], axis=1)
         if len(task_names)
@@ -148,14 +160,18 @@ class Batch:
 
 
 def make_batch(split: EncodedSplit, idx: np.ndarray, spec: InputSpec) -> Batch:
-    """Rows idx -> KJTs: every sample has L ids per sequence feature and 1 per profile feature."""
+    """Rows idx -> KJTs: every sample has L ids per sequence feature, L * K per item attribute
+    input (after the sequence features, in the same KJT) and 1 per profile feature."""
     b = len(idx)
     names = [f.name for f in spec.sequence_features]
+    per_sample = [spec.sequence_length] * len(names)
+    names += [a.input_name for a in spec.item_attributes]
+    per_sample += [spec.sequence_length * a.max_values for a in spec.item_attributes]
     seq_values = np.concatenate([split.sequences[n][idx].reshape(-1) for n in names])
     seq_kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=names,
         values=torch.from_numpy(seq_values),
-        lengths=torch.full((b * len(names),), spec.sequence_length, dtype=torch.int64),
+        lengths=torch.from_numpy(np.repeat(np.asarray(per_sample, dtype=np.int64), b)),
     )
     pnames = [f.name for f in spec.profile_features]
     prof = split.profile[idx]  # (B, P)

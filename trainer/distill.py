@@ -67,7 +67,7 @@ def _one_teacher(
         raise InvalidInputError(
             f"teacher {run_dir} has tasks {list(model.cfg.task_names)}, not {task!r}"
         )
-    _, probs = score_rows(model, part, batch_size)
+    _, probs = score_rows(model, part, batch_size, RunDir(run_dir).items())
     p = probs[:, model.cfg.task_names.index(task)].astype(np.float64)
     label = f"label_{task}"
     if calibrate and label in part.columns:

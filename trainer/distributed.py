@@ -167,19 +167,19 @@ def gather_tables(model: nn.Module, ctx: DistContext) -> dict[str, Tensor] | Non
     state = model.state_dict()
     spec = inner.cfg.input_spec
     out: dict[str, Tensor] = {}
-    for f in spec.sequence_features + spec.profile_features:
-        key = next(
-            k for k in state if k.endswith(f".{table_name(f.name)}.weight") and "sparse_arch" in k
-        )
+    names = [table_name(f.name) for f in spec.sequence_features + spec.profile_features]
+    names += [table_name(a.input_name) for a in spec.item_attributes]
+    for name in names:
+        key = next(k for k in state if k.endswith(f".{name}.weight") and "sparse_arch" in k)
         t = state[key]
         if isinstance(t, ShardedTensor):
             full = torch.empty(t.size(), dtype=t.dtype) if ctx.is_main else None
             t.gather(dst=0, out=full)
             if ctx.is_main:
                 assert full is not None
-                out[table_name(f.name)] = full.detach().cpu().clone()
+                out[name] = full.detach().cpu().clone()
         elif ctx.is_main:
-            out[table_name(f.name)] = t.detach().cpu().clone()
+            out[name] = t.detach().cpu().clone()
     return out if ctx.is_main else None
 
 

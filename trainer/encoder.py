@@ -6,6 +6,9 @@ transformer blocks with a MoE FFN -> read-out: masked mean over CLS + events, th
 the log event count and each sequence feature's own bag (mean raw embedding + its squared
 norm), concatenated with the profile embeddings and the long-term features of the whole
 history (userembed.features.encode_long_term) -> projection to V dims -> L2 normalisation.
+Item attributes (userembed.items; seq_emb holds each event's pooled attribute embedding under
+the attribute's input name) add to each event's token and get a bag of their own, so an item
+never seen in training still tells what kind of item it was.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class EncoderArch(nn.Module):
         d = cfg.embedding_dim
         spec = cfg.input_spec
         self.sequence_names = tuple(f.name for f in spec.sequence_features)
+        self.attribute_names = spec.item_attribute_inputs  # () without item attributes
         self.position = nn.Embedding(spec.sequence_length, d)
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.normal_(self.cls, std=0.02)
@@ -117,9 +121,11 @@ class EncoderArch(nn.Module):
         # None without the long-term input: the state dict of such a model stays as it was.
         self.long_term_norm = LongTermNorm(self.long_term_width) if self.long_term_width else None
         # Read-out: masked mean + CLS output + log event count + per-feature bags and distinct
-        # counts (sequence_stats), then profile, then the long-term features.
+        # counts (sequence_stats), item attribute bags, then profile, then the long-term features.
+        n_attr = len(self.attribute_names)
         first = nn.Linear(
-            2 * d + 1 + n_seq * (d + 3) + d * n_profile + self.long_term_width, 2 * cfg.user_dim
+            2 * d + 1 + n_seq * (d + 3) + n_attr * (d + 1) + d * n_profile + self.long_term_width,
+            2 * cfg.user_dim,
         )
         if self.long_term_width:
             # The long-term columns start with zero weight: at initialisation they add no
@@ -140,7 +146,7 @@ class EncoderArch(nn.Module):
         (sequence_stats), long_term (B, H) (required iff the InputSpec has it) -> (B, V),
         stats."""
         x = seq_emb[self.sequence_names[0]]
-        for name in self.sequence_names[1:]:
+        for name in (*self.sequence_names[1:], *self.attribute_names):
             x = x + seq_emb[name]
         b, length, d = x.shape
         # Wide path: each sequence feature's own bag (masked mean of its raw embeddings) and the
@@ -152,6 +158,10 @@ class EncoderArch(nn.Module):
         for name in self.sequence_names:
             bag = (seq_emb[name] * m).sum(dim=1) / n_events  # (B, D)
             bags += [bag, (bag * bag).sum(dim=-1, keepdim=True)]  # (B, D), (B, 1)
+        attribute_bags = []
+        for name in self.attribute_names:
+            bag = (seq_emb[name] * m).sum(dim=1) / n_events  # (B, D)
+            attribute_bags += [bag, (bag * bag).sum(dim=-1, keepdim=True)]
         x = x + self.position.weight[:length].unsqueeze(0)  # (B, L, D)
         x = torch.cat([self.cls.expand(b, 1, d), x], dim=1)  # (B, 1+L, D)
         valid = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, 1+L)
@@ -167,7 +177,8 @@ class EncoderArch(nn.Module):
         # The mean hides how many events there were (activity drives click/churn/explore) and
         # the CLS output carries what attention gathered (e.g. category spread), so both go in.
         log_events = torch.log(count) / self.log_max_events  # (B, 1) log(1 + n events), ~[0, 1]
-        parts = [pooled, x[:, 0], log_events, *bags, seq_stats, profile_emb.reshape(b, -1)]
+        parts = [pooled, x[:, 0], log_events, *bags, seq_stats, *attribute_bags]
+        parts.append(profile_emb.reshape(b, -1))
         # The whole history beyond the last L events: histograms, counts, recency (scaled to
         # about [0, 1] by the contract, so the projection MLP reads them as they come).
         parts += long_term_parts(self.long_term_norm, long_term)

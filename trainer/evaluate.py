@@ -17,6 +17,7 @@ from trainer.config import TrainConfig
 from trainer.distributed import DistContext, broadcast_float
 from trainer.future_loss import FutureTotals, future_loss_of
 from trainer.model import SuperMoEModel, load_unsharded
+from userembed.items import ItemAttributeMap
 
 Metrics = dict[str, dict[str, float]]  # task -> auc, log_loss, prior_log_loss, n
 
@@ -142,14 +143,15 @@ def final_metrics(
 
 @torch.no_grad()
 def score_rows(
-    model: SuperMoEModel, part: Any, batch_size: int = 1024
+    model: SuperMoEModel, part: Any, batch_size: int = 1024, items: ItemAttributeMap | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Eval-mode (user vectors (N, V), task probabilities (N, T)) of an unsharded model on
-    training-frame rows `part` (a DataFrame), encoded with the model's own input spec."""
+    training-frame rows `part` (a DataFrame), encoded with the model's own input spec (and
+    item attribute map: RunDir.items())."""
     model.eval()
     spec = model.cfg.input_spec
     vectors, probs = [], []
-    for b in iterate_batches(encode_split(part, spec, ()), spec, batch_size):
+    for b in iterate_batches(encode_split(part, spec, (), items), spec, batch_size):
         o, _ = model(b.seq_kjt, b.profile_kjt, None, long_term=b.long_term)
         vectors.append(o.user_vector.numpy())
         probs.append(torch.sigmoid(o.task_logits).numpy())

@@ -118,6 +118,7 @@ class SuperMoEModel(nn.Module):
             out[table_name(f.name)] = self.sparse_arch.ec.embeddings[table_name(f.name)].weight
         for f in self.cfg.input_spec.profile_features:
             out[table_name(f.name)] = self.sparse_arch.bags()[table_name(f.name)].weight
+        out.update(self.sparse_arch.item_tables())
         return {k: v.detach().cpu().clone() for k, v in out.items()}
 
     def load_table_weights(self, tables: dict[str, Tensor]) -> None:
@@ -128,6 +129,8 @@ class SuperMoEModel(nn.Module):
                 )
             for f in self.cfg.input_spec.profile_features:
                 self.sparse_arch.bags()[table_name(f.name)].weight.copy_(tables[table_name(f.name)])
+            for name, weight in self.sparse_arch.item_tables().items():
+                weight.copy_(tables[name])
 
 
 def save_final(

@@ -14,6 +14,7 @@ from trainer.batches import DEFAULT_TABLE_CAP, build_input_spec
 from trainer.config import ModelConfig, MoEConfig, TrainConfig, check_loss_options
 from userembed.errors import InvalidInputError
 from userembed.features import DEFAULT_SEQUENCE_LENGTH
+from userembed.items import ItemAttributeMap
 
 MODEL_OPTIONS = {f.name for f in fields(ModelConfig)} - {"input_spec", "task_names", "moe"}
 MOE_OPTIONS = {f.name for f in fields(MoEConfig)}
@@ -40,11 +41,13 @@ def config_for(
     run_dir: str | Path,
     sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
     table_cap: int = DEFAULT_TABLE_CAP,
+    items: ItemAttributeMap | None = None,
     **options: Any,
 ) -> TrainConfig:
-    """A TrainConfig with tables sized from `frame`; unknown option names are refused."""
+    """A TrainConfig with tables sized from `frame` (and `items`, the item attribute map, when
+    the data set has one); unknown option names are refused."""
     check_options(options)
-    spec = build_input_spec(frame, profile_features, sequence_length, table_cap)
+    spec = build_input_spec(frame, profile_features, sequence_length, table_cap, items=items)
     model_kw = {k: options.pop(k) for k in list(options) if k in MODEL_OPTIONS}
     moe_kw = {k: options.pop(k) for k in list(options) if k in MOE_OPTIONS}
     model = ModelConfig(input_spec=spec, task_names=tasks, moe=MoEConfig(**moe_kw), **model_kw)

@@ -6,6 +6,8 @@ and benchmarks use any folder. Inside it:
     model.pt                        the final model (best evaluation): model_config, full
                                     tables, dense_arch state; what the export reads
     heldout_inputs.npz              up to 512 encoded test rows: the export's parity inputs
+    item_attributes.npz             with item attributes only: the model's item attribute map
+                                    (userembed.items), which the export ships with the ONNX
     train_config.json               the TrainConfig; `--resume` reads it back
     report.json                     test metrics, expert load, history, config
     loss.png, auc.png, expert_load.png      plots (TrainConfig.plots)
@@ -19,10 +21,12 @@ import json
 from pathlib import Path
 
 from trainer.config import TrainConfig
+from userembed.items import ItemAttributeMap
 
 FINAL_CHECKPOINT = "model.pt"
 HELDOUT_INPUTS = "heldout_inputs.npz"
 HELDOUT_ROWS = 512  # test rows kept in HELDOUT_INPUTS
+ITEM_ATTRIBUTES = "item_attributes.npz"
 TRAIN_CONFIG = "train_config.json"
 REPORT_FILE = "report.json"
 PLOT_FILES = ("loss.png", "auc.png", "expert_load.png")
@@ -39,6 +43,13 @@ class RunDir:
         self.heldout_inputs = self.root / HELDOUT_INPUTS
         self.train_config = self.root / TRAIN_CONFIG
         self.report = self.root / REPORT_FILE
+        self.item_attributes = self.root / ITEM_ATTRIBUTES
+
+    def items(self) -> ItemAttributeMap | None:
+        """The run's item attribute map; None for a model without item attributes."""
+        return (
+            ItemAttributeMap.load(self.item_attributes) if self.item_attributes.is_file() else None
+        )
 
     def plot(self, name: str) -> Path:
         """One of PLOT_FILES."""

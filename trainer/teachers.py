@@ -16,6 +16,7 @@ from trainer.checkpoint import has_checkpoint
 from trainer.config import TrainConfig
 from trainer.run_dir import RunDir
 from trainer.train import train
+from userembed.items import ItemAttributeMap
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ def teacher_config(cfg: TrainConfig, task: str, k: int = 0) -> TrainConfig:
     )
 
 
-def train_teachers(cfg: TrainConfig, frame: pd.DataFrame) -> list[str]:
+def train_teachers(
+    cfg: TrainConfig, frame: pd.DataFrame, items: ItemAttributeMap | None = None
+) -> list[str]:
     """Train the run's own teachers (those under <run dir>/teachers/) that have no final model
     yet, resuming one that was cut short; teachers elsewhere are other runs and are only read.
     Returns the teachers trained, as <task>-s<seed>. Under torchrun every rank calls this
@@ -64,7 +67,7 @@ def train_teachers(cfg: TrainConfig, frame: pd.DataFrame) -> list[str]:
             "teacher %d/%d %s: %s in %s", i, len(mine), name, "resuming" if partial else "training",
             run_dir,
         )  # fmt: skip
-        train(tcfg, frame, resume=partial)
+        train(tcfg, frame, resume=partial, items=items)
         trained.append(f"{task}-s{tcfg.seed}")
     if distributed:
         dist.barrier()  # rank 0 writes each teacher's model.pt; every rank reads them next

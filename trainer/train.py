@@ -44,6 +44,7 @@ from trainer.summary_loss import summary_loss_of
 from userembed.datasets.spec import SPLITS
 from userembed.errors import InvalidInputError
 from userembed.features import LONG_TERM_INPUT, PROFILE_INPUT
+from userembed.items import ItemAttributeMap
 from userembed.schema import LABEL_TIMESTAMP
 
 logger = logging.getLogger(__name__)
@@ -91,20 +92,22 @@ def check_splits(frame: pd.DataFrame) -> None:
     )
 
 
-def _encode(cfg: TrainConfig, frame: pd.DataFrame, ctx: DistContext) -> _Splits:
+def _encode(
+    cfg: TrainConfig, frame: pd.DataFrame, ctx: DistContext, items: ItemAttributeMap | None
+) -> _Splits:
     """The frame's three splits, encoded; the training rows carry the teachers' targets, every
     split the future targets of the self-supervised objective when it is on."""
     spec, tasks = cfg.model.input_spec, cfg.model.task_names
     train_rows = _rows(frame, "train")
-    train_split = encode_split(train_rows, spec, tasks)
+    train_split = encode_split(train_rows, spec, tasks, items)
     if cfg.teachers:
         train_split.teacher = teacher_probs(cfg.teachers, train_rows, tasks, log=ctx.is_main)
         if ctx.is_main:
             logger.info("distilling from teachers: %s", cfg.teachers)
     splits = _Splits(
         train_split,
-        encode_split(_rows(frame, "validation"), spec, tasks),
-        encode_split(_rows(frame, "test"), spec, tasks),
+        encode_split(_rows(frame, "validation"), spec, tasks, items),
+        encode_split(_rows(frame, "test"), spec, tasks, items),
     )
     if cfg.future_loss_weight > 0:
         for name in ("train", "validation", "test"):
@@ -364,12 +367,15 @@ def train(
     resume: bool = False,
     stop_after_steps: int | None = None,
     on_trained: Callable[[nn.Module, DistContext], None] | None = None,
+    items: ItemAttributeMap | None = None,
 ) -> TrainResult:
     """Train on `frame` (the feast_ops.training_frame layout) and write the run folder.
 
     stop_after_steps: end the process's work right after that step (after its checkpoint),
     as a kill would; used to test resume. Returns a result with no test metrics then.
     on_trained: called on every rank with the (possibly sharded) model after the last step.
+    items: the item attribute map, required iff the model's InputSpec has item attributes;
+    saved in the run folder (RunDir.item_attributes), which versions it with the model.
     """
     ctx = init_distributed()
     cfg = config
@@ -377,10 +383,14 @@ def train(
     run.root.mkdir(parents=True, exist_ok=True)
     tasks = cfg.model.task_names
     check_splits(frame)
-    splits = _encode(cfg, frame, ctx)
+    splits = _encode(cfg, frame, ctx, items)
     cfg = cfg.sized(len(splits.train), ctx.world_size)
     if ctx.is_main:
         run.write_config(cfg)
+        if items is not None:
+            items.save(run.item_attributes)
+        else:  # an earlier run in this folder must not lend its map to this model
+            run.item_attributes.unlink(missing_ok=True)
         logger.info(
             "train %d / validation %d / test %d rows, tasks %s, world size %d",
             len(splits.train),

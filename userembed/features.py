@@ -23,13 +23,16 @@ from typing import Any
 import numpy as np
 
 from userembed.errors import FeatureMismatchError
+from userembed.hashing import hash_ids  # part of this contract; kept in a leaf module
+from userembed.items import ItemAttributeMap, ItemAttributeSpec, encode_item_attributes
 
 BEHAVIOR_VIEW = "user_behavior"
 PROFILE_VIEW = "user_profile"
 
+ITEM_SEQ = "item_seq"  # the raw item ids, which the item attributes are looked up from
 # Behaviour sequence features (Feast Array(Int64)), oldest event first.
 SEQUENCE_FEATURES: tuple[str, ...] = (
-    "item_seq",
+    ITEM_SEQ,
     "category_seq",
     "event_type_seq",
     "gap_bucket_seq",
@@ -102,16 +105,6 @@ def gap_buckets(gap_seconds: np.ndarray) -> np.ndarray:
     b = 1 + np.floor(np.log2(1.0 + np.maximum(g, 0.0) / 60.0))
     b = np.minimum(b, NUM_GAP_BUCKETS - 1).astype(np.int64)
     return np.where(g < 0, 0, b)
-
-
-def hash_ids(raw: np.ndarray, num_embeddings: int) -> np.ndarray:
-    """Map raw ids (>= 0) to table rows 1..num_embeddings-1; negative ids (padding) map to 0.
-
-    Tables are sized from the data (max id + 2) up to a cap; below the cap this is id + 1 and
-    collision free, above it unseen or overflowing ids wrap (documented hashing policy).
-    """
-    raw = np.asarray(raw, dtype=np.int64)
-    return np.where(raw < 0, 0, 1 + np.mod(raw, num_embeddings - 1))
 
 
 @dataclass(frozen=True)
@@ -194,6 +187,9 @@ class InputSpec:
     hashing: str = "index = 1 + id mod (num_embeddings - 1); 0 = padding"
     padding: str = "oldest first, last sequence_length events, 0-padded at the end"
     long_term: LongTermSpec | None = None
+    # Item side information (userembed.items): one (B, L, K) input per attribute, looked up
+    # from the raw item ids with the model's own attribute map; () = a model without items.
+    item_attributes: tuple[ItemAttributeSpec, ...] = ()
 
     def feast_refs(self) -> list[str]:
         refs = [f.feast_ref for f in self.sequence_features + self.profile_features]
@@ -212,8 +208,16 @@ class InputSpec:
     def long_term_width(self) -> int:
         return self.long_term.width if self.long_term else 0
 
+    @property
+    def item_attribute_inputs(self) -> tuple[str, ...]:
+        """The encoder inputs of the item attributes, in InputSpec order."""
+        return tuple(a.input_name for a in self.item_attributes)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.item_attributes:  # a model without items keeps its manifest as it was
+            del d["item_attributes"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InputSpec:
@@ -226,6 +230,7 @@ class InputSpec:
             hashing=d.get("hashing", cls.hashing),
             padding=d.get("padding", cls.padding),
             long_term=LongTermSpec.from_dict(long_term) if long_term else None,
+            item_attributes=tuple(ItemAttributeSpec(**a) for a in d.get("item_attributes", ())),
         )
 
 
@@ -240,17 +245,24 @@ def pad_sequences(seqs: Sequence[Sequence[int] | None], length: int) -> np.ndarr
     return out
 
 
-def encode_inputs(rows: Mapping[str, Sequence[Any]], spec: InputSpec) -> dict[str, np.ndarray]:
+def encode_inputs(
+    rows: Mapping[str, Sequence[Any]], spec: InputSpec, items: ItemAttributeMap | None = None
+) -> dict[str, np.ndarray]:
     """Feature columns (as returned by Feast, one list entry per user) -> encoder inputs.
 
     Returns one (B, L) int64 array per sequence feature, named as the feature,
     `profile`: (B, P) int64 in `spec.profile_features` order, and with `spec.long_term`
-    `long_term`: (B, H) float32 (`encode_long_term`). Missing values become padding (a user
-    without long-term rows encodes as one without history).
+    `long_term`: (B, H) float32 (`encode_long_term`), and with `spec.item_attributes` one
+    (B, L, K) int64 per attribute (userembed.items.encode_item_attributes, from `items`, the
+    model's attribute map). Missing values become padding (a user without long-term rows
+    encodes as one without history).
     """
     out: dict[str, np.ndarray] = {}
     for f in spec.sequence_features:
-        out[f.name] = hash_ids(pad_sequences(rows[f.name], spec.sequence_length), f.num_embeddings)
+        raw = pad_sequences(rows[f.name], spec.sequence_length)
+        out[f.name] = hash_ids(raw, f.num_embeddings)
+        if f.name == ITEM_SEQ:
+            out.update(encode_item_attributes(raw, spec.item_attributes, items))
     n = len(next(iter(rows.values()))) if rows else 0
     profile = np.zeros((n, len(spec.profile_features)), dtype=np.int64)
     for j, f in enumerate(spec.profile_features):
@@ -386,7 +398,9 @@ def _tail_padded(
     return out
 
 
-def encode_arrow(columns: Mapping[str, Any], spec: InputSpec) -> dict[str, np.ndarray]:
+def encode_arrow(
+    columns: Mapping[str, Any], spec: InputSpec, items: ItemAttributeMap | None = None
+) -> dict[str, np.ndarray]:
     """Vectorised `encode_inputs` for Arrow data (a pyarrow Table / RecordBatch or a mapping of
     column name -> pyarrow array): list columns go from their offsets and values straight to
     the padded, hashed (B, L) arrays without a Python loop per user, and the long-term lists
@@ -410,6 +424,9 @@ def encode_arrow(columns: Mapping[str, Any], spec: InputSpec) -> dict[str, np.nd
         # hash the flat values first (fewer cells than (B, L)); padding is index 0
         hashed = _hash_flat(values, f.num_embeddings)
         out[f.name] = _tail_padded(hashed, offsets, valid, spec.sequence_length)
+        if f.name == ITEM_SEQ and spec.item_attributes:  # raw ids, -1 = padding
+            raw = _tail_padded(values + 1, offsets, valid, spec.sequence_length) - 1
+            out.update(encode_item_attributes(raw, spec.item_attributes, items))
     if not spec.sequence_features and spec.profile_features:
         n_rows = len(column(spec.profile_features[0].name))
     profile = np.zeros((n_rows, len(spec.profile_features)), dtype=np.int64)

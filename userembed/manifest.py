@@ -125,6 +125,9 @@ class Manifest:
     parity: Mapping[str, Any] = field(default_factory=dict)  # export checks, per variant
     attachments: tuple[FileEntry, ...] = ()  # report.json, plots
     format_version: int = FORMAT_VERSION
+    # The item attribute map (userembed.items) of a model with item attributes: versioned
+    # with the model, read by the server and the refresh; None (absent key) without them.
+    item_attributes: FileEntry | None = None
 
     def variant(self, name: str = "fp32") -> OnnxVariant:
         for v in self.variants:
@@ -142,7 +145,13 @@ class Manifest:
         for v in self.variants:
             out.extend(v.files())
         out.extend(self.attachments)
+        out.extend(self.model_files())
         return tuple(out)
+
+    def model_files(self) -> tuple[FileEntry, ...]:
+        """Files beside the ONNX variants that computing a vector needs (the item attribute
+        map); a loader verifies them with the variant it loads."""
+        return (self.item_attributes,) if self.item_attributes is not None else ()
 
     def with_version(self, version: str, created_at: str | None = None) -> Manifest:
         return replace(self, version=version, created_at=created_at or utc_now_iso())
@@ -165,6 +174,12 @@ class Manifest:
             "training_config": dict(self.training_config),
             "parity": dict(self.parity),
             "attachments": [a.to_dict() for a in self.attachments],
+            # Only with item attributes: a manifest without them stays as it was.
+            **(
+                {"item_attributes": self.item_attributes.to_dict()}
+                if self.item_attributes is not None
+                else {}
+            ),
         }
 
     def to_json(self) -> str:
@@ -333,6 +348,8 @@ def _parse(d: Any, source: str) -> Manifest:
         c.file(a, f"attachments[{i}]")
         for i, a in enumerate(c.get(d, "attachments", list, "attachments"))
     )
+    if input_spec.item_attributes and "item_attributes" not in d:
+        raise c.fail("item_attributes", "is missing: the input spec reads item attributes")
     return Manifest(
         format_version=fv,
         model_name=model_name,
@@ -346,4 +363,7 @@ def _parse(d: Any, source: str) -> Manifest:
         training_config=c.get(d, "training_config", dict, "training_config"),
         parity=c.get(d, "parity", dict, "parity"),
         attachments=attachments,
+        item_attributes=(
+            c.file(d["item_attributes"], "item_attributes") if "item_attributes" in d else None
+        ),
     )

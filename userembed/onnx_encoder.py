@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from userembed.errors import CorruptModelError
 from userembed.features import InputSpec, encode_inputs
+from userembed.items import ItemAttributeMap
 from userembed.manifest import USER_VECTOR_OUTPUT
 
 logger = logging.getLogger(__name__)
@@ -93,13 +94,14 @@ class OnnxEncoder:
         )
         return np.asarray(vectors, dtype=np.float32)
 
-    def smoke_test(self, spec: InputSpec) -> None:
-        """Run two all-padding users; refuse a model whose output is not (2, dim) and finite."""
+    def smoke_test(self, spec: InputSpec, items: ItemAttributeMap | None = None) -> None:
+        """Run two all-padding users; refuse a model whose output is not (2, dim) and finite.
+        `items`: the entry's item attribute map (a model with item attributes needs it)."""
         rows: dict[str, list] = dict.fromkeys(spec.feature_names(), [None, None])
         rows.update({f.name: [None, [1, 2, 3]] for f in spec.sequence_features})
         rows.update({f.name: [None, 1] for f in spec.profile_features})
         try:
-            out = self.run(encode_inputs(rows, spec))
+            out = self.run(encode_inputs(rows, spec, items))
         except CorruptModelError:
             raise
         except Exception as e:  # any onnxruntime failure means the model cannot serve

@@ -17,6 +17,7 @@ USERS_FILE = "users.parquet"
 LABELS_FILE = "labels.parquet"
 BEHAVIOR_FILE = "behavior.parquet"
 PROFILE_FILE = "profile.parquet"
+ITEMS_FILE = "items.parquet"  # optional (userembed.items): absent when the build had none
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FEATURE_REPO = Path(os.environ.get("USEREMBED_FEATURE_REPO", REPO_ROOT / "feature_repo"))

@@ -42,6 +42,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from userembed import paths
 from userembed.errors import CorruptModelError, InvalidInputError, ModelNotFoundError
+from userembed.items import ItemAttributeMap
 from userembed.manifest import (
     MANIFEST_FILE,
     FileEntry,
@@ -115,6 +116,12 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    def items(self) -> ItemAttributeMap | None:
+        """The verified item attribute map (userembed.items) of a model with item attributes,
+        None without; read it before `release()`."""
+        entry = self.manifest.item_attributes
+        return None if entry is None else ItemAttributeMap.load(self.local_dir / entry.path)
 
     def session_source(self) -> bytes | str:
         """What to pass to `onnxruntime.InferenceSession`: the verified bytes when the model is
@@ -337,7 +344,7 @@ class Registry:
             local_dir = Path(download_dir or tempfile.mkdtemp(prefix=f"userembed-{model}-"))
         problems: list[str] = []
         onnx_bytes = b""
-        for e in (*v.files(), *m.attachments):
+        for e in (*v.files(), *m.attachments, *m.model_files()):
             remote = f"{vdir}/{e.path}"
             keep = e is v.file
             try:
@@ -357,7 +364,7 @@ class Registry:
             raise CorruptModelError(
                 f"model {model}/{version} ({variant}) is corrupt: " + "; ".join(problems)
             )
-        n = len(v.files()) + len(m.attachments)
+        n = len(v.files()) + len(m.attachments) + len(m.model_files())
         logger.info("loaded %s/%s %s (verified %d files)", model, version, variant, n)
         return LoadedModel(
             manifest=m,

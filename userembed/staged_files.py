@@ -19,6 +19,7 @@ class StagedFiles:
 
     def __init__(self) -> None:
         self._staged: list[tuple[Path, Path]] = []  # (temporary, final)
+        self._removed: list[Path] = []
 
     def path(self, final: Path) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -28,15 +29,23 @@ class StagedFiles:
         self._staged.append((tmp, final))
         return tmp
 
+    def remove(self, final: Path) -> None:
+        """Delete `final` at commit (an optional file the new set does not have)."""
+        self._removed.append(final)
+
     def commit(self) -> None:
         for tmp, final in self._staged:
             tmp.replace(final)
+        for final in self._removed:
+            final.unlink(missing_ok=True)
         self._staged = []
+        self._removed = []
 
     def discard(self) -> None:
         for tmp, _ in self._staged:
             tmp.unlink(missing_ok=True)
         self._staged = []
+        self._removed = []
 
     def __enter__(self) -> StagedFiles:
         return self

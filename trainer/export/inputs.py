@@ -22,6 +22,7 @@ from userembed.features import (
     encode_inputs,
     encode_long_term,
 )
+from userembed.items import ItemAttributeMap
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ def random_inputs(spec: InputSpec, n: int, rng: np.random.Generator) -> Rows:
         f.name: np.where(valid, rng.integers(1, f.num_embeddings, size=(n, length)), 0)
         for f in spec.sequence_features
     }
+    for a in spec.item_attributes:  # (n, L, K): 0..K values per real event, none on padding
+        ids = rng.integers(1, a.num_embeddings, size=(n, length, a.max_values))
+        ids[rng.random(ids.shape) < 0.3] = 0
+        out[a.input_name] = np.where(valid[..., None], ids, 0)
     out[PROFILE_INPUT] = np.zeros((n, len(spec.profile_features)), np.int64)  # (n, P), P may be 0
     for j, f in enumerate(spec.profile_features):
         out[PROFILE_INPUT][:, j] = rng.integers(0, f.num_embeddings, size=n)
@@ -66,13 +71,19 @@ def random_long_term(lt: LongTermSpec, lens: np.ndarray, rng: np.random.Generato
     return encode_long_term(counts, lt)
 
 
-def load_heldout(path: str | Path, spec: InputSpec, max_rows: int = HELDOUT_ROWS) -> Rows:
+def load_heldout(
+    path: str | Path,
+    spec: InputSpec,
+    max_rows: int = HELDOUT_ROWS,
+    items: ItemAttributeMap | None = None,
+) -> Rows:
     """Held-out encoder inputs from a `.npz` of encoded arrays or a training-frame `.parquet`
-    (rows of split == 'test' when that column exists, encoded with encode_inputs)."""
+    (rows of split == 'test' when that column exists, encoded with encode_inputs and `items`,
+    the model's item attribute map)."""
     p = Path(path)
     if not p.exists():
         raise DataNotFoundError(f"held-out inputs {p} do not exist")
-    names = [f.name for f in spec.sequence_features] + [PROFILE_INPUT]
+    names = [f.name for f in spec.sequence_features] + [*spec.item_attribute_inputs, PROFILE_INPUT]
     names += [LONG_TERM_INPUT] if spec.long_term is not None else []
     if p.suffix == ".npz":
         with np.load(p) as z:
@@ -91,7 +102,7 @@ def load_heldout(path: str | Path, spec: InputSpec, max_rows: int = HELDOUT_ROWS
     missing = [c for c in cols if c not in frame.columns]
     if missing:
         raise InvalidInputError(f"{p}: columns {missing} are missing")
-    return encode_inputs({c: frame[c].tolist() for c in cols}, spec)
+    return encode_inputs({c: frame[c].tolist() for c in cols}, spec, items)
 
 
 def heldout_rows(
@@ -103,7 +114,7 @@ def heldout_rows(
     """(rows, where they came from) for parity: `heldout` (arrays, or a .npz/.parquet path),
     else the run's held-out inputs, else random rows from the InputSpec."""
     if isinstance(heldout, str | Path):
-        return load_heldout(heldout, spec), str(heldout)
+        return load_heldout(heldout, spec, items=run.items()), str(heldout)
     if heldout is not None:
         return as_inputs(heldout), "provided"
     if run.heldout_inputs.exists():

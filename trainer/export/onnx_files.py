@@ -22,7 +22,7 @@ DEFAULT_EXTERNAL_DATA_THRESHOLD_MB = 1536.0  # protobuf refuses files over 2 GB
 def export_onnx(enc: ExportableEncoder, path: Path, example: Mapping[str, np.ndarray]) -> None:
     """TorchScript-based exporter (dynamo=False): the dynamo exporter needs static forward
     arguments; this one exports the MoE with dynamic batch and length (shared/STACK.md)."""
-    dynamic = {n: {0: "batch", 1: "sequence"} for n in enc.sequence_names}
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in (*enc.sequence_names, *enc.attribute_names)}
     if PROFILE_INPUT in enc.input_names:
         dynamic[PROFILE_INPUT] = {0: "batch"}
     if LONG_TERM_INPUT in enc.input_names:

@@ -50,7 +50,7 @@ class ParityCheck:
         self.got_held, self.got_crafted = run_ort(sess, held), run_ort(sess, crafted)
         one = slice_rows(crafted, np.arange(1))
         half = max(1, enc.sequence_length // 2)
-        seqs = set(enc.sequence_names)
+        seqs = {*enc.sequence_names, *enc.attribute_names}  # every input with a length axis
         short = {k: (v[:, :half] if k in seqs else v) for k, v in held.items()}
         torchrec = torchrec_reference(model_pt, held, enc.cfg.input_spec)
         return {
@@ -146,7 +146,10 @@ def torchrec_reference(
     model = load_unsharded(model_pt)
     n = arrays[PROFILE_INPUT].shape[0]
     split = EncodedSplit(
-        sequences={f.name: arrays[f.name] for f in spec.sequence_features},
+        sequences={
+            n: arrays[n]
+            for n in (*(f.name for f in spec.sequence_features), *spec.item_attribute_inputs)
+        },
         profile=arrays[PROFILE_INPUT],
         labels=np.zeros((n, len(model.cfg.task_names)), np.float32),
         long_term=arrays.get(LONG_TERM_INPUT),

@@ -36,8 +36,8 @@ from trainer.export.parity import (
     check_parity,
 )
 from trainer.export.rebuild import ExportableEncoder, final_model, rebuild
-from trainer.run_dir import REPORT_FILE, RunDir
-from userembed.errors import InvalidInputError
+from trainer.run_dir import ITEM_ATTRIBUTES, REPORT_FILE, RunDir
+from userembed.errors import DataNotFoundError, InvalidInputError
 from userembed.features import PROFILE_INPUT, SERVING_FEATURE_SERVICE
 from userembed.manifest import FileEntry, Manifest, OnnxVariant, VectorSpec
 from userembed.registry import DEFAULT_MODEL, Registry
@@ -117,6 +117,7 @@ def export_model(
             entries.append(_variant(name, staging, path, v_ext, enc))
 
         attachments, metrics = _attachments(run_dir, staging)
+        item_attributes = _item_attributes(run_dir, staging, cfg)
         manifest = Manifest(
             model_name=model_name,
             vector=VectorSpec(dim=cfg.user_dim, dtype="float32", normalization="l2"),
@@ -128,6 +129,7 @@ def export_model(
             training_config=_training_config(run_dir, cfg),
             parity=parity,
             attachments=attachments,
+            item_attributes=item_attributes,
         )
         published = Registry(registry_root).publish(manifest, staging, aliases=tuple(aliases))
     finally:
@@ -178,6 +180,19 @@ def _attachments(run: RunDir, staging: Path) -> tuple[tuple[FileEntry, ...], dic
         shutil.copy2(p, staging / rel)
         entries.append(FileEntry.of(staging, rel))
     return tuple(entries), metrics
+
+
+def _item_attributes(run: RunDir, staging: Path, cfg: ModelConfig) -> FileEntry | None:
+    """The run's item attribute map, shipped in the entry (its sha256 in the manifest): the
+    server and the refresh look each event's item up in it before the encoder runs."""
+    if not cfg.input_spec.item_attributes:
+        return None
+    if not run.item_attributes.is_file():
+        raise DataNotFoundError(
+            f"{run.item_attributes}: the model reads item attributes but its run has no map"
+        )
+    shutil.copy2(run.item_attributes, staging / ITEM_ATTRIBUTES)
+    return FileEntry.of(staging, ITEM_ATTRIBUTES)
 
 
 def _training_config(run: RunDir, cfg: ModelConfig) -> dict[str, Any]:

@@ -7,7 +7,10 @@ encode_inputs` (one (B, L) int64 array per sequence feature, `profile` (B, P) in
 without profile features has no `profile` input, since the exporter drops an unused one and
 onnxruntime refuses an input the graph lacks; with long-term features `long_term` (B, H)
 float32, last), its outputs `user_vector` (B, V) and, with tasks, `task_scores` (B, T) =
-sigmoid(task logits).
+sigmoid(task logits). A model with item attributes takes one (B, L, K) int64 input per
+attribute after the sequence features (userembed.items.encode_item_attributes: the lookup of
+each event's item in the model's attribute map happens before the graph, where the server and
+the refresh hold the map), and pools each event's K rows as training did (trainer.tables).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from trainer.encoder import sequence_stats
 from trainer.model import load_final
 from trainer.moe import SparseMoeBlock
 from trainer.run_dir import RunDir
-from trainer.tables import table_name
+from trainer.tables import pool_values, table_name
 from userembed.errors import DataNotFoundError, InvalidInputError
 from userembed.features import LONG_TERM_INPUT, PROFILE_INPUT
 from userembed.manifest import TASK_SCORES_OUTPUT, USER_VECTOR_OUTPUT
@@ -46,15 +49,18 @@ class ExportableEncoder(nn.Module):
         self.sequence_length = spec.sequence_length
         self.profile_names = tuple(f.name for f in spec.profile_features)
         self.has_long_term = spec.long_term is not None
+        self.attribute_names = spec.item_attribute_inputs
         self.tables = nn.ModuleDict()
-        for f in spec.sequence_features + spec.profile_features:
-            w = tables[table_name(f.name)]
-            if tuple(w.shape) != (f.num_embeddings, cfg.embedding_dim):
+        sizes = [(f.name, f.num_embeddings) for f in spec.sequence_features + spec.profile_features]
+        sizes += [(a.input_name, a.num_embeddings) for a in spec.item_attributes]
+        for name, num_embeddings in sizes:
+            w = tables[table_name(name)]
+            if tuple(w.shape) != (num_embeddings, cfg.embedding_dim):
                 raise InvalidInputError(
-                    f"table {table_name(f.name)} has shape {tuple(w.shape)}, "
-                    f"config says ({f.num_embeddings}, {cfg.embedding_dim})"
+                    f"table {table_name(name)} has shape {tuple(w.shape)}, "
+                    f"config says ({num_embeddings}, {cfg.embedding_dim})"
                 )
-            self.tables[table_name(f.name)] = nn.Embedding.from_pretrained(
+            self.tables[table_name(name)] = nn.Embedding.from_pretrained(
                 w.detach().float(),
                 freeze=True,  # shares the loaded table: no copy
             )
@@ -65,7 +71,7 @@ class ExportableEncoder(nn.Module):
     def input_names(self) -> tuple[str, ...]:
         profile = (PROFILE_INPUT,) if self.profile_names else ()
         long_term = (LONG_TERM_INPUT,) if self.has_long_term else ()
-        return (*self.sequence_names, *profile, *long_term)
+        return (*self.sequence_names, *self.attribute_names, *profile, *long_term)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -73,13 +79,16 @@ class ExportableEncoder(nn.Module):
 
     def dense_forward(self, *inputs: Tensor) -> DenseOutput:
         """The lookups, then the dense arch: its full output (router stats included)."""
-        seqs = inputs[: len(self.sequence_names)]
+        named = dict(zip(self.input_names, inputs, strict=True))
+        seqs = [named[n] for n in self.sequence_names]
         seq_emb = {
             n: self.tables[table_name(n)](x) for n, x in zip(self.sequence_names, seqs, strict=True)
         }
+        for n in self.attribute_names:  # (B, L, K) -> (B, L, D), the mean of each event's rows
+            seq_emb[n] = pool_values(self.tables[table_name(n)](named[n]), named[n])
         mask = seqs[0] != 0  # (B, L): padding of the first (item) sequence, as in training
         if self.profile_names:
-            profile = inputs[len(self.sequence_names)]  # (B, P)
+            profile = named[PROFILE_INPUT]  # (B, P)
             profile_emb = torch.stack(
                 [
                     self.tables[table_name(n)](profile[:, j])
@@ -89,12 +98,12 @@ class ExportableEncoder(nn.Module):
             )  # (B, P, D): one id per bag, so the sum-pooled bag is the row itself
         else:
             profile_emb = seq_emb[self.sequence_names[0]][:, :0, :]  # (B, 0, D)
-        long_term = inputs[-1] if self.has_long_term else None  # (B, H) float32, always last
+        long_term = named[LONG_TERM_INPUT] if self.has_long_term else None  # (B, H) float32
         return self.dense_arch(
             seq_emb,
             mask,
             profile_emb,
-            sequence_stats(list(seqs), mask, self.sequence_length),
+            sequence_stats(seqs, mask, self.sequence_length),
             long_term,
         )
 

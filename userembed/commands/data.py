@@ -26,6 +26,8 @@ def _data_build(args: argparse.Namespace) -> int:
         users_path=args.users_file,
         labels_path=args.labels,
         movielens_path=args.path,
+        items=args.items,
+        items_path=args.items_file,
     )
     print(json.dumps(build_dataset(req)))
     return 0
@@ -83,6 +85,12 @@ def register(subparsers: Any) -> None:
     build.add_argument("--users-file", type=Path, help="parquet: users file")
     build.add_argument("--labels", type=Path, help="parquet: labels file")
     build.add_argument("--path", type=Path, help="movielens: ml-100k folder (default: recbole's)")
+    build.add_argument(
+        "--items",
+        action="store_true",
+        help="synthetic / movielens: also write the items table (every genre, price band, ...)",
+    )
+    build.add_argument("--items-file", type=Path, help="parquet: optional items file")
     build.set_defaults(func=_data_build)
 
     feast = subparsers.add_parser(

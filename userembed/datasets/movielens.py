@@ -5,7 +5,7 @@ atomic files: tab-separated, typed headers such as `user_id:token`). The folder 
 importlib.util.find_spec, never by importing recbole (which pulls in torch and more).
 
 Mapping: an event is a rating; event_type = the rating (1..5); category = the movie's first
-genre; profile = age_bucket, gender, occupation, region (first zip digit). Cuts are calendar
+genre (the optional items table, `load_movielens_items`, lists every genre); profile = age_bucket, gender, occupation, region (first zip digit). Cuts are calendar
 windows of three weeks ending at the data end, as many as the history holds (10 for the 31
 weeks of ml-100k); a label at cut c describes [c, c + 3 weeks) and is known at c + 3 weeks.
 docs/data.md lists the task definitions.
@@ -37,6 +37,9 @@ LABEL_DEFINITIONS: dict[str, str] = {
 }
 # ML-100K age buckets as in ML-1M: <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+.
 AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])
+# Release-year buckets of the items table: <1950, 1950s-60s, 1970s, 1980s, 1990-93, then one a
+# year (most of ml-100k's movies are from 1994-1998).
+RELEASE_YEAR_EDGES = np.array([1950, 1970, 1980, 1990, 1994, 1995, 1996, 1997, 1998])
 
 
 def default_path() -> Path:
@@ -129,6 +132,28 @@ def load_movielens(
         "movielens: %d users, %d events, %d label rows", len(users), len(events), len(labels)
     )
     return events, users, labels, spec
+
+
+def load_movielens_items(path: Path | None = None) -> pd.DataFrame:
+    """The items table of ML-100K: every genre of a movie (`categories`, codes of the sorted
+    genre names) and its release-year bucket (`release_year_bucket`, null when unknown)."""
+    folder = Path(path) if path is not None else default_path()
+    item = _read_atomic(folder / "ml-100k.item")
+    genres = item["class"].str.split(" ").map(lambda g: [x for x in g if x] or ["unknown"])
+    vocab = {v: i for i, v in enumerate(sorted({g for gs in genres for g in gs}))}
+    year = pd.to_numeric(item["release_year"], errors="coerce")
+    bucket = pd.array(
+        np.searchsorted(RELEASE_YEAR_EDGES, year.fillna(0).to_numpy(), side="right"),
+        dtype="Int64",
+    )
+    bucket[year.isna().to_numpy()] = pd.NA
+    return pd.DataFrame(
+        {
+            "item_id": item["item_id"].astype(np.int64),
+            "categories": [np.array([vocab[g] for g in gs], dtype=np.int64) for gs in genres],
+            "release_year_bucket": bucket,
+        }
+    )
 
 
 def labels_at_cuts(events: pd.DataFrame, cuts: list[pd.Timestamp]) -> pd.DataFrame:

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "cart", "purchase")  # codes 0..3
+PRICE_BANDS = 5  # the items table's price_bucket: 0 (cheapest fifth) .. 4
 TASKS: tuple[str, ...] = ("click", "purchase", "churn", "explore")
 LABEL_DEFINITIONS: dict[str, str] = {
     "click": "clicks anything in [cut, cut + horizon); rises with activity, engagement, focus",
@@ -140,7 +141,10 @@ def _draw_users(
     return users, Latents(z_act, engagement, buyer, z_explore, interests)
 
 
-def _draw_events(lat: Latents, cfg: SyntheticConfig, rng: np.random.Generator) -> pd.DataFrame:
+def _draw_events(
+    lat: Latents, cfg: SyntheticConfig, rng: np.random.Generator
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """(events, the item id of each (category, popularity rank), category-major)."""
     n, c = lat.interests.shape
     horizon = cfg.days * SECONDS_PER_DAY
     rate = cfg.median_events_per_day * np.exp(cfg.activity_sigma * lat.z_act)  # per day
@@ -186,7 +190,7 @@ def _draw_events(lat: Latents, cfg: SyntheticConfig, rng: np.random.Generator) -
     del u, w_click, w_cart, w_purchase
 
     start = pd.Timestamp(cfg.start)
-    return pd.DataFrame(
+    events = pd.DataFrame(
         {
             "user_id": user,
             "item_id": item,
@@ -197,6 +201,26 @@ def _draw_events(lat: Latents, cfg: SyntheticConfig, rng: np.random.Generator) -
             ).tz_localize("UTC"),
         }
     )
+    return events, item_ids
+
+
+def _items(item_ids: np.ndarray, cfg: SyntheticConfig, seed: int) -> pd.DataFrame:
+    """The catalogue: every item's category and a price band 0..PRICE_BANDS-1. Prices come
+    from their own generator (the events' draws stay as without items): a level per category
+    plus item noise, cut at quintiles, so the band says something about the category."""
+    rng = np.random.default_rng([seed, 1])
+    category = np.arange(len(item_ids)) // cfg.items_per_category
+    log_price = rng.normal(0.0, 1.0, cfg.num_categories)[category]
+    log_price += rng.normal(0.0, 0.5, len(item_ids))
+    edges = np.quantile(log_price, np.linspace(0, 1, PRICE_BANDS + 1)[1:-1])
+    items = pd.DataFrame(
+        {
+            "item_id": item_ids,
+            "categories": [np.array([c], dtype=np.int64) for c in category],
+            "price_bucket": np.searchsorted(edges, log_price).astype(np.int64),
+        }
+    )
+    return items.sort_values("item_id", ignore_index=True)
 
 
 def _draw_labels(
@@ -240,10 +264,24 @@ def generate_synthetic(
     Deterministic from `seed`. Every user gets a label row at every cut, including users with
     no event before it (their feature row has empty sequences).
     """
+    return generate_synthetic_with_items(
+        num_users, seed, config, model_profile_features, heldout_profile_features
+    )[:4]
+
+
+def generate_synthetic_with_items(
+    num_users: int,
+    seed: int = 0,
+    config: SyntheticConfig | None = None,
+    model_profile_features: tuple[str, ...] = ("age_bucket", "region"),
+    heldout_profile_features: tuple[str, ...] = ("gender", "occupation"),
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, DatasetSpec, pd.DataFrame]:
+    """`generate_synthetic` plus the items table (userembed.items): every item of the
+    catalogue with its category (`categories`, one each) and a price band (`price_bucket`)."""
     cfg = config or SyntheticConfig()
     rng = np.random.default_rng(seed)
     users, lat = _draw_users(num_users, cfg, rng)
-    events = _draw_events(lat, cfg, rng)
+    events, item_ids = _draw_events(lat, cfg, rng)
     labels, extra = _draw_labels(lat, cfg, rng)
     start = pd.Timestamp(cfg.start)
     cuts = [iso(start + pd.Timedelta(days=d)) for d in cfg.cut_days]
@@ -269,7 +307,7 @@ def generate_synthetic(
         len(labels),
         dict(spec.bayes_auc),
     )
-    return events, users, labels, spec
+    return events, users, labels, spec, _items(item_ids, cfg, seed)
 
 
 def true_probabilities(
