@@ -11,11 +11,13 @@ VENV=${VENV:-.venv}
 STAMP="$VENV/.userembed-installed"
 inputs_hash=$(cat pyproject.toml deploy/native/setup.sh | sha256sum | cut -d' ' -f1)
 
-# System packages from Debian: redis-server (the online store and vector store) and
-# docker-compose 1.29 (validates docker-compose.yml in the tests; no Docker engine needed).
+# System packages from Debian: redis-server (the online store and vector store),
+# docker-compose 1.29 (validates docker-compose.yml in the tests; no Docker engine needed) and
+# chromium (the headless browser that tests/ui/ opens the web page of `userembed ui` with).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} from Debian"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -9,11 +9,13 @@ everything (tests/test_demo.py runs the demo); `data build` runs with a missing 
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import random
 import re
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,15 +117,30 @@ def _serve_first_line(env: dict[str, str]) -> str:
         proc.wait(timeout=30)
 
 
+def _ui_front_page(env: dict[str, str]) -> str:
+    """`ui` starts like `serve`; its front page says what is missing."""
+    argv = [sys.executable, "-m", "userembed.commands", "ui", "--port", "0"]
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = re.search(r"http://\S+/", proc.stdout.readline())
+        assert url, "userembed ui printed no address"
+        with urllib.request.urlopen(url.group(0), timeout=30) as reply:
+            return html.unescape(reply.read().decode())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_the_cases_cover_every_command(tmp_path: Path) -> None:
-    covered = {_words(c.argv) for c in _cases(tmp_path / "home")} | {"serve", "status"}
+    covered = {_words(c.argv) for c in _cases(tmp_path / "home")} | {"serve", "status", "ui"}
     assert _leaf_commands(cli.build_parser()) - PRODUCERS == covered
 
 
 @pytest.mark.timeout(900)
 def test_every_command_in_any_order_answers_one_line(fresh_env: dict[str, str]) -> None:
     home = Path(fresh_env["USEREMBED_HOME"])
-    cases: list[Case | str] = [*_cases(home), "serve", "status"]
+    cases: list[Case | str] = [*_cases(home), "serve", "status", "ui"]
     seed = random.randrange(1 << 30)
     random.Random(seed).shuffle(cases)
     order = [c if isinstance(c, str) else " ".join(c.argv) for c in cases]
@@ -132,6 +149,10 @@ def test_every_command_in_any_order_answers_one_line(fresh_env: dict[str, str]) 
         if case == "serve":
             line = _serve_first_line(fresh_env)
             assert "NOT_SERVING" in line and "'userembed export" in line, (line, where)
+            continue
+        if case == "ui":
+            page = _ui_front_page(fresh_env)
+            assert "run 'userembed export --run RUN_DIR' first" in page, (page, where)
             continue
         if case == "status":
             proc = _run(("status",), fresh_env)

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import redis
 
-from userembed.commands import data, demo, refresh, registry, serve, status, train
+from userembed.commands import data, demo, refresh, registry, serve, status, train, ui
 from userembed.commands.logs import configure_logging
 from userembed.errors import UserEmbedError
 
@@ -36,6 +36,7 @@ COMMAND_MODULES: tuple[ModuleType, ...] = (
     refresh,  # refresh, rollback
     demo,  # demo: the main job end to end
     status,  # status: every stage and the next command
+    ui,  # ui: the read-only web page
 )
 
 
