@@ -294,7 +294,8 @@ def _trained_with(run_dir: Path, cfg: Any) -> bool:
     if not run.model.exists() or not run.train_config.exists():
         return False
     try:
-        return bool(run.read_config() == cfg)
+        saved = run.read_config()
+        return bool(saved == cfg.sized_like(saved))
     except (TypeError, KeyError, ValueError, InvalidInputError):  # an incompatible layout
         return False
 

@@ -102,6 +102,7 @@ MAX_EVAL_EVERY = 150  # steps between validation scores when an epoch is longer
 # climbs rates a model the self-supervised objectives have barely shaped, and on small data
 # (12 steps an epoch) patience alone would end the run inside the warm-up.
 MIN_STEPS_WARMUPS = 4
+SIZED_FIELDS = ("max_steps", "eval_every", "min_steps")  # what TrainConfig.sized fills in
 
 
 def steps_per_epoch(train_rows: int, batch_size: int, world_size: int = 1) -> int:
@@ -234,6 +235,12 @@ class TrainConfig:
         return replace(
             self, max_steps=max_steps, eval_every=eval_every, min_steps=min(min_steps, max_steps)
         )
+
+    def sized_like(self, saved: TrainConfig) -> TrainConfig:
+        """This config with the budget fields it leaves to `sized` (None) taken from `saved`,
+        a run's saved (sized) config: equal to `saved` iff that run trained this config."""
+        fill = {f: getattr(saved, f) for f in SIZED_FIELDS if getattr(self, f) is None}
+        return replace(self, **fill)
 
     @property
     def total_steps(self) -> int:

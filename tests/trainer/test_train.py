@@ -56,7 +56,9 @@ def test_short_cpu_run_beats_trivial_baseline_on_every_task(frame, tmp_path: Pat
         assert math.isclose(sum(layer["token_share"]), 1.0, rel_tol=1e-5)
     assert run.plots() == [run.plot(p) for p in PLOT_FILES]
     assert all(p.stat().st_size > 1000 for p in run.plots())
-    assert run.read_config() == cfg and run.heldout_inputs.is_file() and run.model.is_file()
+    saved = run.read_config()  # the sized config: min_steps filled in
+    assert saved == cfg.sized_like(saved) and saved.min_steps == 4 * cfg.warmup_steps
+    assert run.heldout_inputs.is_file() and run.model.is_file()
 
 
 def test_resumed_run_equals_uninterrupted_run(frame, tmp_path: Path) -> None:
