@@ -39,6 +39,20 @@ def pool_values(emb: Tensor, ids: Tensor) -> Tensor:
     return (emb * w).sum(dim=2) / w.sum(dim=2).clamp(min=1.0)
 
 
+def _configs(kind: Any, features: list[tuple[str, int]], embedding_dim: int) -> list[Any]:
+    """One table per (feature, rows), named `table_name(feature)`: EmbeddingConfig or
+    EmbeddingBagConfig (`kind`)."""
+    return [
+        kind(
+            name=table_name(name),
+            embedding_dim=embedding_dim,
+            num_embeddings=rows,
+            feature_names=[name],
+        )
+        for name, rows in features
+    ]
+
+
 class SparseArch(nn.Module):
     def __init__(self, spec: InputSpec, embedding_dim: int, device: torch.device | None = None):
         super().__init__()
@@ -48,46 +62,30 @@ class SparseArch(nn.Module):
         self.profile_names = tuple(f.name for f in spec.profile_features)
         self.item_attributes = spec.item_attributes
         # A second collection keeps `ec` exactly the tables the future objective looks up.
+        item_tables = [(a.input_name, a.num_embeddings) for a in spec.item_attributes]
         self.item_ec = (
             EmbeddingCollection(
-                tables=[
-                    EmbeddingConfig(
-                        name=table_name(a.input_name),
-                        embedding_dim=embedding_dim,
-                        num_embeddings=a.num_embeddings,
-                        feature_names=[a.input_name],
-                    )
-                    for a in spec.item_attributes
-                ],
-                device=device,
+                tables=_configs(EmbeddingConfig, item_tables, embedding_dim), device=device
             )
-            if spec.item_attributes
+            if item_tables
             else None
         )
         self.ec = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(
-                    name=table_name(f.name),
-                    embedding_dim=embedding_dim,
-                    num_embeddings=f.num_embeddings,
-                    feature_names=[f.name],
-                )
-                for f in spec.sequence_features
-            ],
+            tables=_configs(
+                EmbeddingConfig,
+                [(f.name, f.num_embeddings) for f in spec.sequence_features],
+                embedding_dim,
+            ),
             device=device,
         )
         # None without profile features: an empty collection fails at its first forward.
         self.ebc = (
             EmbeddingBagCollection(
-                tables=[
-                    EmbeddingBagConfig(
-                        name=table_name(f.name),
-                        embedding_dim=embedding_dim,
-                        num_embeddings=f.num_embeddings,
-                        feature_names=[f.name],
-                    )
-                    for f in spec.profile_features
-                ],
+                tables=_configs(
+                    EmbeddingBagConfig,
+                    [(f.name, f.num_embeddings) for f in spec.profile_features],
+                    embedding_dim,
+                ),
                 device=device,
             )
             if spec.profile_features
