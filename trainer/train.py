@@ -304,12 +304,16 @@ def _evaluate(
     elif counted:
         state["bad_evals"] += 1
     if ctx.is_main:
+        best = (
+            f"best {state['best_auc']:.4f} at {state['best_step']}"
+            if counted
+            else f"counts from step {cfg.min_steps}"
+        )
         logger.info(
-            "validation step %d score %.4f (best %.4f at %d) %s",
+            "validation step %d score %.4f (%s) %s",
             step,
             val_score,
-            state["best_auc"],
-            state["best_step"],
+            best,
             " ".join(
                 [f"{t}={m['auc']:.4f}" for t, m in metrics.items()]
                 + [f"{k}_auc={m['auc']:.4f}" for k, m in entry.get("future", {}).items()]
