@@ -27,6 +27,7 @@ import pandas as pd
 
 if TYPE_CHECKING:
     from userembed.datasets.spec import DatasetSpec
+    from userembed.items import ItemAttributeMap
 
 FUTURE_WEEKS = 9  # MovieLens-100K: 699 users with history before T, 132 of them active after
 TOP_CATEGORIES = 3  # per-genre (per-category) tasks for the most common ones
@@ -61,12 +62,14 @@ def hand_profile(
     at: pd.Timestamp,
     users: pd.DataFrame | None = None,
     profile_features: tuple[str, ...] = (),
+    item_categories: ItemAttributeMap | None = None,
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     """What a data scientist writes in twenty lines of pandas from a user's WHOLE history
     before `at`: category histogram (shares), event-type histogram, mean and std, log counts
     (all, last 7 and 28 days), log distinct items and categories, log days since the last and
     the first event, and the model's profile attributes one-hot. (N, F) rows in `user_ids`
-    order; a user without events gets zeros."""
+    order; a user without events gets zeros. `item_categories`: the category histogram counts
+    every category of each event's item (MovieLens: every genre), not the event's one."""
     ev = events[events["event_timestamp"] < at]
     idx = pd.Index(user_ids)
     row = idx.get_indexer(ev["user_id"].to_numpy())
@@ -75,11 +78,20 @@ def hand_profile(
     cats = int(ev["category_id"].max()) + 1 if len(ev) else 1
     kinds = int(ev["event_type"].max()) + 1 if len(ev) else 1
     cat_hist = np.zeros((n, cats))
-    np.add.at(cat_hist, (row, ev["category_id"].to_numpy()), 1.0)
+    if item_categories is None:
+        np.add.at(cat_hist, (row, ev["category_id"].to_numpy()), 1.0)
+    else:
+        values = np.concatenate(
+            list(item_categories.lookup(ev["item_id"].to_numpy(dtype=np.int64)).values()), axis=1
+        )  # (E, K), -1 = none
+        cats = max(cats, int(values.max(initial=0)) + 1)
+        cat_hist = np.zeros((n, cats))
+        has = values >= 0
+        np.add.at(cat_hist, (np.broadcast_to(row[:, None], values.shape)[has], values[has]), 1.0)
     kind = ev["event_type"].to_numpy(dtype=np.float64)
     type_hist = np.zeros((n, kinds))
     np.add.at(type_hist, (row, kind.astype(np.int64)), 1.0)
-    count = cat_hist.sum(axis=1)
+    count = type_hist.sum(axis=1)  # events
     denom = np.maximum(count, 1.0)[:, None]
     kind_sum = np.bincount(row, weights=kind, minlength=n)
     kind_sq = np.bincount(row, weights=kind * kind, minlength=n)
@@ -97,7 +109,7 @@ def hand_profile(
     items = np.zeros(n)
     items[distinct["item"].nunique().index] = distinct["item"].nunique().to_numpy()
     cols = [
-        cat_hist / denom,
+        cat_hist / np.maximum(cat_hist.sum(axis=1), 1.0)[:, None],
         type_hist / denom,
         kind_mean[:, None],
         kind_std[:, None],
@@ -150,6 +162,7 @@ def movielens_team_files(
         load_movielens_items,
     )
     from userembed.datasets.spec import to_utc
+    from userembed.items import history_attributes
     from userembed.schema import EVENT_COLUMNS
 
     events, users, _, spec = load_movielens()
@@ -174,8 +187,11 @@ def movielens_team_files(
         end,
         folder / "items.parquet" if items else None,
     )
+    genres = None
     if files.items is not None:
-        load_movielens_items().to_parquet(files.items, index=False)
+        team_items = load_movielens_items()
+        team_items.to_parquet(files.items, index=False)
+        genres = history_attributes(team_items)
     past[[c.name for c in EVENT_COLUMNS]].to_parquet(files.events, index=False)
     pd.DataFrame(
         {"user_id": user_ids, CONSTANT_PROFILE: np.zeros(len(user_ids), np.int64)}
@@ -183,7 +199,7 @@ def movielens_team_files(
     labels.to_parquet(files.labels, index=False)
 
     targets, definitions = _movielens_targets(users, future, user_ids, events)
-    profile, names = hand_profile(past, user_ids, start)
+    profile, names = hand_profile(past, user_ids, start, item_categories=genres)
     return files, ProbeData(user_ids, targets, definitions, profile, names)
 
 

@@ -9,7 +9,7 @@ padding, encode_long_term) exactly.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -22,8 +22,8 @@ from userembed.errors import SchemaError
 from userembed.features import (
     BEHAVIOR_VIEW,
     DEFAULT_SEQUENCE_LENGTH,
-    LONG_TERM_FEATURES,
     LONG_TERM_INPUT,
+    LT_ATTRIBUTE_COUNTS,
     PROFILE_INPUT,
     PROFILE_VIEW,
     SEQUENCE_FEATURES,
@@ -65,9 +65,11 @@ def build_input_spec(
     items: the data set's item attribute map (userembed.items): one input per attribute,
     its table sized from the map's values; None = a model without item attributes.
     """
+    # the item attribute histogram is optional (_long_term_spec); the other features are not
+    base = LongTermSpec(attribute_buckets=0).feature_names
     if long_term is None:
-        long_term = all(c in frame.columns for c in LONG_TERM_FEATURES)
-    required = (*SEQUENCE_FEATURES, *profile_features, *(LONG_TERM_FEATURES if long_term else ()))
+        long_term = all(c in frame.columns for c in base)
+    required = (*SEQUENCE_FEATURES, *profile_features, *(base if long_term else ()))
     for col in required:
         if col not in frame.columns:
             raise SchemaError("training frame", col, "is missing")
@@ -85,9 +87,19 @@ def build_input_spec(
             FeatureSpec(name=f, num_embeddings=size(f), view=PROFILE_VIEW) for f in profile_features
         ),
         feature_service=TRAINING_FEATURE_SERVICE,
-        long_term=LongTermSpec() if long_term else None,
+        long_term=_long_term_spec(frame, items) if long_term else None,
         item_attributes=items.specs(table_cap) if items is not None else (),
     )
+
+
+def _long_term_spec(frame: pd.DataFrame, items: ItemAttributeMap | None) -> LongTermSpec:
+    """The data build's parameters; the item attribute histogram only for a model with items
+    whose data has attribute values (a multi-valued attribute in the items table)."""
+    spec = LongTermSpec()
+    counts = frame[LT_ATTRIBUTE_COUNTS] if LT_ATTRIBUTE_COUNTS in frame.columns else None
+    if items is None or counts is None or not any(np.any(c) for c in counts if c is not None):
+        return replace(spec, attribute_buckets=0)
+    return spec
 
 
 def task_names_of(frame: pd.DataFrame) -> tuple[str, ...]:

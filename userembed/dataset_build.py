@@ -97,6 +97,7 @@ def build_dataset(req: BuildRequest) -> dict[str, Any]:
     every file was written.
     """
     from userembed.future_targets import add_future_targets
+    from userembed.items import history_attributes
     from userembed.snapshots import write_feature_tables
 
     t0 = time.perf_counter()
@@ -118,7 +119,13 @@ def build_dataset(req: BuildRequest) -> dict[str, Any]:
             staged.remove(out / paths.ITEMS_FILE)
         spec.write(staged.path(out / SPEC_FILE))
         tables = write_feature_tables(
-            events, users, spec, paths.offline_dir(), spec.sequence_length, staged
+            events,
+            users,
+            spec,
+            paths.offline_dir(),
+            spec.sequence_length,
+            staged,
+            history_attributes(items) if items is not None else None,
         )
         staged.commit()
     summary = {

@@ -50,6 +50,10 @@ PROFILE_INPUT = "profile"
 LT_CATEGORY_COUNTS = "lt_category_counts"  # [category_buckets]: events per category_id mod C
 LT_EVENT_TYPE_COUNTS = "lt_event_type_counts"  # [event_type_buckets]: per event_type mod E
 LT_WINDOW_COUNTS = "lt_window_counts"  # [len(window_days)]: events in the last d days
+# [attribute_buckets]: per value mod A of the items table's multi-valued attributes (genres,
+# tags: userembed.items.history_attributes), every value of each event's item; zeros without
+# an items table
+LT_ATTRIBUTE_COUNTS = "lt_attribute_counts"
 LT_DISTINCT_ITEMS = "lt_distinct_items"
 LT_DISTINCT_CATEGORIES = "lt_distinct_categories"  # raw category ids, before bucketing
 LT_SECONDS_SINCE_FIRST = "lt_seconds_since_first"  # tenure; -1 = no event yet
@@ -58,6 +62,7 @@ LONG_TERM_LIST_FEATURES: tuple[str, ...] = (
     LT_CATEGORY_COUNTS,
     LT_EVENT_TYPE_COUNTS,
     LT_WINDOW_COUNTS,
+    LT_ATTRIBUTE_COUNTS,
 )
 LONG_TERM_SCALAR_FEATURES: tuple[str, ...] = (
     LT_DISTINCT_ITEMS,
@@ -71,11 +76,12 @@ LONG_TERM_INPUT = "long_term"
 DEFAULT_CATEGORY_BUCKETS = 32  # MovieLens has 19 genres, the synthetic data 20 categories
 DEFAULT_EVENT_TYPE_BUCKETS = 8  # MovieLens ratings 1..5, synthetic event types 0..3
 DEFAULT_WINDOW_DAYS: tuple[int, ...] = (1, 7, 28)
+DEFAULT_ATTRIBUTE_BUCKETS = 32  # MovieLens has 19 genres
 # Scales that put the encoded logs near [0, 1]: 10,000 events, 10 years.
 LOG_COUNT_SCALE = math.log1p(10_000)
 LOG_DAYS_SCALE = math.log1p(3650)
 # The first columns of the encoded long-term input, in order (then the category shares, the
-# event-type shares and the window counts).
+# event-type shares, the window counts and, for a model with items, the attribute shares).
 LONG_TERM_SCALARS: tuple[str, ...] = (
     "has_history",  # 1 if the user has an event before the snapshot time
     "log_events",  # log1p(events) / LOG_COUNT_SCALE
@@ -130,21 +136,34 @@ class LongTermSpec:
     event_type_buckets: int = DEFAULT_EVENT_TYPE_BUCKETS
     window_days: tuple[int, ...] = DEFAULT_WINDOW_DAYS
     view: str = BEHAVIOR_VIEW
-    buckets: str = "bucket = id mod buckets (category_id, event_type)"
+    buckets: str = "bucket = id mod buckets (category_id, event_type, item attribute values)"
+    # 0: the model does not read the item attribute histogram (trained without an items
+    # table, or saved before the histogram existed); the data build always writes it
+    attribute_buckets: int = DEFAULT_ATTRIBUTE_BUCKETS
 
     def __post_init__(self) -> None:
         if self.category_buckets < 2 or self.event_type_buckets < 2:
             raise ValueError("long-term features need at least 2 buckets per histogram")
+        if self.attribute_buckets == 1 or self.attribute_buckets < 0:
+            raise ValueError("attribute_buckets must be 0 (none) or at least 2")
         object.__setattr__(self, "window_days", tuple(int(d) for d in self.window_days))
 
     @property
     def list_lengths(self) -> dict[str, int]:
-        """Feast list feature -> the number of values each row holds."""
-        return {
+        """Feast list feature the model reads -> the number of values each row holds."""
+        lengths = {
             LT_CATEGORY_COUNTS: self.category_buckets,
             LT_EVENT_TYPE_COUNTS: self.event_type_buckets,
             LT_WINDOW_COUNTS: len(self.window_days),
         }
+        if self.attribute_buckets:
+            lengths[LT_ATTRIBUTE_COUNTS] = self.attribute_buckets
+        return lengths
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The Feast features the model reads, lists first."""
+        return (*self.list_lengths, *LONG_TERM_SCALAR_FEATURES)
 
     @property
     def width(self) -> int:
@@ -158,10 +177,11 @@ class LongTermSpec:
             *(f"category_share_{b}" for b in range(self.category_buckets)),
             *(f"event_type_share_{b}" for b in range(self.event_type_buckets)),
             *(f"log_events_{d}d" for d in self.window_days),
+            *(f"attribute_share_{b}" for b in range(self.attribute_buckets)),
         )
 
     def feast_refs(self) -> list[str]:
-        return [f"{self.view}:{n}" for n in LONG_TERM_FEATURES]
+        return [f"{self.view}:{n}" for n in self.feature_names]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LongTermSpec:
@@ -171,6 +191,7 @@ class LongTermSpec:
             window_days=tuple(int(x) for x in d["window_days"]),
             view=d.get("view", BEHAVIOR_VIEW),
             buckets=d.get("buckets", cls.buckets),
+            attribute_buckets=int(d.get("attribute_buckets", 0)),
         )
 
 
@@ -202,7 +223,7 @@ class InputSpec:
     @property
     def long_term_names(self) -> tuple[str, ...]:
         """The long-term features the model reads (none without a long-term input)."""
-        return LONG_TERM_FEATURES if self.long_term else ()
+        return self.long_term.feature_names if self.long_term else ()
 
     @property
     def long_term_width(self) -> int:
@@ -273,7 +294,7 @@ def encode_inputs(
     out[PROFILE_INPUT] = profile
     if spec.long_term is not None:
         lt = spec.long_term
-        absent = [n for n in LONG_TERM_FEATURES if n not in rows]
+        absent = [n for n in lt.feature_names if n not in rows]
         if absent:
             raise FeatureMismatchError(
                 f"feature rows lack {absent}, which the model reads: the rows were built "
@@ -361,9 +382,11 @@ def encode_long_term(counts: Mapping[str, np.ndarray], spec: LongTermSpec) -> np
         ],
         axis=1,
     )  # (B, len(LONG_TERM_SCALARS))
-    out = np.concatenate(
-        [scalars, cat_share, type_share, np.log1p(windows) / LOG_COUNT_SCALE], axis=1
-    )  # (B, H)
+    parts = [scalars, cat_share, type_share, np.log1p(windows) / LOG_COUNT_SCALE]
+    if spec.attribute_buckets:
+        attr = np.asarray(counts[LT_ATTRIBUTE_COUNTS], dtype=np.float64)  # (B, A)
+        parts.append(attr / np.maximum(attr.sum(axis=1), 1.0)[:, None])
+    out = np.concatenate(parts, axis=1)  # (B, H)
     return out.astype(np.float32)
 
 

@@ -195,6 +195,14 @@ class ItemAttributeMap:
             return cls(z["item_ids"], values)
 
 
+def history_attributes(items: pd.DataFrame) -> ItemAttributeMap | None:
+    """The map of the validated items table's multi-valued attributes (genres, tags): the
+    values the long-term attribute histogram counts (userembed.features.LT_ATTRIBUTE_COUNTS);
+    None when the table has none."""
+    multi = tuple(a for a in items_frame(items, "items table") if a.multi)
+    return ItemAttributeMap.from_frame(items, multi) if multi else None
+
+
 def encode_item_attributes(
     raw_item_ids: np.ndarray,
     specs: tuple[ItemAttributeSpec, ...],

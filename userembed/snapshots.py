@@ -7,7 +7,8 @@ by Feast's point-in-time join (feature time <= label time) can never see an even
 its label time. The same row holds the user's long-term features
 (`userembed.features.LONG_TERM_FEATURES`): counts over ALL events strictly before s (category
 and event-type histograms, events in recent windows, distinct items and categories, seconds
-since the first and the last event). `profile.parquet` holds one row per user stamped at the
+since the first and the last event, and with an items table the histogram of its multi-valued
+attributes' values). `profile.parquet` holds one row per user stamped at the
 data start. Everything is vectorised: lexsorts once, then prefix counts, offsets, one gather
 and one bincount per histogram per snapshot.
 """
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 from userembed.datasets.spec import DatasetSpec, to_utc
 from userembed.features import (
     DEFAULT_SEQUENCE_LENGTH,
+    LT_ATTRIBUTE_COUNTS,
     LT_CATEGORY_COUNTS,
     LT_DISTINCT_CATEGORIES,
     LT_DISTINCT_ITEMS,
@@ -42,6 +44,7 @@ from userembed.features import (
     LongTermSpec,
     gap_buckets,
 )
+from userembed.items import ItemAttributeMap
 from userembed.paths import BEHAVIOR_FILE, PROFILE_FILE
 from userembed.staged_files import StagedFiles
 
@@ -67,6 +70,9 @@ class SortedEvents:
     # distinct count over any per-user prefix [first, end) is new[end] - new[first].
     new_items: np.ndarray
     new_categories: np.ndarray
+    # (E, K) the values of each event's item in the items table's multi-valued attributes
+    # (userembed.items.history_attributes), -1 = none; None without such attributes
+    attribute_values: np.ndarray | None = None
 
 
 def timestamps_ns(col: pd.Series) -> np.ndarray:
@@ -77,7 +83,10 @@ def timestamps_ns(col: pd.Series) -> np.ndarray:
     return ts.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().view(np.int64)
 
 
-def sort_events(events: pd.DataFrame, user_ids: np.ndarray) -> SortedEvents:
+def sort_events(
+    events: pd.DataFrame, user_ids: np.ndarray, history_items: ItemAttributeMap | None = None
+) -> SortedEvents:
+    """`history_items`: the map of the attributes the long-term attribute histogram counts."""
     uid = events["user_id"].to_numpy(dtype=np.int64)
     ts_ns = timestamps_ns(events["event_timestamp"])
     same_user = uid[1:] == uid[:-1]
@@ -111,7 +120,16 @@ def sort_events(events: pd.DataFrame, user_ids: np.ndarray) -> SortedEvents:
         user_index,
         _first_seen_prefix(user_index, cols["item_seq"]),
         _first_seen_prefix(user_index, cols["category_seq"]),
+        _attribute_values(history_items, cols["item_seq"]),
     )
+
+
+def _attribute_values(items: ItemAttributeMap | None, item_ids: np.ndarray) -> np.ndarray | None:
+    """(E, K) every value of each event's item over the map's attributes, -1 = none."""
+    if items is None or not items.names:
+        return None
+    looked_up = items.lookup(item_ids)  # {name: (E, K_a)}
+    return np.concatenate([looked_up[n] for n in items.names], axis=1)
 
 
 def _first_seen_prefix(user_index: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -145,6 +163,20 @@ def _histogram(
     """Per user, the events of `in_prefix` per bucket (value mod buckets) -> list<int64>[buckets]."""
     n = len(ev.user_ids)
     key = ev.user_index[in_prefix] * buckets + np.mod(values[in_prefix], buckets)
+    counts = np.bincount(key, minlength=n * buckets).astype(np.int64)  # (U * buckets,)
+    return _fixed_lists(counts, n, buckets)
+
+
+def _value_histogram(ev: SortedEvents, in_prefix: np.ndarray, buckets: int) -> pa.Array:
+    """Per user, the item attribute values of the events of `in_prefix` per bucket (value mod
+    buckets), every value of an item counted -> list<int64>[buckets]; zeros without values."""
+    n = len(ev.user_ids)
+    if ev.attribute_values is None or not buckets:
+        return _fixed_lists(np.zeros(n * buckets, dtype=np.int64), n, buckets)
+    values = ev.attribute_values[in_prefix]  # (E', K)
+    users = np.broadcast_to(ev.user_index[in_prefix][:, None], values.shape)
+    valid = values >= 0
+    key = users[valid] * buckets + np.mod(values[valid], buckets)
     counts = np.bincount(key, minlength=n * buckets).astype(np.int64)  # (U * buckets,)
     return _fixed_lists(counts, n, buckets)
 
@@ -184,6 +216,7 @@ def long_term_columns(
         LT_WINDOW_COUNTS: _fixed_lists(
             window_counts.astype(np.int64), n_users, len(lt.window_days)
         ),
+        LT_ATTRIBUTE_COUNTS: _value_histogram(ev, in_prefix, lt.attribute_buckets),
         LT_DISTINCT_ITEMS: pa.array(ev.new_items[end] - ev.new_items[ev.first]),
         LT_DISTINCT_CATEGORIES: pa.array(ev.new_categories[end] - ev.new_categories[ev.first]),
         LT_SECONDS_SINCE_FIRST: pa.array(np.where(has, (at_ns - first_ts) // 10**9, -1)),
@@ -243,6 +276,7 @@ def write_feature_tables(
     out_dir: Path,
     sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
     staged: StagedFiles | None = None,
+    history_items: ItemAttributeMap | None = None,
 ) -> dict[str, object]:
     """Write profile.parquet and behavior.parquet (one row group per snapshot) into out_dir.
 
@@ -251,7 +285,7 @@ def write_feature_tables(
     commits. Returns a summary of figures.
     """
     t0 = time.perf_counter()
-    ev = sort_events(events, users["user_id"].to_numpy(dtype=np.int64))
+    ev = sort_events(events, users["user_id"].to_numpy(dtype=np.int64), history_items)
     times = spec.snapshot_times
     files = staged if staged is not None else StagedFiles()
     tmp_behavior = files.path(out_dir / BEHAVIOR_FILE)

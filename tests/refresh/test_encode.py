@@ -164,6 +164,7 @@ def test_long_term_encoding_follows_the_documented_columns() -> None:
         "lt_category_counts": [[2, 2] + [0] * 30],  # category 33 -> bucket 1
         "lt_event_type_counts": [[0, 2, 0, 2] + [0] * 4],
         "lt_window_counts": [[1, 3, 4]],
+        "lt_attribute_counts": [[3, 1] + [0] * 30],  # genres of the items: 4 values
         "lt_distinct_items": [4],
         "lt_distinct_categories": [3],
         "lt_seconds_since_first": [9 * 86_400],
@@ -180,3 +181,9 @@ def test_long_term_encoding_follows_the_documented_columns() -> None:
     assert col["log_days_since_last"] == pytest.approx(np.log1p(1) / np.log1p(3650), rel=1e-6)
     assert col["log_days_since_first"] == pytest.approx(np.log1p(9) / np.log1p(3650), rel=1e-6)
     assert col["log_events_28d"] == pytest.approx(np.log1p(4) / np.log1p(10_000), rel=1e-6)
+    assert col["attribute_share_0"] == 0.75 and col["attribute_share_1"] == 0.25
+    # a model without items reads no attribute histogram, and its input is the same otherwise
+    no_items = replace(lt, attribute_buckets=0)
+    y = encode_inputs(rows, replace(SPEC, long_term=no_items))[LONG_TERM_INPUT][0]
+    assert y.tolist() == x[: no_items.width].tolist()
+    assert not any("lt_attribute_counts" in r for r in no_items.feast_refs())

@@ -19,7 +19,7 @@ from trainer.run_dir import FINAL_CHECKPOINT, RunDir
 from trainer.tables import table_name
 from trainer.train import train
 from userembed.errors import CorruptModelError
-from userembed.features import encode_inputs
+from userembed.features import LongTermSpec, encode_inputs
 from userembed.items import ItemAttributeMap, items_frame
 from userembed.registry import Registry
 
@@ -38,6 +38,19 @@ def item_map() -> ItemAttributeMap:
         }
     )
     return ItemAttributeMap.from_frame(items, items_frame(items, "test items"))
+
+
+def items_frame_of(n: int) -> pd.DataFrame:
+    """tiny_frame with the long-term attribute histogram the data build writes with the items
+    table: every tag of every event's item (the sequences stand in for the whole history)."""
+    frame = tiny_frame(n)
+    m = item_map()
+    buckets = LongTermSpec().attribute_buckets
+    frame["lt_attribute_counts"] = [
+        np.bincount(v[v >= 0] % buckets, minlength=buckets).tolist()
+        for v in (m.lookup(np.asarray(items, np.int64))["tags"] for items in frame["item_seq"])
+    ]
+    return frame
 
 
 def _config(run_dir: Path, frame: pd.DataFrame, items: ItemAttributeMap | None) -> TrainConfig:
@@ -61,7 +74,7 @@ def _config(run_dir: Path, frame: pd.DataFrame, items: ItemAttributeMap | None) 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    frame = tiny_frame(200)
+    frame = items_frame_of(200)
     out = tmp_path_factory.mktemp("items-run")
     train(_config(out, frame, item_map()), frame, items=item_map())
     return out
@@ -89,6 +102,7 @@ def test_a_model_without_items_keeps_its_spec_and_signature(tmp_path: Path) -> N
     cfg = _config(tmp_path, frame, None).model
     spec = cfg.input_spec
     assert "item_attributes" not in spec.to_dict() and not spec.item_attributes
+    assert spec.long_term is not None and spec.long_term.attribute_buckets == 0
     tables = {
         table_name(f.name): torch.zeros(f.num_embeddings, cfg.embedding_dim)
         for f in spec.sequence_features + spec.profile_features
@@ -110,6 +124,8 @@ def test_export_ships_the_map_and_matches_torchrec(run_dir: Path, tmp_path: Path
     m = result.manifest
     assert m.item_attributes is not None and m.item_attributes.path == "item_attributes.npz"
     assert m.variant("fp32").inputs[4:6] == ("item_tags_seq", "item_brand_seq")
+    # the items' tags reach the long-term input too (their whole-history histogram)
+    assert m.input_spec.long_term is not None and m.input_spec.long_term.attribute_buckets == 32
     fp32 = result.parity["fp32"]
     assert fp32["torchrec_vs_export_max_abs_diff"] <= 1e-4
     assert fp32["heldout"]["user_vector_max_abs_diff"] <= 1e-4
@@ -121,7 +137,7 @@ def test_export_ships_the_map_and_matches_torchrec(run_dir: Path, tmp_path: Path
     # Served path: raw rows + the shipped map -> onnxruntime == the TorchRec model.
     import onnxruntime as ort
 
-    frame = tiny_frame(200).head(24)
+    frame = items_frame_of(200).head(24)
     spec = m.input_spec
     inputs = encode_inputs({c: frame[c].tolist() for c in spec.feature_names()}, spec, items)
     sess = ort.InferenceSession(loaded.session_source(), providers=["CPUExecutionProvider"])

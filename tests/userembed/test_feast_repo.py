@@ -230,6 +230,7 @@ def test_pushed_behaviour_is_read_back_online(repo, redis_url: str) -> None:
             "lt_category_counts": [[0, 2, 1] + [0] * (LongTermSpec().category_buckets - 3)],
             "lt_event_type_counts": [[1, 1, 0, 1] + [0] * (LongTermSpec().event_type_buckets - 4)],
             "lt_window_counts": [[3] * len(LongTermSpec().window_days)],
+            "lt_attribute_counts": [[0, 1] + [0] * (LongTermSpec().attribute_buckets - 2)],
             "lt_distinct_items": [3],
             "lt_distinct_categories": [2],
             "lt_seconds_since_first": [600],

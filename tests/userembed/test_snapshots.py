@@ -18,6 +18,7 @@ from userembed.features import (
     LongTermSpec,
     gap_buckets,
 )
+from userembed.items import history_attributes
 from userembed.snapshots import (
     _first_seen_prefix,
     offline_latest,
@@ -42,9 +43,13 @@ def _reference(events: pd.DataFrame, user: int, at: pd.Timestamp, n: int) -> dic
     }
 
 
-def _long_term_reference(mine: pd.DataFrame, at: pd.Timestamp, lt: LongTermSpec) -> dict:
-    """Slow reference: the long-term features of one user's events (any order) at `at`."""
+def _long_term_reference(
+    mine: pd.DataFrame, at: pd.Timestamp, lt: LongTermSpec, genres: dict[int, list[int]]
+) -> dict:
+    """Slow reference: the long-term features of one user's events (any order) at `at`;
+    `genres`: item -> its values of the items table's multi-valued attribute."""
     past = mine[mine["event_timestamp"] < at]
+    values = [v % lt.attribute_buckets for i in past["item_id"] for v in genres.get(i, [])]
     cats = past["category_id"].to_numpy() % lt.category_buckets
     types = past["event_type"].to_numpy() % lt.event_type_buckets
     age = [(at - t).total_seconds() for t in past["event_timestamp"]]
@@ -52,6 +57,7 @@ def _long_term_reference(mine: pd.DataFrame, at: pd.Timestamp, lt: LongTermSpec)
         "lt_category_counts": np.bincount(cats, minlength=lt.category_buckets).tolist(),
         "lt_event_type_counts": np.bincount(types, minlength=lt.event_type_buckets).tolist(),
         "lt_window_counts": [sum(a <= d * 86400 for a in age) for d in lt.window_days],
+        "lt_attribute_counts": np.bincount(values, minlength=lt.attribute_buckets).tolist(),
         "lt_distinct_items": past["item_id"].nunique(),
         "lt_distinct_categories": past["category_id"].nunique(),
         "lt_seconds_since_first": int(max(age)) if age else -1,
@@ -81,19 +87,26 @@ def test_snapshot_holds_the_last_n_events_strictly_before_its_time(data) -> None
 
 def test_long_term_features_count_every_event_strictly_before_the_snapshot(data) -> None:
     """Every row of every snapshot against the raw events: the whole history, not the last 50,
-    and nothing at or after the snapshot time."""
+    and nothing at or after the snapshot time; the attribute histogram counts every value of
+    each event's item (values past the buckets wrap, items absent from the table count none)."""
     events, users, _, spec = data
     lt = LongTermSpec()
+    rng = np.random.default_rng(0)
+    item_ids = np.sort(events["item_id"].unique())[::2]  # half the items are in the table
+    genres = {int(i): rng.integers(0, 40, size=rng.integers(0, 4)).tolist() for i in item_ids}
+    items = pd.DataFrame({"item_id": list(genres), "genres": list(genres.values())})
+    history = history_attributes(items)
+    assert history is not None
     # Unsorted input: the build must not rely on the generator's order.
     shuffled = events.sample(frac=1.0, random_state=0)
-    ev = sort_events(shuffled, users["user_id"].to_numpy())
+    ev = sort_events(shuffled, users["user_id"].to_numpy(), history)
     by_user = dict(tuple(events.groupby("user_id")))
     empty = events.iloc[:0]
     checked = longer = 0
     for at in spec.snapshot_times:
         table = snapshot(ev, at, 50, lt).to_pydict()
         for i, user in enumerate(table["user_id"]):
-            ref = _long_term_reference(by_user.get(user, empty), at, lt)
+            ref = _long_term_reference(by_user.get(user, empty), at, lt, genres)
             for f in LONG_TERM_FEATURES:
                 assert table[f][i] == ref[f], (user, at, f)
             checked += 1
