@@ -76,7 +76,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "summary_loss_weight": (
         float,
         "weight of the whole-history objective (a linear read-out of the user vector rebuilds "
-        "the user's long-term features; default 3, 0 = off)",
+        f"the user's long-term features; default {TrainConfig.summary_loss_weight:g}, 0 = off)",
     ),
     "embedding_dim": (int, "table and transformer width D"),
     "num_layers": (int, "transformer blocks"),
