@@ -29,12 +29,14 @@ def own_teachers(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
 
 
 def teacher_config(cfg: TrainConfig, task: str, k: int = 0) -> TrainConfig:
-    """The config of teacher k of `task`."""
+    """The config of teacher k of `task`. No whole-history objective: a teacher's vector is
+    never served, only its task's predictions are used."""
     return cfg.with_(
         run_dir=own_teachers(cfg)[task][k],
         seed=cfg.seed + k,
         teachers=None,
         model=replace(cfg.model, task_names=(task,)),
+        summary_loss_weight=0.0,
     )
 
 

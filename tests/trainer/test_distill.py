@@ -37,7 +37,8 @@ def frame():  # type: ignore[no-untyped-def]
 def click_teacher(frame, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     run = tmp_path_factory.mktemp("teacher") / "click"
     cfg = tiny_config(str(run), frame, max_steps=40)
-    cfg = cfg.with_(model=replace(cfg.model, task_names=("click",)))
+    # as teacher_config trains one: its own task, no whole-history objective
+    cfg = cfg.with_(model=replace(cfg.model, task_names=("click",)), summary_loss_weight=0.0)
     train(cfg, frame)
     return run
 
@@ -144,6 +145,7 @@ def test_a_run_trains_its_own_teachers_resumes_a_cut_one_and_skips_finished_ones
     cfg = cfg.with_(teachers=own_teachers(cfg))
     buy = teacher_config(cfg, "buy", 1)  # the second buy teacher: the next seed
     assert buy.model.task_names == ("buy",) and buy.teachers is None and buy.seed == 6
+    assert buy.summary_loss_weight == 0.0 < cfg.summary_loss_weight  # its vector is never served
     assert buy.run_dir == str(tmp_path / "kd" / "teachers" / "buy-s6")
     train(buy, frame, stop_after_steps=10)  # cut short: a checkpoint, no model.pt
 

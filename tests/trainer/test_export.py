@@ -31,7 +31,6 @@ from trainer.train import train
 from userembed.commands import main as cli
 from userembed.errors import CorruptModelError, DataNotFoundError
 from userembed.features import (
-    LONG_TERM_FEATURES,
     LONG_TERM_INPUT,
     LongTermSpec,
     encode_inputs,
@@ -93,7 +92,7 @@ def test_export_publishes_entry_with_parity_figures_and_variants(
     assert m.variant("fp32").outputs == ("user_vector", "task_scores")
     # The long-term input: in every variant's inputs, its rules in the manifest's InputSpec.
     assert all(v.inputs[-1] == LONG_TERM_INPUT for v in m.variants)
-    assert m.input_spec.long_term == LongTermSpec()
+    assert m.input_spec.long_term == LongTermSpec(attribute_buckets=0)  # no items table
     assert m.task_names == ("click", "buy") and "test" in m.metrics
     assert m.input_spec.feature_service == "user_serving_v1"
     assert m.training_config["model"]["embedding_dim"] == 16
@@ -104,7 +103,7 @@ def test_export_publishes_entry_with_parity_figures_and_variants(
     sess = ort.InferenceSession(loaded.session_source(), providers=["CPUExecutionProvider"])
     frame = tiny_frame(200)
     cols = m.input_spec.feature_names()
-    assert set(LONG_TERM_FEATURES) <= set(cols)
+    assert set(LongTermSpec(attribute_buckets=0).feature_names) <= set(cols)
     inputs = encode_inputs({c: frame[c].tolist()[:16] for c in cols}, m.input_spec)
     vec, scores = sess.run(None, inputs)
     cfg, tables, dense = load_final(run_dir / FINAL_CHECKPOINT)
@@ -196,7 +195,7 @@ def test_export_that_mangles_the_long_term_path_fails_parity(
 def test_held_out_inputs_of_a_run_carry_the_long_term_input(run_dir: Path) -> None:
     with np.load(run_dir / "heldout_inputs.npz") as z:
         lt = z[LONG_TERM_INPUT]
-    assert lt.dtype == np.float32 and lt.shape == (40, LongTermSpec().width)
+    assert lt.dtype == np.float32 and lt.shape == (40, LongTermSpec(attribute_buckets=0).width)
     assert (lt[:, 0] == 1).all()  # has_history: the test rows of the tiny frame all have one
 
 

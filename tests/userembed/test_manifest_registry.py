@@ -96,11 +96,19 @@ def test_long_term_rules_round_trip_and_an_older_manifest_has_none(tmp_path: Pat
     """The long-term parameters travel in the manifest; a manifest written before the input
     existed has no `long_term` key: its model reads no long-term feature."""
     m = make_staging(tmp_path / "s")
-    lt = LongTermSpec(category_buckets=16, window_days=(7,))
+    lt = LongTermSpec(category_buckets=16, window_days=(7,), attribute_buckets=4)
     with_lt = replace(m, input_spec=replace(SPEC, long_term=lt))
     back = parse_manifest(with_lt.to_json(), "m.json")
-    assert back.input_spec.long_term == lt and back.input_spec.long_term_width == 9 + 16 + 8 + 1
+    assert back.input_spec.long_term == lt
+    assert back.input_spec.long_term_width == 9 + 16 + 8 + 1 + 4
     assert "user_behavior:lt_category_counts" in back.input_spec.feast_refs()
+    assert "user_behavior:lt_attribute_counts" in back.input_spec.feast_refs()
+    # long-term rules written before the item attribute histogram existed: it reads none
+    d = with_lt.to_dict()
+    d["input_spec"]["long_term"].pop("attribute_buckets")
+    older = parse_manifest(json.dumps(d), "older.json").input_spec
+    assert older.long_term is not None and older.long_term.attribute_buckets == 0
+    assert "user_behavior:lt_attribute_counts" not in older.feast_refs()
     d = m.to_dict()
     d["input_spec"].pop("long_term")
     old = parse_manifest(json.dumps(d), "old.json")

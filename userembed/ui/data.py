@@ -269,7 +269,8 @@ def transfer_tables(folder: str | Path) -> list[TransferTable]:
                 for rep, values in summary.get("vs_profile", {}).items()
             )
             table = TransferTable(
-                source=str(report.get("source", path.stem)),
+                # the source, `-items` for a run with the items table (bench/transfer_report.py)
+                source=str(report.get("section", report.get("source", path.stem))),
                 generated=str(report.get("generated", "")),
                 command=str(report.get("command", "")),
                 path=str(path),
