@@ -66,8 +66,11 @@ SUITES: tuple[Suite, ...] = (
         "serving", "serving.py",
         {
             "full": ("--users", "20000"),
-            "quick": ("--users", "20000", "--scale", "0.25", "--rss-requests", "20000"),
+            # 5 alternating rounds: on a shared machine single runs swing 2-5x
+            "quick": ("--users", "20000", "--scale", "0.25", "--rss-requests", "20000",
+                      "--rounds", "5"),
             "smoke": ("--users", "200", "--feast-users", "100", "--scale", "0.02",
+                      "--zipf-users", "2000",
                       "--no-feast-serve", "--rss-requests", "0",
                       "--baseline-env", "USEREMBED_READ_HOLD_MS=0"),
         },

@@ -54,6 +54,14 @@ def serving_figures(r: dict[str, Any], refs: dict[str, Any]) -> list[Figure]:
                     "req/s", "echo + one HMGET of the vector", _num(row, "echo_redis_req_s"),
                 )
             )  # fmt: skip
+        if "one_worker_req_s" in row:
+            out.append(
+                Figure(
+                    "serving", f"stored path req/s, 1 worker, concurrency {conc}",
+                    _num(row, "one_worker_req_s"), "req/s", "no-op gRPC echo server",
+                    _num(row, "echo_req_s"),
+                )
+            )  # fmt: skip
         if str(conc) in bench:
             out.append(
                 Figure(
@@ -69,7 +77,39 @@ def serving_figures(r: dict[str, Any], refs: dict[str, Any]) -> list[Figure]:
                 "raw redis-py MGET", _num(b, "raw_mget_users_s"),
             )
         )  # fmt: skip
+    if "one_worker" in b:
+        out.append(
+            Figure(
+                "serving", "batch path users/s (100 per call), 1 worker",
+                _num(b, "one_worker", "users_s"), "users/s", "raw redis-py MGET",
+                _num(b, "raw_mget_users_s"),
+            )
+        )  # fmt: skip
     m = r.get("miss_path", {})
+    if "one_worker" in m:
+        out.append(
+            Figure(
+                "serving", "miss path users/s, 1 worker", _num(m, "one_worker", "users_s"),
+                "users/s", "raw onnxruntime, same batch", _num(m, "raw_onnxruntime_users_s"),
+            )
+        )  # fmt: skip
+    z = r.get("zipf", {})
+    for conc, row in sorted(z.get("by_concurrency", {}).items(), key=lambda kv: int(kv[0])):
+        for side, label in (("cached", "vector cache on"),
+                            ("cached_one_worker", "vector cache on, 1 worker"),
+                            ("server", "vector cache off")):  # fmt: skip
+            if side not in row:
+                continue
+            hit = row[side].get("hit_ratio")
+            out.append(
+                Figure(
+                    "serving",
+                    f"Zipf({z['exponent']}) over {z['users']:,} users, {label}, concurrency "
+                    f"{conc}" + (f" (hit ratio {hit})" if hit is not None else ""),
+                    _num(row, side, "req_s"), "req/s", "no-op gRPC echo server",
+                    _num(row, "echo_req_s"),
+                )
+            )  # fmt: skip
     if m:
         out.append(
             Figure(
@@ -92,6 +132,15 @@ def serving_figures(r: dict[str, Any], refs: dict[str, Any]) -> list[Figure]:
                 if _num(row, "server_req_s") and row.get("server_speedup") else None,
             )
         )  # fmt: skip
+        if row.get("zipf_cached_speedup"):
+            out.append(
+                Figure(
+                    "serving", f"Zipf stored path, vector cache on, vs feast serve, concurrency "
+                    f"{conc}", _num(row, "zipf_cached_req_s"), "req/s",
+                    "feast serve (HTTP, 1 worker)",
+                    _num(row, "zipf_cached_req_s") / row["zipf_cached_speedup"],
+                )
+            )  # fmt: skip
     return out
 
 

@@ -43,6 +43,13 @@ from bench.common import private_redis
 from bench.serving_data import DIM, ENCODERS, SEQ_LEN, prepare
 from bench.serving_load import ENTRY
 from bench.serving_measure import ServingBench, aims, start_server
+from bench.serving_zipf import (
+    admission_hit_ratios,
+    extend_vectors,
+    start_cached,
+    world_model_version,
+    zipf_path,
+)
 from userembed import processes
 
 
@@ -69,22 +76,38 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         url = stack.enter_context(private_redis(root))
         world = prepare(root, url, args.users, args.encoder)
         env = world.env
+        extend_vectors(world, args.zipf_users, world_model_version(url))
+        result["cache_admission"] = admission_hit_ratios(args.zipf, args.zipf_users)
         serve = [str(Path(sys.executable).parent / "userembed"), "serve", "--port", "0"]
         echo_argv = [sys.executable, str(ENTRY), "--role", "echo"]
         read_spec = ["--spec", json.dumps({"read_redis": url})]
-        server = start_server(stack, "server", serve, env)
+        # the Redis path: the default workers, vector cache off; the same as one process
+        no_cache = {**env, "USEREMBED_VECTOR_CACHE_MB": "0"}
+        server = start_server(stack, "server", serve, no_cache)
+        one_worker = start_server(
+            stack, "one_worker", serve, {**no_cache, "USEREMBED_WORKERS": "1"}
+        )
+        # the defaults (vector cache on), and one process of them, for Zipf traffic
+        cached = start_cached(stack, "cached", serve, env)
+        cached_1w = start_cached(
+            stack, "cached_one_worker", serve, {**env, "USEREMBED_WORKERS": "1"}
+        )
         echo = start_server(stack, "echo", echo_argv, env)
         echo_redis = start_server(stack, "echo_redis", echo_argv + read_spec, env)
-        sides = [echo, echo_redis, server]  # each round runs them in this order
+        sides = [echo, echo_redis, server, one_worker]  # each round runs them in this order
         if baseline:  # the same server with other settings, side by side
             sides.append(start_server(stack, "baseline", serve, {**env, **baseline}))
-        bench = ServingBench(args, world, server, result)
+        bench = ServingBench(args, world, server, result, one_worker=one_worker, zipf_side=cached)
+        result["workers"] = load_settings().worker_count()
+        result["vector_cache_mb"] = served.vector_cache_mb
         bench.warm_up()
         bench.stored_path(sides)
         if baseline:
             result["baseline_env"] = baseline
-        processes.stop(echo.proc)  # done: their cores go back to the server
-        processes.stop(echo_redis.proc)
+        processes.stop(echo_redis.proc)  # done: its cores go back to the server
+        zipf_path(bench, echo, [cached, cached_1w], [server])
+        processes.stop(echo.proc)
+        processes.stop(cached_1w.proc)
         bench.rss("after_stored")
         bench.batch_path()
         bench.miss_path()
@@ -116,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies request counts")
     ap.add_argument("--no-feast-serve", dest="feast_serve", action="store_false")
     ap.add_argument("--rounds", type=int, default=3, help="alternating echo/server runs")
+    ap.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the cached runs")
+    ap.add_argument("--zipf-users", type=int, default=100_000, help="users of the Zipf traffic")
     ap.add_argument(
         "--baseline-env",
         default="",

@@ -184,6 +184,7 @@ def long_term_columns(rows: dict[str, Any]) -> dict[str, list[Any]]:
     """The behaviour view's long-term counts, taken from each user's events in `rows` (the
     Feast view declares them, so the offline file must hold them)."""
     from userembed.features import (
+        LT_ATTRIBUTE_COUNTS,
         LT_CATEGORY_COUNTS,
         LT_DISTINCT_CATEGORIES,
         LT_DISTINCT_ITEMS,
@@ -205,6 +206,7 @@ def long_term_columns(rows: dict[str, Any]) -> dict[str, list[Any]]:
             LT_DISTINCT_CATEGORIES,
             LT_SECONDS_SINCE_FIRST,
             LT_SECONDS_SINCE_LAST,
+            LT_ATTRIBUTE_COUNTS,
         )
     }
     for items, cats, types in zip(
@@ -224,6 +226,7 @@ def long_term_columns(rows: dict[str, Any]) -> dict[str, list[Any]]:
         out[LT_DISTINCT_CATEGORIES].append(len(set(cats)))
         out[LT_SECONDS_SINCE_FIRST].append(30 * 86_400)
         out[LT_SECONDS_SINCE_LAST].append(3_600)
+        out[LT_ATTRIBUTE_COUNTS].append([0] * spec.attribute_buckets)  # no items table here
     return out
 
 

@@ -11,6 +11,7 @@ gRPC (`client` "h2", bench/h2grpc.py, about 50 us of CPU per call; "grpcio": grp
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import subprocess
@@ -128,6 +129,7 @@ async def grpc_load(spec: dict[str, Any]) -> dict[str, Any]:
     sources: dict[int, int] = {}
     count = 0
     get, batch, failure, close = await _client(spec)
+    pick = user_picker(spec, rng, users)
 
     def error_name(e: Exception) -> str:
         code = getattr(e, "code", None)
@@ -135,7 +137,7 @@ async def grpc_load(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def one() -> None:
         if batched:
-            ids = [str(rng.randrange(users)) for _ in range(spec.get("ids", 100))]
+            ids = [pick() for _ in range(spec.get("ids", 100))]
             req = pb.BatchGetUserEmbeddingsRequest(
                 user_ids=ids,
                 packed=True,
@@ -148,7 +150,7 @@ async def grpc_load(spec: dict[str, Any]) -> dict[str, Any]:
             if len(resp.packed.vectors) != len(ids) * DIM:  # zeros where an id failed
                 errors["bad_reply"] = errors.get("bad_reply", 0) + 1
         else:
-            uid = str(rng.randrange(users))
+            uid = pick()
             resp = await get(pb.GetUserEmbeddingRequest(user_id=uid, prefer=prefer))
             e = resp.embedding
             if e.user_id != uid or len(e.vector) != DIM:
@@ -188,6 +190,18 @@ async def grpc_load(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def user_picker(spec: dict[str, Any], rng: random.Random, users: int) -> Any:
+    """() -> a user id: uniform over `users`, or with `zipf` (the exponent) Zipf-distributed
+    ranks over `users` (user 0 the hottest), drawn ahead of time."""
+    a = spec.get("zipf")
+    if not a:
+        return lambda: str(rng.randrange(users))
+    g = np.random.default_rng(rng.randrange(2**32))
+    draws = g.zipf(a, size=1 << 20)
+    ids = [str(x) for x in (draws[draws <= users] - 1).tolist()]
+    return itertools.cycle(ids).__next__
+
+
 async def _client(spec: dict[str, Any]) -> tuple[Any, Any, tuple[type[Exception], ...], Any]:
     """(get, batch, failure exception types, close) of the `client` the spec names."""
     from embed_server._proto import embedding_service_pb2 as pb
@@ -196,22 +210,31 @@ async def _client(spec: dict[str, Any]) -> tuple[Any, Any, tuple[type[Exception]
         from bench.h2grpc import CallFailed, H2Channel, request_headers
 
         host, _, port = spec["target"].rpartition(":")
-        channel = await H2Channel.connect(host, int(port))
+        # several connections: a server of several worker processes (SO_REUSEPORT) spreads
+        # connections, not calls, over its workers; calls take the connections in turn
+        channels = [
+            await H2Channel.connect(host, int(port)) for _ in range(spec.get("connections", 1))
+        ]
+        turn = itertools.cycle(channels).__next__
         get_h = request_headers(spec["target"], SERVICE + "GetUserEmbedding")
         batch_h = request_headers(spec["target"], SERVICE + "BatchGetUserEmbeddings")
 
         async def get(req: Any) -> Any:
             return pb.GetUserEmbeddingResponse.FromString(
-                await channel.call(get_h, req.SerializeToString())
+                await turn().call(get_h, req.SerializeToString())
             )
 
         async def batch(req: Any) -> Any:
             return pb.BatchGetUserEmbeddingsResponse.FromString(
-                await channel.call(batch_h, req.SerializeToString())
+                await turn().call(batch_h, req.SerializeToString())
             )
 
         async def close() -> None:
-            channel.close()
+            for channel in channels:
+                if channel.next_id > 1:
+                    channel.close()  # GOAWAY names the last stream: only after one
+                elif channel.transport is not None:
+                    channel.transport.close()  # a connection no call took (few calls)
 
         return get, batch, (CallFailed,), close
 

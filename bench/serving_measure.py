@@ -6,6 +6,7 @@ Each adds its section to the result; `aims` reads them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import time
 from contextlib import ExitStack
@@ -36,8 +37,13 @@ class Side:
     def cpu_s(self) -> float:
         import psutil
 
-        c = psutil.Process(self.proc.pid).cpu_times()
-        return c.user + c.system
+        root = psutil.Process(self.proc.pid)
+        total = 0.0
+        for p in (root, *root.children(recursive=True)):  # a server's worker processes too
+            with contextlib.suppress(psutil.Error):
+                c = p.cpu_times()
+                total += c.user + c.system
+        return total
 
 
 def start_server(stack: ExitStack, name: str, argv: list[str], env: dict[str, str]) -> Side:
@@ -59,17 +65,27 @@ class ServingBench:
     result: dict[str, Any]
     calls: int = 0
     rss_trace: dict[str, int] = field(default_factory=dict)
+    one_worker: Side | None = None  # the same server as one process, beside it on each path
+    zipf_side: Side | None = None  # the server with its vector cache, Zipf traffic (feast serve)
 
     def load(self, target: str, procs: int = 1, **kw: Any) -> dict[str, Any]:
         """One closed-loop run of `kw["requests"]` calls against `target` from `procs`
         generator processes."""
-        g = {"users": self.args.users, "seed": 1, "client": self.args.client}
+        # a connection per caller up to 8: SO_REUSEPORT spreads connections over the workers
+        connections = min(8, int(kw.get("concurrency", 1)))
+        g = {"users": self.args.users, "seed": 1, "client": self.args.client,
+             "connections": connections}  # fmt: skip
         return run_grpc_load(self.world.env, procs, target=target, **{**g, **kw})
 
     def rss(self, label: str) -> int:
         import psutil
 
-        self.rss_trace[label] = rss = psutil.Process(self.server.proc.pid).memory_info().rss
+        root = psutil.Process(self.server.proc.pid)
+        rss = 0
+        for p in (root, *root.children(recursive=True)):  # the parent and its workers
+            with contextlib.suppress(psutil.Error):
+                rss += p.memory_info().rss
+        self.rss_trace[label] = rss
         return rss
 
     def warm_up(self) -> None:
@@ -114,9 +130,13 @@ class ServingBench:
             )
         self.result["stored_path"] = {c: stored_row(m, cpu_us[c]) for c, m in med.items()}
 
-    def server_load(self, mode: str, concurrency: int, calls: int, ids: int = 1) -> dict[str, Any]:
-        """One run against the server; users/s is its figure (as req_s, for median_of)."""
-        res = self.load(self.server.target, self.args.load_procs, mode=mode,
+    def server_load(
+        self, mode: str, concurrency: int, calls: int, ids: int = 1, side: Side | None = None
+    ) -> dict[str, Any]:
+        """One run against the server (or `side`); users/s is its figure (as req_s, for
+        median_of)."""
+        target = (side or self.server).target
+        res = self.load(target, self.args.load_procs, mode=mode,
                         concurrency=concurrency, requests=calls, ids=ids)  # fmt: skip
         self.calls += calls + warm_up_calls(calls)
         return {**res, "req_s": res["users_s"]}
@@ -124,9 +144,12 @@ class ServingBench:
     def batch_path(self) -> None:
         """100 ids per call, stored, alternated with raw redis-py MGET of the same vectors."""
         s, rounds = self.args.scale, self.args.rounds
-        b_runs, mget_runs, hmget_runs = [], [], []
+        b_runs, mget_runs, hmget_runs, b1_runs = [], [], [], []
         for _ in range(rounds):
             b_runs.append(self.server_load("batch", 16, int(1500 * s) // rounds, ids=100))
+            if self.one_worker is not None:
+                b1_runs.append(self.server_load("batch", 16, int(1500 * s) // rounds, ids=100,
+                                                side=self.one_worker))  # fmt: skip
             raw_r = raw_redis(self.world.url, self.args.users, 1.0 * s)
             mget_runs.append(raw_r["mget"])
             hmget_runs.append(raw_r["pipeline_hmget"])
@@ -143,6 +166,14 @@ class ServingBench:
             "raw_pipeline_hmget_users_s": round(hmget, 1),
             "ratio_vs_mget": round(batch["users_s"] / mget, 3),
         }
+        if b1_runs:
+            one = median_of(b1_runs)
+            self.result["batch_100"]["one_worker"] = {
+                "users_s": one["users_s"],
+                "runs_users_s": one["runs_req_s"],
+                "p99_ms": one["p99_ms"],
+                "ratio_vs_mget": round(one["users_s"] / mget, 3),
+            }
         log(f"batch 100 ids, c=16: {batch['users_s']} users/s vs MGET {mget:.0f}")
         self.rss("after_batch")
 
@@ -150,10 +181,13 @@ class ServingBench:
         """FORCE_RECOMPUTE (online features + encoder), one id per call at concurrency 64 and
         64 ids per call, alternated with raw onnxruntime at the server's batch size."""
         s, rounds, w = self.args.scale, self.args.rounds, self.world
-        m_runs, mb_runs, ort_runs = [], [], []
+        m_runs, mb_runs, ort_runs, m1_runs = [], [], [], []
         for _ in range(rounds):
             mb_runs.append(self.server_load("batch_force", 4, int(300 * s) // rounds, SERVER_BATCH))
             m_runs.append(self.server_load("force", 64, int(3000 * s) // rounds))
+            if self.one_worker is not None:
+                m1_runs.append(self.server_load("force", 64, int(3000 * s) // rounds,
+                                                side=self.one_worker))  # fmt: skip
             ort_runs.append(raw_encoder(w.onnx_path, w.spec, w.rows, SERVER_BATCH, 1.5 * s))
         miss, miss_batch = median_of(m_runs), median_of(mb_runs)
         ort = float(np.median(ort_runs))
@@ -193,6 +227,17 @@ class ServingBench:
             f"{ort:.0f} (echo ceiling {echo / ort:.2f}); 64 ids per call: "
             f"{miss_batch['users_s']} users/s"
         )
+        if m1_runs:
+            one = median_of(m1_runs)
+            self.result["miss_path"]["one_worker"] = {
+                "users_s": one["users_s"],
+                "runs_users_s": one["runs_req_s"],
+                "p50_ms": one["p50_ms"],
+                "p99_ms": one["p99_ms"],
+                "errors": one["errors"],
+                "ratio_vs_onnxruntime": round(one["users_s"] / ort, 3),
+            }
+            log(f"miss path c=64, one worker: {one['users_s']} users/s")
         self.rss("after_miss")
 
     def rss_growth(self) -> None:
@@ -220,11 +265,11 @@ class ServingBench:
         repo = vectors_repo(w.root, w.url, w.vectors[: a.feast_users], w.env)
         log(f"feast serve repo: apply + materialize {a.feast_users} vectors in "
             f"{time.perf_counter() - t0:.1f}s")  # fmt: skip
-        fr, sv = {}, {}
+        fr, sv, zv = {}, {}, {}
         with feast_serve(repo, w.env) as port:
             for conc, base in FEAST_LOAD:
                 n = int(base * a.scale) // a.rounds
-                f_runs, s_runs = [], []
+                f_runs, s_runs, z_runs = [], [], []
                 for _ in range(a.rounds):
                     f_runs.append(
                         run_http_load(w.env, host="127.0.0.1", port=port, concurrency=conc,
@@ -234,6 +279,14 @@ class ServingBench:
                         self.load(self.server.target, a.load_procs if conc > 1 else 1, mode="get",
                                   concurrency=conc, requests=n, users=a.feast_users, seed=2)
                     )  # fmt: skip
+                    if self.zipf_side is not None:  # the vector cache on, Zipf traffic
+                        z_runs.append(
+                            self.load(self.zipf_side.target, a.load_procs if conc > 1 else 1,
+                                      mode="get", concurrency=conc, requests=n,
+                                      users=a.zipf_users, zipf=a.zipf, seed=3)
+                        )  # fmt: skip
+                if z_runs:
+                    zv[str(conc)] = median_of(z_runs)
                 f_runs = [{**x, "errors": {"http": x["errors"]}} for x in f_runs]
                 fr[str(conc)], sv[str(conc)] = median_of(f_runs), median_of(s_runs)
                 log(
@@ -246,6 +299,15 @@ class ServingBench:
                 "server_req_s": sv[c]["req_s"],
                 "server_runs_req_s": sv[c]["runs_req_s"],
                 "server_speedup": round(sv[c]["req_s"] / fr[c]["req_s"], 2),
+                **(
+                    {
+                        "zipf_cached_req_s": zv[c]["req_s"],
+                        "zipf_cached_runs_req_s": zv[c]["runs_req_s"],
+                        "zipf_cached_speedup": round(zv[c]["req_s"] / fr[c]["req_s"], 2),
+                    }
+                    if c in zv
+                    else {}
+                ),
                 # the no-op echo server (stored-path section) over feast serve: the most any
                 # Python gRPC server could show here
                 "ceiling_echo_speedup": round(
@@ -277,6 +339,13 @@ def stored_row(m: dict[str, dict[str, Any]], cpu_us: dict[str, float]) -> dict[s
         "ratio_vs_echo_redis": ratio("server", "echo_redis"),
         "cpu_us_per_call": cpu_us,
     }
+    if "one_worker" in m:  # the same server as one process
+        row |= {
+            "one_worker_req_s": m["one_worker"]["req_s"],
+            "one_worker_runs_req_s": m["one_worker"]["runs_req_s"],
+            "one_worker_p99_ms": m["one_worker"]["p99_ms"],
+            "one_worker_ratio_vs_echo": ratio("one_worker", "echo"),
+        }
     if "baseline" in m:
         base = m["baseline"]
         row |= {
@@ -303,4 +372,12 @@ def aims(result: dict[str, Any]) -> dict[str, bool]:
         out["stored_vs_feast_serve>=2.5x"] = all(
             v["server_speedup"] >= 2.5 for v in result["feast_serve"].values()
         )
+        zipf_vs_feast = [v["zipf_cached_speedup"] for v in result["feast_serve"].values()
+                         if "zipf_cached_speedup" in v]  # fmt: skip
+        if zipf_vs_feast:
+            out["zipf_cached_vs_feast_serve>=3x"] = min(zipf_vs_feast) >= 3.0
+    if "zipf" in result:
+        c1 = result["zipf"]["by_concurrency"].get("1", {})
+        if "cached" in c1:
+            out["zipf_cached_vs_echo_c1>=0.9"] = c1["cached"]["ratio_vs_echo"] >= 0.9
     return out

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import redis
 
 from embed_server.batching import MicroBatcher
 from embed_server.embedding import COMPUTED, Embedding
@@ -29,6 +28,7 @@ from embed_server.settings import ServerSettings
 from embed_server.version_policy import VersionPolicy
 from userembed.errors import UserEmbedError, UserNotFoundError
 from userembed.features import encode_inputs
+from userembed.redis_urls import RedisClient
 from userembed.vectors import VectorStore, now_ms
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class ComputePath:
         settings: ServerSettings,
         features: OnlineFeatureSource,
         versions: VersionPolicy,
-        client: redis.Redis,
+        client: RedisClient,
         metrics: ServerMetrics,
     ) -> None:
         self.settings = settings

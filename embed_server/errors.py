@@ -6,6 +6,7 @@ import logging
 
 import grpc
 import redis
+from redis.exceptions import RedisClusterException
 
 from userembed.errors import BackendUnavailableError, UserEmbedError
 
@@ -31,8 +32,23 @@ class RedisReplyError(UserEmbedError):
     grpc_status = "UNAVAILABLE"
 
 
-# Redis client errors that mean "cannot reach Redis" (the Feast online store is Redis too).
-REDIS_OUTAGE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError)
+class NoCompatMapError(UserEmbedError):
+    """`compatible_with` names a model version the served embedding version has no map into
+    (embed_server/compat.py); the message names those it has."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+# Redis client errors that mean "cannot reach Redis" (the Feast online store is Redis too); on
+# Redis Cluster also a slot no reachable master serves (redis-py's RedisClusterException family).
+REDIS_OUTAGE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    RedisClusterException,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
 # ... and with the error replies of a reachable Redis (OOM, READONLY, LOADING, MISCONF,
 # WRONGTYPE, ...): a read that gets one is UNAVAILABLE, a write-back that gets one is counted.
 REDIS_ERRORS = (redis.RedisError, *REDIS_OUTAGE)

@@ -1,9 +1,11 @@
 """The request path: the stored vector when valid, otherwise features -> encoder -> write-back.
 
 `EmbeddingLookup` validates the request, asks the version policy (version_policy.py) which model
-and embedding version answer, reads through the one stored reader (stored_reader.py) and sends
-the misses to the compute path (compute.py). Single calls return an `Embedding`; batch calls a
-column-wise `BatchResult`.
+and embedding version answer, reads through the worker's vector cache (vector_cache.py, when on)
+and the one stored reader (stored_reader.py) and sends the misses to the compute path
+(compute.py). Single calls return an `Embedding`; batch calls a
+column-wise `BatchResult`. A forgotten user (userembed/forget.py, read at each poll) is NOT_FOUND
+before any of that: no cached, stored or computed vector.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import redis
-import redis.asyncio as aioredis
 
 from embed_server.compute import ComputePath
 from embed_server.embedding import COMPUTED, STORED, Embedding
@@ -32,14 +32,18 @@ from embed_server.stored_reader import (
     plain_hits,
     stored_embedding,
 )
+from embed_server.vector_cache import DropBroadcast, VectorCache
 from embed_server.version_policy import VersionPolicy
 from userembed.errors import (
     BackendUnavailableError,
     InvalidInputError,
     OverloadedError,
     UserEmbedError,
+    UserNotFoundError,
 )
+from userembed.forget import read_forgotten
 from userembed.ids import parse_user_id
+from userembed.redis_urls import open_async_redis, open_redis
 
 logger = logging.getLogger(__name__)
 
@@ -117,19 +121,37 @@ class EmbeddingLookup:
         self.settings = settings
         self.features = features
         self.metrics = metrics
-        self.redis = aioredis.from_url(settings.redis_url, **REDIS_TIMEOUTS)
-        self.redis_sync = redis.Redis.from_url(settings.redis_url, **REDIS_TIMEOUTS)
+        # one server or a cluster, as the URL says (userembed/redis_urls.py)
+        self.redis = open_async_redis(settings.redis_url, **REDIS_TIMEOUTS)
+        self.redis_sync = open_redis(settings.redis_url, **REDIS_TIMEOUTS)
         self.versions = VersionPolicy(manager, self.redis)
         self.reader = open_stored_reader(
             settings, self.redis, on_batch=metrics.batch_size.labels("stored_read").observe
         )
         self.compute = ComputePath(settings, features, self.versions, self.redis_sync, metrics)
+        mb = settings.vector_cache_mb
+        self.cache = VectorCache(int(mb * 2**20), metrics) if mb > 0 else None
+        # forced recomputes reach the other workers' caches over pub/sub (not on a cluster
+        # client, which has none: docs/serving.md, "Vector cache")
+        self.drops = (
+            DropBroadcast(self.redis, self.cache)
+            if self.cache is not None and hasattr(self.redis, "pubsub")
+            else None
+        )
+        self._drops_task: asyncio.Task[None] | None = None
         self._counters: dict[tuple[str, str], Any] = {}  # prometheus children, looked up once
+        # forgotten users (userembed/forget.py), read each poll: NOT_FOUND on every path
+        self.forgotten: frozenset[str] = frozenset()
 
     async def start(self) -> None:
         self.reader.start()
+        if self.drops is not None:
+            self._drops_task = asyncio.create_task(self.drops.run(), name="vector-cache-drops")
 
     async def close(self) -> None:
+        if self._drops_task is not None:
+            self._drops_task.cancel()
+            await asyncio.gather(self._drops_task, return_exceptions=True)
         await self.reader.close()
         await self.compute.close()
         await self.redis.aclose()
@@ -145,22 +167,61 @@ class EmbeddingLookup:
             )
         parse_user_id(user_id)
 
+    async def refresh_forgotten(self) -> None:
+        """Read the forgotten users (each poll) and drop the newly forgotten from the cache."""
+        try:
+            forgotten = await read_forgotten(self.redis)
+        except REDIS_ERRORS as e:  # keep the last set read: a poll later reads it again
+            logger.warning("cannot read the forgotten users: %s", e)
+            return
+        if forgotten == self.forgotten:
+            return  # the same object stays: similar.py keys its per-index work on it
+        new = sorted(forgotten - self.forgotten)
+        self.forgotten = forgotten
+        if new and self.cache is not None:
+            for name, model in self.versions.manager.models.items():
+                ev = self.versions.serving_version(model)
+                for key in self.versions.keys(name).vector_keys(ev, new):
+                    self.cache.drop((model.version_bytes, key))
+
+    def _refuse_forgotten(self, user_id: str) -> UserNotFoundError | None:
+        if user_id in self.forgotten:
+            return UserNotFoundError(f"unknown user '{user_id}': forgotten")
+        return None
+
     async def get(
         self, model_name: str, user_id: str, force: bool, deadline: float | None
     ) -> Embedding:
         model, embedding_version = self.versions.resolve(model_name)
         self.check_user_id(user_id)
+        forgotten = self._refuse_forgotten(user_id)
+        if forgotten is not None:
+            raise forgotten
+        key = self.versions.keys(model.name).vector(embedding_version, user_id).encode()
+        cache = self.cache
+        # the Redis key names model, embedding version and user; the loaded version completes it
+        cache_key = (model.version_bytes, key)
         if not force:
-            key = self.versions.keys(model.name).vector(embedding_version, user_id).encode()
-            try:
-                row = await self.reader.read(key, deadline)
-            except REDIS_ERRORS as e:  # an error reply for this key too: UNAVAILABLE
-                raise as_unavailable("redis", e) from e
+            row = cache.lookup(cache_key) if cache is not None else None
+            if row is None:
+                epoch = cache.epoch if cache is not None else 0
+                try:
+                    row = await self.reader.read(key, deadline)
+                except REDIS_ERRORS as e:  # an error reply for this key too: UNAVAILABLE
+                    raise as_unavailable("redis", e) from e
+                if cache is not None and plain_hits(model, (row,))[0]:
+                    cache.fill(cache_key, row, epoch)
             embedding = stored_embedding(model, embedding_version, user_id, row)
             if embedding is not None:
                 self._counter(model.name, STORED).inc()
                 return embedding
-        embedding = await self.compute.submit(model, embedding_version, user_id, deadline)
+        try:
+            embedding = await self.compute.submit(model, embedding_version, user_id, deadline)
+        finally:
+            if force and cache is not None:  # written back (or maybe): forget the old value
+                cache.drop(cache_key)
+                if self.drops is not None:
+                    await self.drops.publish(model.version_bytes, [key])
         self._counter(model.name, COMPUTED).inc()
         return embedding
 
@@ -178,13 +239,22 @@ class EmbeddingLookup:
         for i, user_id in enumerate(user_ids):
             try:
                 self.check_user_id(user_id)
-                todo.append(i)
             except InvalidInputError as e:
                 result.set_error(i, e)
+                continue
+            forgotten = self._refuse_forgotten(user_id) if self.forgotten else None
+            if forgotten is not None:
+                result.set_error(i, forgotten)
+            else:
+                todo.append(i)
         if not force and todo:
             todo = await self._fill_stored(result, embedding_version, user_ids, todo)
         if todo:
-            await self._fill_computed(result, embedding_version, user_ids, todo, deadline)
+            try:
+                await self._fill_computed(result, embedding_version, user_ids, todo, deadline)
+            finally:
+                if force:  # written back (or maybe): forget the old values
+                    await self._drop_cached(model, embedding_version, [user_ids[i] for i in todo])
         return result
 
     def _counter(self, model: str, source: str) -> Any:
@@ -206,7 +276,7 @@ class EmbeddingLookup:
         wanted = [user_ids[i] for i in todo]
         keys = self.versions.keys(model.name).vector_keys(embedding_version, wanted)
         try:
-            rows = await self.reader.read_many(keys)
+            rows = await self._read_many(model, keys)
         except REDIS_ERRORS as e:
             raise as_unavailable("redis", e) from e
         plain = plain_hits(model, rows)
@@ -234,6 +304,36 @@ class EmbeddingLookup:
         self._counter(model.name, STORED).inc(len(todo) - len(misses) - failed)
         return misses
 
+    async def _read_many(self, model: ServingModel, keys: Sequence[bytes]) -> list[StoredRow]:
+        """Stored rows of `keys`: cached ones from the cache, the others in one Redis read
+        (which fills the cache with the plain rows among them)."""
+        cache = self.cache
+        if cache is None:
+            return await self.reader.read_many(keys)
+        cache_keys = [(model.version_bytes, k) for k in keys]
+        rows: list[StoredRow | None] = [cache.lookup(k) for k in cache_keys]
+        todo = [j for j, row in enumerate(rows) if row is None]
+        if todo:
+            epoch = cache.epoch
+            read = await self.reader.read_many([keys[j] for j in todo])
+            for j, row, plain in zip(todo, read, plain_hits(model, read), strict=True):
+                rows[j] = row
+                if plain:
+                    cache.fill(cache_keys[j], row, epoch)
+        return rows  # type: ignore[return-value]  # every None replaced above
+
+    async def _drop_cached(
+        self, model: ServingModel, embedding_version: str, user_ids: list[str]
+    ) -> None:
+        """Forced recomputes wrote these users back: their cached rows are gone, here and in
+        the other workers."""
+        if self.cache is not None:
+            keys = self.versions.keys(model.name).vector_keys(embedding_version, user_ids)
+            for key in keys:
+                self.cache.drop((model.version_bytes, key))
+            if self.drops is not None:
+                await self.drops.publish(model.version_bytes, keys)
+
     async def _fill_computed(
         self,
         result: BatchResult,
@@ -243,10 +343,9 @@ class EmbeddingLookup:
         deadline: float | None,
     ) -> None:
         model = result.model
+        wanted = [user_ids[i] for i in todo]
         try:
-            futures = self.compute.submit_many(
-                model, embedding_version, [user_ids[i] for i in todo], deadline
-            )
+            futures = self.compute.submit_many(model, embedding_version, wanted, deadline)
         except OverloadedError as e:
             for i in todo:
                 result.set_error(i, e)

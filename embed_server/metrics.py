@@ -1,11 +1,20 @@
-"""Prometheus metrics of one server (own CollectorRegistry, so tests can run several servers)."""
+"""Prometheus metrics of one server (own CollectorRegistry, so tests can run several servers).
+
+With several worker processes (embed_server/workers.py) the parent sets PROMETHEUS_MULTIPROC_DIR
+before starting them: every worker's values then live in files there and the parent serves their
+sum (`serve_multiprocess`); each gauge says how workers combine (`multiprocess_mode`).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's name for the folder
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +66,9 @@ class ServerMetrics:
             "1 for the loaded version of each served model",
             ["model", "version", "provider"],
             registry=r,
+            # a worker that swapped sets its old version to 0: max over live workers is 1
+            # while any of them still serves that version
+            multiprocess_mode="livemax",
         )
         self.reloads = Counter(
             "userembed_model_reloads",
@@ -64,14 +76,41 @@ class ServerMetrics:
             ["model", "outcome"],
             registry=r,
         )
+        # the vector cache of each worker (embed_server/vector_cache.py), summed over workers
+        self.cache_lookups = Counter(
+            "userembed_vector_cache_lookups",
+            "Vector cache lookups by result (hit / miss)",
+            ["result"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "userembed_vector_cache_evictions",
+            "Vectors evicted from the cache to make room",
+            registry=r,
+        )
+        self.cache_rejections = Counter(
+            "userembed_vector_cache_rejections",
+            "Vectors the admission policy kept out (rarer than the one they would evict)",
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "userembed_vector_cache_bytes",
+            "Bytes held by the vector cache",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self._http: Any = None
         self.port: int | None = None
 
     def set_loaded(self, model: str, version: str, provider: str) -> None:
         """One series per model: drop the previous version's label set."""
+        multiprocess = MULTIPROC_ENV in os.environ
         for labels in list(self.model_info._metrics):  # (model, version, provider)
             if labels[0] == model:
-                self.model_info.remove(*labels)
+                if multiprocess:  # the worker's file keeps a removed series: zero it instead
+                    self.model_info.labels(*labels).set(0)
+                else:
+                    self.model_info.remove(*labels)
         self.model_info.labels(model, version, provider).set(1)
 
     def serve(self, host: str, port: int) -> int:
@@ -86,3 +125,14 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def serve_multiprocess(host: str, port: int, path: str) -> tuple[Any, int]:
+    """/metrics summed over the worker processes writing into `path`; returns (the HTTP
+    server, its port). Stop it with `.shutdown()`."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    http, _thread = start_http_server(port, addr=host, registry=registry)
+    bound = int(http.server_address[1])
+    logger.info("metrics of all workers on http://%s:%d/metrics", host, bound)
+    return http, bound

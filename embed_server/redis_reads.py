@@ -3,7 +3,9 @@
 Why not redis.asyncio: the stored path is one Redis round trip per call, and a round trip
 through redis.asyncio costs several times the Python of a bare asyncio protocol with the
 hiredis parser (BENCHMARKS.md, serving). Everything else (write-backs, pointers, the version
-registry, Redis Cluster) stays on redis-py.
+registry) stays on redis-py, and so do the reads on Redis Cluster: this connection speaks to
+one server and does not route by slot (embed_server/stored_reader.py picks redis-py's cluster
+pipeline there).
 
 `ReadCoalescer` folds concurrent single-key reads into one `EVAL` of the read script (many
 keys, one round trip); a lone read goes out at once as a plain `HMGET`.
@@ -31,8 +33,8 @@ logger = logging.getLogger(__name__)
 # One round trip for a batch of stored reads on a single Redis server: HMGET of each key.
 # pcall: a key that fails (WRONGTYPE) gets its error reply in its own place, so it fails only
 # its own caller, not every read sharing the script call.
-# Redis Cluster rejects multi-key scripts across slots: there `redis_script_reads: 0` uses a
-# pipeline of one HMGET per key instead (redis-py).
+# Redis Cluster rejects multi-key scripts across slots: there the reads are a pipeline of one
+# HMGET per key instead (redis-py's cluster client; stored_reader.open_stored_reader).
 READ_SCRIPT = """
 local out = {}
 for i, k in ipairs(KEYS) do

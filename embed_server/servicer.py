@@ -13,11 +13,13 @@ import grpc
 
 from embed_server._proto import embedding_service_pb2 as pb
 from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
+from embed_server.compat import CompatMaps
 from embed_server.embedding import COMPUTED, STORED, Embedding
 from embed_server.errors import NotReadyError, grpc_code, status_of
 from embed_server.lookup import BatchResult, EmbeddingLookup
 from embed_server.metrics import ServerMetrics
 from embed_server.model_manager import ModelManager
+from embed_server.similar import SimilarSearch
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +112,11 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
         manager: ModelManager,
         metrics: ServerMetrics,
         is_draining: Callable[[], bool],
+        similar: SimilarSearch,
     ) -> None:
         self.lookup = lookup
+        self.similar = similar  # FindSimilarUsers (embed_server/similar.py)
+        self.compat = CompatMaps(lookup.redis, lookup.versions)  # `compatible_with`
         self.manager = manager
         self.metrics = metrics
         self._is_draining = is_draining
@@ -140,12 +145,17 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
         self, request: pb.GetUserEmbeddingRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetUserEmbeddingResponse:
         self._check_serving()
+        target = request.compatible_with
+        if target:  # refused before any work when there is no map
+            await self.compat.prepare(request.model_name, target)
         emb = await self.lookup.get(
             request.model_name,
             request.user_id,
             request.prefer == pb.FORCE_RECOMPUTE,
             _deadline(context),
         )
+        if target:
+            emb = await self.compat.map_one(emb, target)
         resp = pb.GetUserEmbeddingResponse()
         _fill(resp.embedding, emb)
         return resp
@@ -156,6 +166,8 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
     ) -> pb.BatchGetUserEmbeddingsResponse:
         self._check_serving()
         user_ids = list(request.user_ids)
+        target = request.compatible_with
+        dim = await self.compat.prepare(request.model_name, target) if target else 0
         result = await self.lookup.get_many(
             request.model_name,
             user_ids,
@@ -163,8 +175,10 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
             _deadline(context),
         )
         model = result.model
+        if target:
+            await self.compat.map_batch(result, target, dim)
         resp = pb.BatchGetUserEmbeddingsResponse(
-            model_name=model.name, model_version=model.version, dim=model.dim
+            model_name=model.name, model_version=model.version, dim=dim or model.dim
         )
         for e in result.errors:
             if e is not None:
@@ -199,4 +213,25 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
                 loaded_at_ms=m.loaded_at_ms,
                 execution_provider=m.encoder.provider,
             )
+        return resp
+
+    @rpc
+    async def FindSimilarUsers(
+        self, request: pb.FindSimilarUsersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FindSimilarUsersResponse:
+        self._check_serving()
+        query = request.WhichOneof("query")
+        found = await self.similar.find(
+            request.model_name,
+            request.user_id if query == "user_id" else None,
+            request.vector.values if query == "vector" else None,
+            request.k,
+        )
+        resp = pb.FindSimilarUsersResponse(
+            model_name=found.model_name,
+            model_version=found.model_version,
+            embedding_version=found.embedding_version,
+        )
+        for uid, score in zip(found.user_ids, found.scores, strict=True):
+            resp.neighbors.add(user_id=uid, score=score)
         return resp

@@ -2,7 +2,8 @@
 
 Every field can be set in a YAML file (unknown keys are rejected) or by the environment variable
 `USEREMBED_<FIELD>` (upper case; tuples are comma separated). Redis auth and TLS go through the
-URL: `rediss://user:password@host:6380/0`.
+URL: `rediss://user:password@host:6380/0`; Redis Cluster by its scheme: `redis+cluster://host:6379`
+(userembed/redis_urls.py).
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # embed_server/event_loop.py
 
 
 def usable_cores() -> int:
-    """CPUs this process may run on (affinity mask: taskset, a container's cpuset). A CFS
-    quota (a Kubernetes CPU limit) is not visible here: set intra_op_threads there."""
+    """CPUs this process may run on: the affinity mask (taskset, a container's cpuset), capped
+    by a cgroup v2 CPU quota (a Kubernetes CPU limit), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _cgroup_cpu_quota() or cores))
+
+
+def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """`quota period` from cgroup v2 -> CPUs (rounded up); None: no limit or no cgroup v2."""
+    try:
+        quota, period = Path(path).read_text().split()[:2]
+        return -(-int(quota) // int(period))
+    except (OSError, ValueError):  # absent, "max 100000" (no limit), or unreadable
+        return None
 
 
 class SettingsError(InvalidInputError):
@@ -47,6 +58,12 @@ class ServerSettings:
     metrics_port: int = 9464  # Prometheus HTTP; 0: any free port; -1: disabled
     tls_cert: str = ""  # PEM paths; both set -> the gRPC port serves TLS
     tls_key: str = ""
+    # PEM CA bundle; set (with tls_cert) -> mutual TLS: every client presents a certificate
+    # this CA signed, or the handshake fails
+    tls_client_ca: str = ""
+    # accepted bearer tokens, one per line (a mounted Secret, re-read every reload_interval_s);
+    # set -> every call but health needs the metadata `authorization: Bearer <token>`
+    auth_token_file: str = ""
     # models
     registry_root: str = field(default_factory=paths.registry_root)
     models: tuple[str, ...] = ()  # served models; empty: every model in the registry
@@ -56,8 +73,8 @@ class ServerSettings:
     # PEM public key that every loaded manifest must be signed with (userembed/signing.py);
     # empty: no check
     model_verify_key: str = field(default_factory=paths.model_verify_key)
-    # onnxruntime threads per encoder run; 0: cores // compute_workers (at least 1), so the
-    # runs that compute_workers overlap do not oversubscribe the cores (docs/serving.md)
+    # onnxruntime threads per encoder run; 0: cores // (compute_workers * workers) (at least
+    # 1), so the runs that the workers overlap do not oversubscribe the cores (docs/serving.md)
     intra_op_threads: int = 0
     # 0: idle onnxruntime threads sleep instead of busy-waiting between runs, leaving the cores
     # to the event loop and the feature reads (see docs/serving.md, miss path)
@@ -66,7 +83,8 @@ class ServerSettings:
     redis_url: str = field(default_factory=paths.redis_url)
     feature_repo: str = field(default_factory=lambda: str(paths.FEATURE_REPO))
     vector_ttl_s: int = 7 * 24 * 3600  # TTL of vectors written back after a miss
-    redis_script_reads: int = 1  # 1: one Lua call per read batch; 0: pipeline (Redis Cluster)
+    # 1: one Lua call per read batch; 0: a pipeline of HMGETs. A cluster URL always pipelines
+    redis_script_reads: int = 1
     # stored reads that come clustered (a busy server) wait up to this long to share one Redis
     # round trip; a lone caller never waits (redis_reads.ReadCoalescer). 0: never wait
     read_hold_ms: float = 2.0
@@ -76,8 +94,17 @@ class ServerSettings:
     batch_size: int = 64  # micro-batch: most users per feature read + encoder run
     batch_wait_ms: float = 2.0  # micro-batch: longest wait for a batch to fill
     compute_workers: int = 2  # micro-batches computed at once (features overlap the encoder)
-    queue_size: int = 4096  # pending users per model before RESOURCE_EXHAUSTED
+    # pending users per model (compute), and pending stored reads, before RESOURCE_EXHAUSTED
+    queue_size: int = 4096
+    # embedding calls in flight per server process before RESOURCE_EXHAUSTED (health is not
+    # counted: probes still answer on a busy server); 0: no cap
+    max_concurrent_rpcs: int = 512
     drain_grace_s: float = 10.0  # on SIGTERM: NOT_SERVING, finish in-flight calls, then stop
+    # server processes sharing the gRPC port (embed_server/workers.py); 0: usable_cores();
+    # 1: one process, no parent
+    workers: int = 0
+    # per worker: bytes of stored vectors kept in memory (embed_server/vector_cache.py); 0: off
+    vector_cache_mb: float = 64.0
     # auto: uvloop when installed (less CPU per call, docs/serving.md), else asyncio's loop
     event_loop: str = "auto"
 
@@ -85,7 +112,11 @@ class ServerSettings:
         """intra_op_threads, with 0 resolved against this machine's cores."""
         if self.intra_op_threads > 0:
             return self.intra_op_threads
-        return max(1, usable_cores() // max(1, self.compute_workers))
+        return max(1, usable_cores() // (max(1, self.compute_workers) * self.worker_count()))
+
+    def worker_count(self) -> int:
+        """workers, with 0 resolved against this machine's cores."""
+        return self.workers if self.workers > 0 else usable_cores()
 
     def __post_init__(self) -> None:
         problems = []
@@ -93,12 +124,18 @@ class ServerSettings:
             problems.append("intra_op_threads must be >= 0 (0: automatic)")
         if self.read_hold_ms < 0:
             problems.append("read_hold_ms must be >= 0 (0: never hold)")
+        if self.workers < 0:
+            problems.append("workers must be >= 0 (0: one per usable core)")
+        if self.vector_cache_mb < 0:
+            problems.append("vector_cache_mb must be >= 0 (0: off)")
         if self.compute_workers < 1:
             problems.append("compute_workers must be >= 1")
         if self.batch_size < 1:
             problems.append("batch_size must be >= 1")
         if self.queue_size < 1:
             problems.append("queue_size must be >= 1")
+        if self.max_concurrent_rpcs < 0:
+            problems.append("max_concurrent_rpcs must be >= 0 (0: no cap)")
         if self.max_batch_ids < 1:
             problems.append("max_batch_ids must be >= 1")
         if self.max_user_id_length < 1:
@@ -107,6 +144,8 @@ class ServerSettings:
             problems.append(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key must be set together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)")
         if self.default_model and self.models and self.default_model not in self.models:
             problems.append(f"default_model {self.default_model!r} is not in models")
         if problems:

@@ -5,8 +5,12 @@
   the pipelined connection and read coalescer of redis_reads.py; concurrent single reads share
   round trips.
 - `ScriptReader` / `PipelineReader`: redis.asyncio, one Lua call per batch of keys
-  (`redis_script_reads: 1`) or one pipelined HMGET per key (`redis_script_reads: 0`, Redis
-  Cluster); single reads are micro-batched, taking what is queued and never waiting for more.
+  (`redis_script_reads: 1`) or one pipelined HMGET per key (`redis_script_reads: 0`); single
+  reads are micro-batched, taking what is queued and never waiting for more.
+- On Redis Cluster (a `redis+cluster://` URL, userembed/redis_urls.py) always the
+  `PipelineReader` over redis.asyncio's cluster client, whatever `redis_script_reads` says: a
+  batch's keys span slots, so one script cannot read them; the cluster pipeline sends each HMGET
+  to the master of its key's slot.
 
 Every reader returns raw rows in VECTOR_FIELDS order (vector None: no stored vector) and raises
 redis / OS errors on an outage or an error reply to the whole command; the caller turns those
@@ -31,6 +35,8 @@ from embed_server.embedding import STORED, Embedding
 from embed_server.model_manager import ServingModel
 from embed_server.redis_reads import READ_SCRIPT, PipelinedRedis, ReadCoalescer
 from embed_server.settings import ServerSettings
+from userembed.errors import OverloadedError
+from userembed.redis_urls import AsyncRedisClient, is_cluster
 from userembed.vectors import VECTOR_FIELDS, decode_vector
 
 # vector, dtype, model_version, computed_at, feature_ts: raw bytes as Redis returns them (a list)
@@ -53,18 +59,37 @@ class StoredReader(Protocol):
 
 
 class CoalescingReader:
-    """The lean pipelined connection; single reads go through the read coalescer."""
+    """The lean pipelined connection; single reads go through the read coalescer. At most
+    `queue_size` single reads wait for Redis (queued or in flight); past it OverloadedError
+    (RESOURCE_EXHAUSTED), like the micro-batched readers' bounded queue."""
 
     def __init__(
-        self, url: str, max_keys: int, hold_s: float, on_batch: Callable[[int], None]
+        self,
+        url: str,
+        max_keys: int,
+        hold_s: float,
+        on_batch: Callable[[int], None],
+        queue_size: int = 4096,
     ) -> None:
         self.connection = PipelinedRedis(url)
         self.coalescer = ReadCoalescer(
             self.connection, VECTOR_FIELDS, max_keys=max_keys, on_batch=on_batch, hold_s=hold_s
         )
+        self.queue_size = queue_size
+        self.pending = 0
 
     def read(self, key: bytes, deadline: float | None) -> Awaitable[StoredRow]:
-        return self.coalescer.read(key)  # a future: no task, no extra coroutine
+        if self.pending >= self.queue_size:
+            raise OverloadedError(
+                f"stored-read: queue full ({self.pending}/{self.queue_size} pending)"
+            )
+        fut = self.coalescer.read(key)  # a future: no task, no extra coroutine
+        self.pending += 1
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _: object) -> None:
+        self.pending -= 1
 
     async def read_many(self, keys: Sequence[bytes]) -> list[StoredRow]:
         return await self.coalescer.read_many(keys)
@@ -81,7 +106,7 @@ class _MicroBatchedReader(abc.ABC):
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncRedisClient,
         max_batch_size: int,
         queue_size: int,
         on_batch: Callable[[int], None],
@@ -115,6 +140,8 @@ class ScriptReader(_MicroBatchedReader):
 
     @functools.cached_property
     def _script(self) -> AsyncScript:
+        # a single server: open_stored_reader never gives a cluster client a script reader
+        assert isinstance(self._redis, aioredis.Redis)
         return self._redis.register_script(READ_SCRIPT)
 
     async def read_many(self, keys: Sequence[bytes]) -> list[StoredRow]:
@@ -122,7 +149,7 @@ class ScriptReader(_MicroBatchedReader):
 
 
 class PipelineReader(_MicroBatchedReader):
-    """One pipelined HMGET per key: Redis Cluster rejects multi-key scripts across slots."""
+    """One pipelined HMGET per key (on Redis Cluster, each sent to its slot's master)."""
 
     async def read_many(self, keys: Sequence[bytes]) -> list[StoredRow]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -132,14 +159,20 @@ class PipelineReader(_MicroBatchedReader):
 
 
 def open_stored_reader(
-    settings: ServerSettings, client: aioredis.Redis, on_batch: Callable[[int], None]
+    settings: ServerSettings, client: AsyncRedisClient, on_batch: Callable[[int], None]
 ) -> StoredReader:
     """The reader for these settings. `client` serves the redis.asyncio readers; `on_batch`
     observes the size of each batch of single reads."""
     max_keys = max(settings.batch_size, 256)
+    if is_cluster(settings.redis_url):  # no multi-key script across slots
+        return PipelineReader(client, max_keys, settings.queue_size, on_batch)
     if settings.redis_script_reads and PipelinedRedis.supports(settings.redis_url):
         return CoalescingReader(
-            settings.redis_url, max_keys, settings.read_hold_ms / 1000.0, on_batch
+            settings.redis_url,
+            max_keys,
+            settings.read_hold_ms / 1000.0,
+            on_batch,
+            settings.queue_size,
         )
     if settings.redis_script_reads:
         return ScriptReader(client, max_keys, settings.queue_size, on_batch)

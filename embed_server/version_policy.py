@@ -20,10 +20,9 @@ import os
 import socket
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from embed_server.errors import REDIS_ERRORS
 from embed_server.model_manager import ModelManager, ServingModel
+from userembed.redis_urls import AsyncRedisClient
 from userembed.vectors import VectorKeys, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ class VersionPolicy:
     written (`resolve`). The pointer is polled (`refresh_pointers`): a flip is seen within one
     poll interval."""
 
-    def __init__(self, manager: ModelManager, client: aioredis.Redis) -> None:
+    def __init__(self, manager: ModelManager, client: AsyncRedisClient) -> None:
         self.manager = manager
         self._redis = client
         self._keys: dict[str, VectorKeys] = {}

@@ -1,8 +1,9 @@
 """Resume state of a refresh run, kept in Redis beside the embedding version it builds.
 
 Everything lives in the version's metadata hash (`ue:{<model>}:ev:<version>`, see
-userembed/vectors.py), so `VectorStore.delete_version` removes it with the version and a
-Kubernetes CronJob needs no volume:
+userembed/vectors.py; on Redis Cluster in the model's slot, beside the lock and the pointer), so
+`VectorStore.delete_version` removes it with the version and a Kubernetes CronJob needs no
+volume:
 
     plan        JSON RunPlan: model version, mode, source fingerprint, part_rows, since_ms, ...
     part:<id>   JSON PartResult of a finished part (written after its vectors)

@@ -11,6 +11,8 @@ pointer flipped, atomically and only if it still names the version the run valid
 (`VectorStore.publish_if`); a failing run is marked `failed` and the old version keeps serving.
 The last `keep` ready versions stay for rollback (refresh/versions.py); older ones are deleted.
 The whole run holds the model's refresh lock (refresh/lock.py): one run per model at a time.
+Forgotten users (userembed/forget.py) get no vector; after the flip their tombstones are
+honoured again across the model's versions.
 See docs/refresh.md.
 """
 
@@ -22,8 +24,6 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-
-import redis
 
 from refresh.checkpoint import (
     DRIFT_FIELD,
@@ -37,8 +37,10 @@ from refresh.checkpoint import (
     RunPlan,
     find_resumable,
 )
+from refresh.compat import CompatFit, fit_compat
 from refresh.config import FULL, INCREMENTAL, RAY, RefreshConfig
 from refresh.errors import RefreshValidationError, StaleFlipError
+from refresh.index_build import build_index, prune_indexes
 from refresh.lock import RefreshLock
 from refresh.ray_engine import run_ray
 from refresh.source import OfflineSource, Part, SourcePlan
@@ -52,8 +54,12 @@ from refresh.validate import (
 )
 from refresh.versions import expire_old
 from refresh.worker import PartJob, run_local
-from userembed.errors import DataNotFoundError
+from userembed.consistency import CheckConfig, not_checkable
+from userembed.consistency import check as check_consistency
+from userembed.errors import DataNotFoundError, UserEmbedError
+from userembed.forget import Tombstones, honour_in_refresh
 from userembed.manifest import Manifest
+from userembed.redis_urls import open_redis
 from userembed.registry import Registry
 from userembed.vectors import STATUS_FAILED, EmbeddingVersion, VectorStore
 
@@ -76,6 +82,11 @@ class RefreshSummary:
     seconds: float
     drift: dict[str, Any] | None
     deleted_versions: tuple[str, ...] = ()
+    # The consistency check of the new version before the flip (`_check`): the report's
+    # `to_dict()` ("ok" says whether all agreed), {"skipped": why} or {"error": ...}; None: off.
+    check: dict[str, Any] | None = None
+    # maps into older model versions' spaces stored with the version (refresh/compat.py)
+    compat: CompatFit | None = None
 
     @property
     def users_per_s(self) -> float:
@@ -89,8 +100,24 @@ class RefreshSummary:
             f"refreshed {self.model} -> {self.embedding_version}: {self.users} users "
             f"({self.computed} computed, {self.copied} copied, {self.parts_resumed}/{self.parts} "
             f"parts resumed) in {self.seconds:.1f}s, {self.users_per_s:.0f} users/s; "
-            f"drift vs {self.previous_version or '-'}: {drift or '-'}"
+            f"drift vs {self.previous_version or '-'}: {drift or '-'}; "
+            f"check: {_check_word(self.check)}; "
+            f"compatible with: {self.compat.word() if self.compat else '-'}"
         )
+
+
+def _check_word(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return "off"
+    if "ok" not in check:
+        return "skipped" if "skipped" in check else "error"
+    if check["ok"]:
+        return f"consistent ({check['users']} users)"
+    return (
+        f"MISMATCH ({check['feature_mismatches'] + check['not_online']} online rows, "
+        f"{check['vector_mismatches']} vectors of {check['users']} users"
+        f"{', stale views' if check['stale_views'] else ''})"
+    )
 
 
 class Progress:
@@ -273,10 +300,52 @@ def _validate(
     return drift
 
 
+def _check(cfg: RefreshConfig, store: VectorStore, version: str) -> dict[str, Any] | None:
+    """Train/serve consistency of the new version (userembed.consistency: online rows against
+    the offline files, its vectors against a recompute from the online rows), logged; with
+    `check_blocks_flip` a mismatch or a failed check fails the run (the version marked failed)."""
+    from redis.exceptions import RedisError
+
+    if not cfg.check_sample:
+        return None
+    why = not_checkable(cfg.redis_url)
+    if why:
+        logger.info("refresh %s: consistency check skipped: %s", version, why)
+        return {"skipped": why}
+    check_cfg = CheckConfig(
+        model=cfg.model,
+        embedding_version=version,
+        sample=cfg.check_sample,
+        registry_root=cfg.registry_root,
+        redis_url=cfg.redis_url,
+        offline_dir=cfg.offline_dir,
+    )
+    try:
+        report = check_consistency(check_cfg)
+    except (UserEmbedError, RedisError) as e:
+        if cfg.check_blocks_flip:
+            raise _fail(store, version, [f"consistency check failed: {e}"]) from e
+        logger.warning("refresh %s: consistency check failed: %s", version, e)
+        return {"error": str(e)}
+    if report.ok:
+        logger.info("refresh %s: %s", version, report.headline())
+        return report.to_dict()
+    for line in report.lines():
+        logger.error("refresh %s: %s", version, line)
+    if cfg.check_blocks_flip:
+        raise _fail(store, version, [report.headline()])
+    logger.error(
+        "refresh %s: switching readers anyway (check_blocks_flip is off): the server computes "
+        "misses from online rows that disagree with the offline files",
+        version,
+    )
+    return report.to_dict()
+
+
 def refresh(cfg: RefreshConfig) -> RefreshSummary:
     """Build, validate and publish a new embedding version of `cfg.model` (see module doc).
     RefreshLockedError when another run of the model holds the lock (after `lock_wait_s`)."""
-    store = VectorStore(redis.Redis.from_url(cfg.redis_url), cfg.model, cfg.vector_ttl_s)
+    store = VectorStore(open_redis(cfg.redis_url), cfg.model, cfg.vector_ttl_s)
     with RefreshLock(store, cfg.lock_ttl_s, cfg.lock_wait_s).held() as lock:
         return _refresh_locked(cfg, store, lock)
 
@@ -304,7 +373,8 @@ def _refresh_locked(cfg: RefreshConfig, store: VectorStore, lock: RefreshLock) -
     start = _start(cfg, store)
     mode = _mode(cfg, start)
     source = OfflineSource(cfg.offline_dir, start.manifest.input_spec)
-    source_plan = source.plan(cfg.part_rows, mode.since_ms)
+    forgotten = Tombstones(store.r).ids()  # left out of the run (userembed/forget.py)
+    source_plan = source.plan(cfg.part_rows, mode.since_ms, forgotten)
     if source_plan.users == 0:
         raise DataNotFoundError(f"{source.behavior_path} holds no users")
     plan = RunPlan(
@@ -361,6 +431,7 @@ def _refresh_locked(cfg: RefreshConfig, store: VectorStore, lock: RefreshLock) -
 
     # Validate, then switch readers and drop the versions no longer kept.
     drift = _validate(cfg, start, version, source, source_plan, bounds)
+    check = _check(cfg, start.store, version)
     seconds = time.monotonic() - t0
     checkpoint.set_fields(
         {
@@ -371,9 +442,21 @@ def _refresh_locked(cfg: RefreshConfig, store: VectorStore, lock: RefreshLock) -
             FINISHED_AT_FIELD: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     )
+    lock.check()  # a run that lost its lock writes no index or map (the version may be gone)
+    if cfg.similar_index:  # before the flip: readers never follow a version without its index
+        every_user = source.sample_user_ids(source_plan, source_plan.users)
+        dim = start.manifest.vector.dim
+        build_index(cfg, start.store, version, start.model_version, every_user, dim)
+    compat = None
+    if cfg.compat_sample:  # before the flip, like the index
+        shared = source.sample_user_ids(source_plan, cfg.compat_sample)
+        compat = fit_compat(start.store, cfg, version, start.model_version, start.serving, shared)
     replaced = _flip(start, version, source_plan.users, lock)
     logger.info("refresh %s: readers switched %s -> %s", cfg.model, replaced, version)
+    honour_in_refresh(start.store, forgotten, source_plan.held_forgotten)
     deleted = expire_old(start.store, cfg.keep)
+    if cfg.similar_index:
+        prune_indexes(cfg, start.store)
     summary = RefreshSummary(
         model=cfg.model,
         model_version=start.model_version,
@@ -389,6 +472,8 @@ def _refresh_locked(cfg: RefreshConfig, store: VectorStore, lock: RefreshLock) -
         seconds=round(seconds, 3),
         drift=drift,
         deleted_versions=tuple(deleted),
+        check=check,
+        compat=compat,
     )
     logger.info("%s", summary.line())
     return summary

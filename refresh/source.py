@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +82,8 @@ class SourcePlan:
     changed: int  # of them, users whose features are newer than `since_ms` (all when full)
     watermark_ms: int  # newest feature timestamp among the users: the next run's `since_ms`
     since_ms: int | None
+    # forgotten users (userembed/forget.py) left out of the plan that the files still hold
+    held_forgotten: tuple[str, ...] = ()
 
 
 class ProfileTable:
@@ -171,13 +173,23 @@ class OfflineSource:
             parts += [str(self.profile_path.stat().st_size), str(pmd.num_rows)]
         return hashlib.sha256(",".join(parts).encode()).hexdigest()[:16]
 
-    def plan(self, part_rows: int, since_ms: int | None = None) -> SourcePlan:
-        """Pick each user's latest row and split the file into parts (reads two columns)."""
+    def plan(
+        self, part_rows: int, since_ms: int | None = None, forgotten: Collection[str] = ()
+    ) -> SourcePlan:
+        """Pick each user's latest row and split the file into parts (reads two columns);
+        `forgotten` users get no row."""
         t = self.file.read(columns=[USER_ID, EVENT_TIMESTAMP])
         uid = np.asarray(t.column(USER_ID).to_numpy(), dtype=np.int64)
         ts = timestamps_ms(t.column(EVENT_TIMESTAMP))
         del t
         selected = latest_rows(uid, ts)
+        held: tuple[str, ...] = ()
+        if forgotten:
+            gone = np.asarray(sorted(int(u) for u in forgotten), dtype=np.int64)
+            skip = np.isin(uid[selected], gone)
+            in_profile = gone[np.isin(gone, self.profile.user_ids)]
+            held = tuple(format_user_ids(np.union1d(uid[selected][skip], in_profile)))
+            selected = selected[~skip]
         _, profile_ts = self.profile.lookup(uid[selected])
         feature_ts = np.maximum(ts[selected], profile_ts)  # (U,)
         changed_sel = (
@@ -210,6 +222,7 @@ class OfflineSource:
             changed=int(changed_sel.sum()),
             watermark_ms=int(feature_ts.max()) if len(feature_ts) else 0,
             since_ms=since_ms,
+            held_forgotten=held,
         )
 
     def _batch(self, part: Part, part_rows: int) -> pa.RecordBatch:

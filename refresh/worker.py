@@ -3,8 +3,9 @@ local engine that runs the parts one after the other.
 
 The same `PartWorker` runs in the local engine (`run_local`, one per process) and in each Ray
 actor (refresh/ray_engine.py), so both engines write identical vectors. It holds one onnxruntime
-session (userembed.onnx_encoder) and one Redis connection. Writes are pipelined and overlap the
-next encoder batch (one writer thread: onnxruntime releases the GIL while it computes).
+session (userembed.onnx_encoder) and one Redis client (a cluster client for a `redis+cluster://`
+URL). Writes are pipelined and overlap the next encoder batch (one writer thread: onnxruntime
+releases the GIL while it computes); on Redis Cluster each write goes to its key's master.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from refresh.source import FEATURE_TS, OfflineSource, Part
 from userembed.features import encode_arrow
 from userembed.ids import format_user_ids
 from userembed.onnx_encoder import OnnxEncoder
+from userembed.redis_urls import open_redis
 from userembed.registry import Registry
 from userembed.schema import USER_ID
 from userembed.vectors import VectorStore, copy_vectors
@@ -69,7 +71,7 @@ class PartWorker:
         finally:
             loaded.release()  # the session holds the model now
         self.source = OfflineSource(job.offline_dir, self.spec)
-        self.store = VectorStore(redis.Redis.from_url(job.redis_url), job.model, job.ttl_s)
+        self.store = VectorStore(open_redis(job.redis_url), job.model, job.ttl_s)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refresh-write")
 
     def close(self) -> None:

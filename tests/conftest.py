@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.redis_cluster import RedisClusterServers
 from userembed.errors import BackendUnavailableError
 from userembed.local_redis import redis_server_argv, wait_until_up
 
@@ -65,3 +66,29 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.client().flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A real three-master Redis Cluster (tests/redis_cluster.py), started on first use."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """`redis+cluster://` URL of the session's cluster, every master emptied before each test."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+@pytest.fixture(autouse=True)
+def similar_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's refresh builds its similar-users indexes in its own folder, not ./var."""
+    root = tmp_path / "similar"
+    monkeypatch.setenv("USEREMBED_SIMILAR_ROOT", str(root))
+    return root

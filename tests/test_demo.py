@@ -38,6 +38,8 @@ def test_demo_ends_with_a_served_embedding(
     # the refresh (offline files) and the recompute (Feast online store) saw the same features,
     # the long-term ones included (the trained model reads them)
     assert out["served"]["stored_vs_recomputed_max_abs_diff"] < 1e-4
+    # ... for a sample of users too: the consistency check that ends the demo
+    assert out["check"]["ok"] and out["check"]["vectors_checked"] > 0, out["check"]
     manifest = Registry(paths.registry_root()).read_manifest(DEFAULT_MODEL)
     assert manifest.input_spec.long_term is not None
     assert LONG_TERM_INPUT in manifest.variant("fp32").inputs

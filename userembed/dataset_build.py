@@ -164,8 +164,9 @@ def load_built_items() -> ItemAttributeMap | None:
 
 def serve_online(redis_url: str | None = None) -> FeatureStore:
     """Put the current data set's features online: `feast apply --fresh`, then materialise
-    into Redis. Fresh: the online rows of an earlier data set, dated later, would shadow the
-    new ones. Returns the FeatureStore."""
+    into Redis. Fresh: users the new data set lacks would otherwise keep an earlier data
+    set's online rows (materialize replaces the rows of the users it writes). Returns the
+    FeatureStore."""
     from userembed import feast_ops
 
     store = feast_ops.open_store(redis_url)

@@ -17,7 +17,8 @@ import os
 import string
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,8 @@ from userembed.features import (
     TRAINING_FEATURE_SERVICE,
 )
 from userembed.future_targets import FUTURE_COLUMNS
-from userembed.redis_urls import redacted
+from userembed.materialized import MaterializedRecord, view_fingerprints
+from userembed.redis_urls import is_cluster, node_url, redacted
 from userembed.schema import LABEL_TIMESTAMP, task_columns
 
 if TYPE_CHECKING:
@@ -68,6 +70,12 @@ def feature_store_yaml(repo: Path) -> Path:
     return repo / os.environ.get(FEAST_CONFIG_ENV, DEFAULT_FEAST_CONFIG)
 
 
+def feast_project(repo: Path | None = None) -> str:
+    """The repository's Feast project name (feature_store.yaml), read without Feast."""
+    config = yaml.safe_load(feature_store_yaml(repo or paths.FEATURE_REPO).read_text())
+    return str(config["project"])
+
+
 def feast_registry_path() -> Path:
     """Feast's file registry: USEREMBED_FEAST_REGISTRY or <USEREMBED_HOME>/feast/registry.db."""
     return Path(os.environ.get("USEREMBED_FEAST_REGISTRY", paths.home() / "feast" / "registry.db"))
@@ -87,19 +95,24 @@ def _feast_value(text: str) -> str:
 
 def redis_connection_string(redis_url: str) -> str:
     """redis://[user:password@]host:port/db (user and password URL-encoded) -> Feast's
-    'host:port,db=N,socket_timeout=..[,username=..,password=..][,ssl=true]'."""
-    u = urlparse(redis_url)
+    'host:port,db=N,socket_timeout=..[,username=..,password=..][,ssl=true]'. A cluster URL
+    (redis+cluster://seed:port) gives the seed node and no db (`feast_online_store_type`)."""
+    u = urlparse(node_url(redis_url))
     if u.scheme not in ("redis", "rediss"):
         raise InvalidInputError(
-            f"REDIS_URL must be redis:// or rediss://, got {redacted(redis_url)!r}"
+            "REDIS_URL must be redis://, rediss://, redis+cluster:// or rediss+cluster://, "
+            f"got {redacted(redis_url)!r}"
         )
     query = parse_qs(u.query)
     db = (u.path or "/0").lstrip("/") or query.get("db", ["0"])[0]
     connect = query.get("socket_connect_timeout", [FEAST_CONNECT_TIMEOUT_S])[0]
     reply = query.get("socket_timeout", [FEAST_REPLY_TIMEOUT_S])[0]
+    cluster = is_cluster(redis_url)
+    if cluster and int(db) != 0:
+        raise InvalidInputError(f"a Redis Cluster has only db 0, got {redacted(redis_url)!r}")
     parts = [
         f"{u.hostname or '127.0.0.1'}:{u.port or 6379}",
-        f"db={int(db)}",
+        *([] if cluster else [f"db={int(db)}"]),  # cluster nodes refuse SELECT
         f"socket_connect_timeout={float(connect)}",
         f"socket_timeout={float(reply)}",
     ]
@@ -110,6 +123,11 @@ def redis_connection_string(redis_url: str) -> str:
     if u.scheme == "rediss":
         parts.append("ssl=true")
     return ",".join(parts)
+
+
+def feast_online_store_type(redis_url: str) -> str:
+    """Feast's `redis_type` of the online store: `redis_cluster` for a cluster URL."""
+    return "redis_cluster" if is_cluster(redis_url) else "redis"
 
 
 def _repo_config(redis_url: str, repo: Path) -> Any:
@@ -127,7 +145,11 @@ def _repo_config(redis_url: str, repo: Path) -> Any:
         "USEREMBED_FEAST_REGISTRY": str(registry),
     }
     text = string.Template(feature_store_yaml(repo).read_text()).safe_substitute(env)
-    config = RepoConfig(**yaml.safe_load(text))
+    data = yaml.safe_load(text)
+    online = data.get("online_store") or {}
+    if online.get("type") == "redis":  # one server or a cluster: the URL says (redis_urls.py)
+        online["redis_type"] = feast_online_store_type(redis_url)
+    config = RepoConfig(**data)
     config.repo_path = repo
     return config
 
@@ -176,15 +198,16 @@ def _definitions(repo: Path) -> list[Any]:
 def apply(store: FeatureStore, fresh: bool = False) -> list[str]:
     """Register the repository's objects (like `feast apply`); returns their names.
 
-    fresh: first `feast teardown` (the project's online rows and registry entries), for a data
-    set built from scratch. Feast's Redis store keeps the newer of two rows of a user, so the
-    rows of an earlier data set with later timestamps (the synthetic data are dated 2026,
-    MovieLens 1998) would shadow the new ones, and the server would compute from them. Vectors
-    (`ue:*` keys) are not Feast's and stay."""
+    fresh: first `feast teardown` (the project's online rows and registry entries) and forget
+    what they were materialised from, for a data set built from scratch: `materialize` writes
+    over the rows of the users a changed file has, but the users the new data set lacks would
+    keep the earlier one's rows, and the server would compute from them. Vectors (`ue:*` keys)
+    are not Feast's and stay."""
     objects = _definitions(Path(store.repo_path))
     if fresh:
         try:
             store.teardown()
+            materialized_record(store).clear()  # no rows left that came from any file
         except redis.exceptions.ConnectionError as e:
             raise BackendUnavailableError(f"feast teardown: Redis unavailable: {e}") from e
         logger.info("feast teardown: online rows of the earlier data set dropped")
@@ -199,29 +222,83 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> datetime:
 
     The offline store picks each user's newest row (`materialization.pull_latest_features` in
     feature_store.yaml) and Feast writes them in batches; the rows written are logged as they
-    go (done/total, rate, ETA)."""
+    go (done/total, rate, ETA). Feast keeps a stored row over a new one with the same event
+    timestamp, so a view whose offline file changed since its rows were written (or with no
+    record of it: userembed.materialized) has every row written over the old ones, and a line
+    says why; the other views keep Feast's newer-row rule (a row pushed since stays)."""
     end = end or datetime.now(UTC)
     t0 = time.perf_counter()
     views = [v for v in store.list_feature_views() if v.online]
+    # Fingerprints first: a file replaced while Feast reads it leaves the older fingerprint
+    # recorded, and the next materialise writes its rows again.
+    fingerprints = view_fingerprints(views)
+    record = materialized_record(store)
+    try:
+        stale = record.stale(fingerprints)
+    except redis.exceptions.ConnectionError as e:
+        raise BackendUnavailableError(f"materialize: Redis unavailable: {e}") from e
+    for view in views:
+        if view.name in stale:
+            logger.info(
+                "materialize %s: %s: writing every row over the online ones, equal event "
+                "timestamps included",
+                view.name,
+                stale[view.name],
+            )
+        elif fingerprints[view.name] is None:
+            logger.warning(
+                "materialize %s: its offline source is not a local file, so a change cannot "
+                "be seen: a stored row stays over a new one with the same event timestamp",
+                view.name,
+            )
     counts = [_rows_to_write(v, end) for v in views]
     progress = WriteProgress(None if None in counts else sum(c or 0 for c in counts))
     # Feast's engines write through this instance and report no progress: count its writes.
     online = store._get_provider().online_store
     online.online_write_batch = progress.counting(online.online_write_batch)  # type: ignore[method-assign]
+    start = datetime(1970, 1, 2, tzinfo=UTC)
+    replace = [v.name for v in views if v.name in stale]
+    keep = [v.name for v in views if v.name not in stale]
     try:
-        store.materialize(start_date=datetime(1970, 1, 2, tzinfo=UTC), end_date=end)
+        if replace:
+            with _overwriting(store):
+                store.materialize(start_date=start, end_date=end, feature_views=replace)
+        if keep:
+            store.materialize(start_date=start, end_date=end, feature_views=keep)
+        record.write({k: v for k, v in fingerprints.items() if v is not None})
     except redis.exceptions.ConnectionError as e:
         raise BackendUnavailableError(f"materialize: Redis unavailable: {e}") from e
     finally:
         del online.online_write_batch  # back to the class's method
     logger.info(
-        "materialized %d rows of %d views up to %s in %.1fs",
+        "materialized %d rows of %d views (%d written over) up to %s in %.1fs",
         progress.done,
         len(views),
+        len(replace),
         end.isoformat(),
         time.perf_counter() - t0,
     )
     return end
+
+
+def materialized_record(store: FeatureStore) -> MaterializedRecord:
+    """What the project's online rows came from, kept in the online store's Redis (through
+    Feast's own client: one server or a cluster)."""
+    online: Any = store._get_provider().online_store  # RedisOnlineStore (feature_store.yaml)
+    return MaterializedRecord(online._get_client(store.config.online_store), store.project)
+
+
+@contextmanager
+def _overwriting(store: FeatureStore) -> Iterator[None]:
+    """Feast's Redis store writes every row for the duration (`skip_dedup`: no check against
+    the stored row's timestamp). Safe with `pull_latest_features`: one row per user."""
+    config = store.config.online_store
+    before = config.skip_dedup
+    config.skip_dedup = True
+    try:
+        yield
+    finally:
+        config.skip_dedup = before
 
 
 def _rows_to_write(view: Any, end: datetime) -> int | None:
@@ -365,6 +442,26 @@ def online_features(store: FeatureStore, user_ids: Sequence[int]) -> dict[str, l
     except redis.exceptions.ConnectionError as e:
         raise BackendUnavailableError(f"online features: Redis unavailable: {e}") from e
     return {k.split("__")[-1]: v for k, v in result.items()}
+
+
+def online_features_at(
+    store: FeatureStore, user_ids: Sequence[int]
+) -> tuple[dict[str, list[Any]], dict[str, list[int]]]:
+    """`online_features`, and each feature's event time per user (epoch seconds, as Feast
+    returns them; 0 where the user has no online row of the feature's view)."""
+    rows = [{"user_id": int(u)} for u in user_ids]
+    try:
+        result = store.get_online_features(
+            features=store.get_feature_service(SERVING_FEATURE_SERVICE), entity_rows=rows
+        ).to_dict(include_event_timestamps=True)
+    except redis.exceptions.ConnectionError as e:
+        raise BackendUnavailableError(f"online features: Redis unavailable: {e}") from e
+    values = {k: v for k, v in result.items() if not k.endswith(_TS_SUFFIX)}
+    times = {k[: -len(_TS_SUFFIX)]: v for k, v in result.items() if k.endswith(_TS_SUFFIX)}
+    return values, times
+
+
+_TS_SUFFIX = "__ts"  # OnlineResponse.to_dict(include_event_timestamps=True): "<feature>__ts"
 
 
 def push_behavior(store: FeatureStore, rows: pd.DataFrame) -> None:

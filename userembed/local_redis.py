@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 
 from userembed.errors import BackendUnavailableError
-from userembed.redis_urls import redacted
+from userembed.redis_urls import node_url, redacted
 
 
 def redis_server_argv(port: int, workdir: Path | str | None = None, *extra: str) -> list[str]:
@@ -29,8 +29,9 @@ def redis_server_argv(port: int, workdir: Path | str | None = None, *extra: str)
 
 
 def wait_until_up(url: str, timeout_s: float = 10.0) -> None:
-    """Block until the Redis at `url` answers PING; BackendUnavailableError after `timeout_s`."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    """Block until the Redis at `url` answers PING (a cluster URL: its seed node);
+    BackendUnavailableError after `timeout_s`."""
+    client = redis.Redis.from_url(node_url(url), socket_connect_timeout=1)
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -47,6 +47,11 @@ def registry_root() -> str:
     return os.environ.get("USEREMBED_REGISTRY_ROOT", str(home() / "models"))
 
 
+def similar_root() -> Path:
+    """The similar-users indexes the refresh builds and the server loads (userembed.similar_index)."""
+    return Path(os.environ.get("USEREMBED_SIMILAR_ROOT", home() / "similar"))
+
+
 def redis_url() -> str:
     return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 

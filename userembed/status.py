@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import redis
 import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
+from redis.cluster import RedisCluster
 
 from userembed import paths
 from userembed import prerequisites as pre
@@ -30,7 +31,7 @@ from userembed.datasets.spec import SPEC_FILE, DatasetSpec, to_utc
 from userembed.errors import UserEmbedError
 from userembed.feast_ops import feast_registry_path
 from userembed.features import BEHAVIOR_VIEW
-from userembed.redis_urls import redacted
+from userembed.redis_urls import RedisClient, open_redis, redacted
 from userembed.registry import DEFAULT_MODEL, LATEST, Registry
 from userembed.vectors import STATUS_FAILED, STATUS_READY, VectorStore
 
@@ -109,10 +110,12 @@ def _when(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def redis_check(client: redis.Redis, url: str) -> Check:
+def redis_check(client: RedisClient, url: str) -> Check:
     r: Any = client  # redis-py types each command as "result | Awaitable[result]"
+    # a cluster client asks one random node unless told to sum over the masters
+    every_master = {"target_nodes": RedisCluster.PRIMARIES} if isinstance(r, RedisCluster) else {}
     try:
-        keys = int(r.dbsize())
+        keys = int(r.dbsize(**every_master))
     except redis.RedisError as e:
         summary = f"no answer at {url} ({e}); set REDIS_URL to use another"
         return Check("redis", MISSING, summary, next="redis-server --daemonize yes")
@@ -149,7 +152,7 @@ def _feast_project() -> str:
     return str(config["project"])
 
 
-def online_rows_check(client: redis.Redis, spec: DatasetSpec | None, upstream_ok: bool) -> Check:
+def online_rows_check(client: RedisClient, spec: DatasetSpec | None, upstream_ok: bool) -> Check:
     """Feast's online rows in Redis against the offline tables.
 
     No data-set fingerprint is stored online, so the check compares times: a materialised row
@@ -247,7 +250,7 @@ def registry_check(newest_run: RunInfo | None, model: str = DEFAULT_MODEL) -> Ch
     return Check("registry", OK, summary, more=more, details=details)
 
 
-def embeddings_check(client: redis.Redis, upstream_ok: bool, model: str = DEFAULT_MODEL) -> Check:
+def embeddings_check(client: RedisClient, upstream_ok: bool, model: str = DEFAULT_MODEL) -> Check:
     """The embedding version readers follow, and the newest refresh if it did not publish."""
     if not upstream_ok:
         return Check("embeddings", UNKNOWN, "needs a registered model and Redis first")
@@ -310,7 +313,7 @@ def _guarded(stage: str, check: Callable[[], Check]) -> Check:
 def gather(runs: Sequence[RunInfo], server: ServerProbe, model: str = DEFAULT_MODEL) -> Status:
     url = paths.redis_url()
     shown = redacted(url)  # the password never reaches a status line
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    client = open_redis(url, socket_connect_timeout=2, socket_timeout=5)
     try:
         redis_state = redis_check(client, shown)
         redis_ok = redis_state.state == OK

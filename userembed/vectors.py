@@ -9,15 +9,20 @@ pointer flip is one MULTI in one slot; vector keys are tagged by user, so they s
     ue:{<model>}:refresh_lock        STRING  "<fencing token> <holder>" of the running refresh (PX TTL)
     ue:{<model>}:fence               STRING  counter the refresh lock's fencing tokens come from
     ue:{<model>}:writer:<ev>         STRING  a live server writes back into <ev> (PX TTL heartbeat)
+    ue:{<model>}:compat:<ev>         HASH    maps from <ev>'s space into older model versions'
+                                             spaces (userembed/compat_maps.py spells the fields)
     ue:<model>:<ev>:{<user_id>}      HASH    vector, dtype, model_version, computed_at, feature_ts
+    ue:forgotten                     ZSET    user id -> forgotten_at (ms): every model's tombstones
 
 `<user_id>` is the id's canonical decimal spelling (userembed.ids). `vector` is the raw
 little-endian float32 (dtype "f32") or float16 ("f16") bytes of the user vector; `computed_at`
 and `feature_ts` are epoch milliseconds as decimal strings. Vector keys carry a TTL. Batch
-reads and writes are pipelined per key (no cross-slot multi-key command). A version's `fence`
-is the fencing token of the refresh run that builds it (refresh/lock.py); `publish_if` flips
-the pointer only while that token holds the lock and the pointer still names the version the
-run validated against (one Lua script over the `{<model>}` slot).
+reads and writes are pipelined per key (no cross-slot multi-key command; the two write paths:
+userembed/vector_writes.py); on Redis Cluster `count` and `delete_version` SCAN every master
+(redis-py's cluster `scan_iter`). A version's `fence` is the fencing token of the refresh run
+that builds it (refresh/lock.py); `publish_if` flips the pointer only while that token holds
+the lock and the pointer still names the version the run validated against (one Lua script
+over the `{<model>}` slot).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from userembed import resp
+from userembed.redis_urls import RedisClient
+from userembed.vector_writes import write_packed, write_pipelined
 
 DTYPES: dict[str, np.dtype[Any]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
 VECTOR_FIELDS = ("vector", "dtype", "model_version", "computed_at", "feature_ts")
@@ -101,6 +107,11 @@ def decode_vector(data: bytes, dtype: str = "f32") -> np.ndarray:
     return np.frombuffer(data, dtype=DTYPES[dtype]).astype(np.float32)
 
 
+# Users forgotten (userembed/forget.py): one set for every model, as forgetting is of a person;
+# no hash tag, a single key.
+FORGOTTEN_KEY = "ue:forgotten"
+
+
 class VectorKeys:
     """Key names of one model; the only place that spells them."""
 
@@ -119,6 +130,9 @@ class VectorKeys:
     def writer(self, ev: str) -> str:
         return f"ue:{{{self.model}}}:writer:{ev}"
 
+    def compat(self, ev: str) -> str:
+        return f"ue:{{{self.model}}}:compat:{ev}"
+
     def vector(self, ev: str, user_id: str) -> str:
         return f"ue:{self.model}:{ev}:{{{user_id}}}"
 
@@ -132,9 +146,10 @@ class VectorKeys:
 
 
 class VectorStore:
-    """Versioned user vectors of one model in Redis (one server or a cluster client)."""
+    """Versioned user vectors of one model in Redis: one server or a cluster
+    (userembed.redis_urls.open_redis opens either)."""
 
-    def __init__(self, client: redis.Redis, model: str, ttl_s: int | None = 7 * 24 * 3600) -> None:
+    def __init__(self, client: RedisClient, model: str, ttl_s: int | None = 7 * 24 * 3600) -> None:
         # Any: redis-py types every command as "result | Awaitable[result]" (sync and asyncio).
         self.r: Any = client
         self.keys = VectorKeys(model)
@@ -248,107 +263,18 @@ class VectorStore:
         assert vectors.ndim == 2 and len(user_ids) == vectors.shape[0]
         at = computed_at_ms if computed_at_ms is not None else now_ms()
         data = np.ascontiguousarray(vectors, dtype=DTYPES[dtype])
-        if isinstance(self.r, redis.Redis):
-            errors = self._write_packed(ev, user_ids, data, model_version, feature_ts_ms, dtype, at)
-        else:
-            errors = self._write_pipelined(
-                ev, user_ids, data, model_version, feature_ts_ms, dtype, at
-            )
+        keys = self.keys.vector_keys(ev, [str(u) for u in user_ids])
+        fields: dict[str, str | int] = {
+            "dtype": dtype,
+            "model_version": model_version,
+            "computed_at": at,
+        }
+        # the packed path speaks to one server; a cluster client routes each key to its slot
+        write = write_packed if isinstance(self.r, redis.Redis) else write_pipelined
+        errors = write(self.r, keys, data, fields, feature_ts_ms, self.ttl_s)
         first = next((e for e in errors if e is not None), None)
         if raise_on_error and first is not None:
             raise first
-        return errors
-
-    def _write_pipelined(
-        self,
-        ev: str,
-        user_ids: Sequence[str],
-        data: np.ndarray,  # (N, D) in the stored dtype
-        model_version: str,
-        feature_ts_ms: Sequence[int] | None,
-        dtype: str,
-        at: int,
-    ) -> list[redis.ResponseError | None]:
-        pipe = self.r.pipeline(transaction=False)  # Redis Cluster: redis-py routes per slot
-        for i, uid in enumerate(user_ids):
-            key = self.keys.vector(ev, str(uid))
-            pipe.hset(
-                key,
-                mapping={
-                    "vector": data[i].tobytes(),
-                    "dtype": dtype,
-                    "model_version": model_version,
-                    "computed_at": at,
-                    "feature_ts": int(feature_ts_ms[i]) if feature_ts_ms is not None else 0,
-                },
-            )
-            if self.ttl_s:
-                pipe.expire(key, self.ttl_s)
-        replies = pipe.execute(raise_on_error=False)
-        per_user = 2 if self.ttl_s else 1
-        return [
-            next((r for r in replies[i : i + per_user] if isinstance(r, redis.ResponseError)), None)
-            for i in range(0, len(replies), per_user)
-        ]
-
-    def _write_packed(
-        self,
-        ev: str,
-        user_ids: Sequence[str],
-        data: np.ndarray,  # (N, D) in the stored dtype, C-contiguous
-        model_version: str,
-        feature_ts_ms: Sequence[int] | None,
-        dtype: str,
-        at: int,
-    ) -> list[redis.ResponseError | None]:
-        """The same HSET + EXPIRE commands as the redis-py pipeline, packed as RESP into one
-        buffer and sent on one pooled connection: redis-py's Python cost of packing and parsing
-        two commands per user would be paid on the cores the batch refresh shares with
-        onnxruntime and Redis. Single server only (no per-slot routing). Returns each user's
-        first error reply (None: written)."""
-        row = data.shape[1] * data.itemsize
-        buf = memoryview(data.tobytes())  # one copy of the batch, sliced per user without copies
-        head = resp.array_header(12) + resp.bulk(b"HSET")
-        vector_head = resp.bulk(b"vector") + resp.bulk_header(row)
-        # fields after the vector, the same for every user except feature_ts' value
-        middle = (
-            resp.CRLF
-            + resp.bulk(b"dtype")
-            + resp.bulk(dtype.encode())
-            + resp.bulk(b"model_version")
-            + resp.bulk(model_version.encode())
-            + resp.bulk(b"computed_at")
-            + resp.bulk(b"%d" % at)
-            + resp.bulk(b"feature_ts")
-        )
-        expire_head = resp.array_header(3) + resp.bulk(b"EXPIRE")
-        ttl = resp.bulk(b"%d" % self.ttl_s) if self.ttl_s else b""
-        keys = self.keys.vector_keys(ev, [str(u) for u in user_ids])
-        parts: list[bytes | memoryview] = []
-        for i, name in enumerate(keys):
-            key = resp.bulk(name)
-            fts = int(feature_ts_ms[i]) if feature_ts_ms is not None else 0
-            parts += (head, key, vector_head, buf[i * row : (i + 1) * row], middle)
-            parts.append(resp.bulk(b"%d" % fts))
-            if ttl:
-                parts += (expire_head, key, ttl)
-        per_user = 2 if ttl else 1
-        errors: list[redis.ResponseError | None] = [None] * len(user_ids)
-        pool = self.r.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command([b"".join(parts)])  # a list: bytes alone is iterated
-            for i in range(len(user_ids)):
-                for _ in range(per_user):
-                    try:
-                        conn.read_response()  # raises an error reply: read on, it is one user's
-                    except redis.ResponseError as e:
-                        errors[i] = errors[i] or e
-        except BaseException:
-            conn.disconnect()  # replies may be left unread: never reuse this connection
-            raise
-        finally:
-            pool.release(conn)
         return errors
 
     def read(self, ev: str, user_ids: Sequence[str]) -> list[StoredVector | None]:
@@ -388,7 +314,7 @@ class VectorStore:
                 keys = []
         n += self._unlink(keys)
         pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.keys.meta(ev))
+        pipe.delete(self.keys.meta(ev), self.keys.compat(ev))  # one slot: {<model>}
         pipe.zrem(self.keys.versions, ev)
         pipe.execute()
         return n

@@ -34,7 +34,23 @@ def test_bad_values_are_rejected():
 
 def test_encoder_threads_split_the_cores_between_compute_workers(monkeypatch):
     monkeypatch.setattr("embed_server.settings.usable_cores", lambda: 8)
-    assert load_settings(env={}).encoder_threads() == 4  # 2 workers by default
-    assert load_settings(env={}, compute_workers=3).encoder_threads() == 2
-    assert load_settings(env={}, compute_workers=16).encoder_threads() == 1
+    one = {"workers": 1}  # one server process
+    assert load_settings(env={}, **one).encoder_threads() == 4  # 2 compute workers by default
+    assert load_settings(env={}, compute_workers=3, **one).encoder_threads() == 2
+    assert load_settings(env={}, compute_workers=16, **one).encoder_threads() == 1
+    # by default one server process per core: their runs share the cores too
+    assert load_settings(env={}).worker_count() == 8
+    assert load_settings(env={}).encoder_threads() == 1
+    assert load_settings(env={}, workers=2).encoder_threads() == 2
+
+
+def test_usable_cores_reads_a_cgroup_cpu_quota(tmp_path):
+    from embed_server.settings import _cgroup_cpu_quota
+
+    f = tmp_path / "cpu.max"
+    f.write_text("150000 100000\n")
+    assert _cgroup_cpu_quota(str(f)) == 2  # 1.5 CPUs: rounded up
+    f.write_text("max 100000\n")
+    assert _cgroup_cpu_quota(str(f)) is None
+    assert _cgroup_cpu_quota(str(tmp_path / "absent")) is None
     assert load_settings(env={"USEREMBED_INTRA_OP_THREADS": "3"}).encoder_threads() == 3

@@ -56,9 +56,12 @@ def _cases(home: Path) -> list[Case]:
         Case(("refresh",)),
         Case(("rollback",)),
         Case(("rollback", "--list"), missing=False),
+        Case(("check",)),
         Case(("embed", "--user-id", "1")),
+        Case(("similar", "1")),
         Case(("models",)),
         Case(("health",)),
+        Case(("forget", "--release", "1"), missing=False, says=r"^released 0 of 1 users"),
     ]  # fmt: skip
 
 

@@ -102,13 +102,15 @@ def register(subparsers: Any) -> None:
     apply.add_argument(
         "--fresh",
         action="store_true",
-        help="first drop the online rows of an earlier data set (after `data build` of a new "
-        "one: Feast keeps the newer of two rows of a user, whichever data set it came from)",
+        help="first drop every online row (after `data build` of a different data set: the "
+        "users it lacks would keep their rows of the earlier one)",
     )
     apply.set_defaults(func=_feast_apply)
-    feast_sub.add_parser("materialize", help="load the newest snapshots into Redis").set_defaults(
-        func=_feast_materialize
-    )
+    feast_sub.add_parser(
+        "materialize",
+        help="load the newest snapshots into Redis (a view whose offline file changed since "
+        "is written over, equal timestamps included)",
+    ).set_defaults(func=_feast_materialize)
     online = feast_sub.add_parser("online", help="print a user's serving features from Redis")
     online.add_argument("--user-id", nargs="+", required=True)
     online.set_defaults(func=_feast_online)

@@ -2,7 +2,8 @@
 
 data -> Feast (apply, materialise, online read) -> SUPERMOE training (TorchRec) -> ONNX export
 with parity -> registry -> nightly refresh (new embedding version, atomic switch) -> the gRPC
-server as its own process -> a real GetUserEmbedding answer. Each stage is the same typed
+server as its own process -> a real GetUserEmbedding answer -> the train/serve consistency
+check (`userembed check`). Each stage is the same typed
 function the CLI subcommands wrap; the server is started exactly as `userembed serve` would be.
 """
 
@@ -92,7 +93,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from userembed import feast_ops
     from userembed.dataset_build import BuildRequest, build_dataset, serve_online
 
-    total = 7
+    total = 8
     out: dict[str, Any] = {}
     os.environ["REDIS_URL"] = cfg.redis_url  # every stage (and the server process) reads it
 
@@ -174,14 +175,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     finally:
         processes.stop(proc)
     _done(t, f"server at {target} answered and drained")
+
+    t = _stage(8, total, "check: online rows vs the offline files, stored vectors vs a recompute")
+    from userembed.consistency import CheckConfig, check
+
+    report = check(CheckConfig(model=DEFAULT_MODEL, redis_url=cfg.redis_url), feature_store=store)
+    for line in report.lines():
+        print(f"      {line}")
+    out["check"] = report.to_dict()
+    _done(t, "consistent" if report.ok else "MISMATCH: see `userembed check`")
     print("\ndemo: done. State lives in", paths.home())
     return out
 
 
 def _demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(source=args.source, users=args.users, seed=args.seed, max_steps=args.max_steps)
-    run_demo(cfg)
-    return 0
+    out = run_demo(cfg)
+    return 0 if out["check"]["ok"] else 1  # train/serve skew fails the demo
 
 
 def register(subparsers: Any) -> None:

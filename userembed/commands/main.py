@@ -21,7 +21,18 @@ from types import ModuleType
 
 import redis
 
-from userembed.commands import data, demo, refresh, registry, serve, status, train, ui
+from userembed.commands import (
+    check,
+    data,
+    demo,
+    forget,
+    refresh,
+    registry,
+    serve,
+    status,
+    train,
+    ui,
+)
 from userembed.commands.logs import configure_logging
 from userembed.errors import UserEmbedError
 
@@ -36,7 +47,9 @@ COMMAND_MODULES: tuple[ModuleType, ...] = (
     refresh,  # refresh, rollback
     demo,  # demo: the main job end to end
     status,  # status: every stage and the next command
+    check,  # check: train/serve consistency for a sample of users
     ui,  # ui: the read-only web page
+    forget,  # forget: a user's vectors, online features and index entries, and a tombstone
 )
 
 

@@ -89,6 +89,17 @@ def register(sub: Any) -> None:
         default=RefreshConfig.lock_wait_s,
         help="wait this long for another run's lock (0: fail at once)",
     )
+    p.add_argument(
+        "--check-sample",
+        type=int,
+        default=RefreshConfig.check_sample,
+        help="users the consistency check samples before the flip (0: no check)",
+    )
+    p.add_argument(
+        "--check-blocks-flip",
+        action="store_true",
+        help="a consistency mismatch fails the run and keeps readers where they are",
+    )
     p.add_argument("--offline-dir", default=None, help="default $USEREMBED_OFFLINE_DIR")
     p.add_argument("--registry-root", default=None, help="default $USEREMBED_REGISTRY_ROOT")
     p.add_argument("--redis-url", default=None, help="default $REDIS_URL")
@@ -129,6 +140,8 @@ def _refresh(args: argparse.Namespace) -> int:
         pause_between_parts_s=args.pause_s,
         lock_ttl_s=args.lock_ttl_s,
         lock_wait_s=args.lock_wait_s,
+        check_sample=args.check_sample,
+        check_blocks_flip=args.check_blocks_flip,
         **{k: v for k, v in locations.items() if v is not None},  # unset: the config's env default
     )
     prerequisites.require_offline_tables(cfg.offline_dir)
@@ -139,15 +152,13 @@ def _refresh(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    import redis
-
     from refresh.versions import rollback, version_lines
     from userembed import paths
-    from userembed.redis_urls import redacted
+    from userembed.redis_urls import open_redis, redacted
     from userembed.vectors import VectorStore
 
     url = args.redis_url or paths.redis_url()
-    store = VectorStore(redis.Redis.from_url(url), args.model)
+    store = VectorStore(open_redis(url), args.model)
     lines = version_lines(store)
     if not lines:
         problem = f"no embedding version of {args.model} in Redis at {redacted(url)}"

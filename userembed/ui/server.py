@@ -25,7 +25,7 @@ import redis
 from userembed import prerequisites as pre
 from userembed.errors import DataNotFoundError, InvalidInputError, UserEmbedError
 from userembed.ids import parse_user_id
-from userembed.redis_urls import redacted
+from userembed.redis_urls import open_redis, redacted
 from userembed.registry import DEFAULT_MODEL, VERSION_RE, Registry, check_model_name
 from userembed.ui import data, pages, plots
 from userembed.ui.projection import attributes, project
@@ -66,9 +66,7 @@ class UiApp:
         self.config = config
         self.sources = sources
         self.registry = Registry(config.registry_root)
-        self.redis = redis.Redis.from_url(
-            config.redis_url, socket_connect_timeout=2, socket_timeout=10
-        )
+        self.redis = open_redis(config.redis_url, socket_connect_timeout=2, socket_timeout=10)
         self.cache = _Cache()
         self.where = f"Redis {redacted(config.redis_url)}, registry {self.registry.root}"
         self.routes: dict[str, Callable[[dict[str, str]], Reply]] = {
