@@ -1,0 +1,171 @@
+"""The worker's vector cache: bounded by bytes, TinyLFU admission, never a vector of another
+embedding version or one a forced recompute replaced (unit, then end to end over gRPC)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import redis
+
+from embed_server.client import EmbeddingClient
+from embed_server.vector_cache import ENTRY_OVERHEAD, VectorCache
+from tests.embed_server.conftest import DIM, MODEL, publish_tiny
+from userembed.vectors import VectorStore
+
+
+def row(i: int, dim: int = 4) -> list[bytes | None]:
+    return [np.full(dim, i, "<f4").tobytes(), b"f32", b"v1", b"0", b"0"]
+
+
+def test_bounded_by_bytes_and_lru_among_equals():
+    entry = 16 + ENTRY_OVERHEAD
+    cache = VectorCache(3 * entry)
+    for i in range(3):
+        cache.lookup(i)
+        assert cache.fill(i, row(i), cache.epoch)
+    assert cache.bytes == 3 * entry and len(cache) == 3
+    cache.lookup(0)  # 0 is now the most recent; 1 the least
+    for _ in range(3):
+        cache.lookup(9)  # asked for more often than 1: admitted, 1 evicted
+    assert cache.fill(9, row(9), cache.epoch)
+    assert cache.lookup(1) is None and cache.lookup(9) == row(9) and cache.lookup(0) == row(0)
+    assert cache.bytes <= cache.max_bytes
+
+
+def test_admission_keeps_hot_users_against_a_one_off_tail():
+    entry = 16 + ENTRY_OVERHEAD
+    cache = VectorCache(10 * entry)
+    for _ in range(5):  # ten hot users, each asked for five times
+        for u in range(10):
+            if cache.lookup(u) is None:
+                cache.fill(u, row(u), cache.epoch)
+    for u in range(1000, 2000):  # a tail of users asked for once
+        if cache.lookup(u) is None:
+            cache.fill(u, row(u), cache.epoch)
+    assert all(cache.lookup(u) is not None for u in range(10))
+
+
+def test_hit_ratio_under_zipf_beats_plain_lru():
+    rng = np.random.default_rng(0)
+    users = rng.zipf(1.1, 60_000) % 20_000
+    entry = 16 + ENTRY_OVERHEAD
+    cache = VectorCache(500 * entry)
+    hits = 0
+    for u in users.tolist():
+        if cache.lookup(u) is not None:
+            hits += 1
+        else:
+            cache.fill(u, row(u), cache.epoch)
+    lru: dict[int, None] = {}
+    lru_hits = 0
+    for u in users.tolist():
+        if u in lru:
+            lru_hits += 1
+            lru.pop(u)
+        elif len(lru) >= 500:
+            lru.pop(next(iter(lru)))
+        lru[u] = None
+    assert hits > lru_hits
+
+
+def test_a_fill_of_a_read_that_began_before_a_drop_is_refused():
+    cache = VectorCache(1 << 20)
+    cache.fill("k", row(1), cache.epoch)
+    epoch = cache.epoch  # a read of "k" begins (it will carry the old value)
+    cache.drop("k")  # a forced recompute wrote a new value back
+    assert cache.lookup("k") is None
+    assert not cache.fill("k", row(1), epoch)  # the old value never comes back
+    assert cache.lookup("k") is None
+    assert cache.fill("k", row(2), cache.epoch)  # a read after the drop: cached
+    assert cache.lookup("k") == row(2)
+
+
+@pytest.fixture
+def v1(registry, tmp_path) -> str:
+    return publish_tiny(registry, tmp_path / "staging", seed=1)
+
+
+def test_server_never_serves_another_embedding_version_or_a_replaced_vector(
+    start_server, v1, redis_url
+):
+    store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
+    old = np.full((1, DIM), 1.0, np.float32)
+    new = np.full((1, DIM), 2.0, np.float32)
+    store.create_version("ev1", v1)
+    store.write("ev1", ["7"], old, v1)
+    store.publish("ev1")
+    srv = start_server(vector_cache_mb=1)
+    with EmbeddingClient(f"127.0.0.1:{srv.port}") as c:
+        for _ in range(3):
+            np.testing.assert_array_equal(c.get("7").vector, old[0])
+            np.testing.assert_array_equal(c.batch_get(["7"], packed=True)[0].vector, old[0])
+        assert srv.lookup is not None and srv.lookup.cache is not None
+        assert len(srv.lookup.cache) == 1  # now served from the cache
+        # a refresh flips the pointer to ev2: the cached ev1 vector is never returned again
+        store.create_version("ev2", v1)
+        store.write("ev2", ["7"], new, v1)
+        store.publish("ev2")
+        deadline = time.monotonic() + 30  # the next pointer poll (every 0.2 s) sees it
+        while (e := c.get("7")).embedding_version != "ev2" and time.monotonic() < deadline:
+            np.testing.assert_array_equal(e.vector, old[0])  # ev1's own vector until then
+            time.sleep(0.05)
+        assert e.embedding_version == "ev2"
+        np.testing.assert_array_equal(e.vector, new[0])
+        np.testing.assert_array_equal(c.batch_get(["7"], packed=True)[0].vector, new[0])
+        # a forced recompute replaces the stored value: the cached one is never returned again
+        forced = c.get("7", force=True)
+        assert not np.array_equal(forced.vector, new[0])
+        for _ in range(3):
+            np.testing.assert_array_equal(c.get("7").vector, forced.vector)
+            (b,) = c.batch_get(["7"], packed=True)
+            np.testing.assert_array_equal(b.vector, forced.vector)
+        (bf,) = c.batch_get(["7"], packed=True, force=True)
+        np.testing.assert_array_equal(c.get("7").vector, bf.vector)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics").read().decode()
+    assert 'userembed_vector_cache_lookups_total{result="hit"}' in body
+    assert 'userembed_vector_cache_lookups_total{result="miss"}' in body
+
+
+def test_cache_off_keeps_no_vector(start_server, v1, redis_url):
+    store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
+    store.create_version("ev1", v1)
+    store.write("ev1", ["7"], np.ones((1, DIM), np.float32), v1)
+    store.publish("ev1")
+    srv = start_server(vector_cache_mb=0)
+    with EmbeddingClient(f"127.0.0.1:{srv.port}") as c:
+        assert c.get("7").source == "stored"
+    assert srv.lookup is not None and srv.lookup.cache is None
+
+
+def test_a_forced_recompute_on_one_server_drops_the_vector_on_another(
+    start_server, v1, redis_url, features
+):
+    # two servers (or two workers of one) on one Redis: B cached the vector, A recomputes it
+    store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
+    store.create_version("ev1", v1)
+    store.write("ev1", ["7"], np.full((1, DIM), 1.0, np.float32), v1)
+    store.publish("ev1")
+    a, b = start_server(vector_cache_mb=1), start_server(vector_cache_mb=1)
+    with EmbeddingClient(f"127.0.0.1:{a.port}") as ca, EmbeddingClient(f"127.0.0.1:{b.port}") as cb:
+        for _ in range(2):
+            old = cb.get("7").vector
+        assert b.lookup is not None and b.lookup.cache is not None and len(b.lookup.cache) == 1
+        forced = ca.get("7", force=True).vector
+        assert not np.array_equal(forced, old)
+        deadline = time.monotonic() + 30  # the drop message is on its way (pub/sub)
+        while not np.array_equal(v := cb.get("7").vector, forced) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        np.testing.assert_array_equal(v, forced)
+        # the same through a forced batch call, after the user's features changed
+        features.add("7", items=[11, 12, 13, 14])
+        (bf,) = ca.batch_get(["7"], packed=True, force=True)
+        assert not np.array_equal(bf.vector, forced)
+        deadline = time.monotonic() + 30
+        while (
+            not np.array_equal(v := cb.get("7").vector, bf.vector) and time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+        np.testing.assert_array_equal(v, bf.vector)
