@@ -43,8 +43,10 @@ RUN pip install "$(python deploy/docker/requirements.py dev | grep '^grpcio-tool
  && pip show onnxruntime-gpu >/dev/null
 
 FROM python AS runtime
+# /similar owned by app: an empty compose volume mounted there takes that owner, so the refresh
+# (the similar-users indexes' one writer) can write it.
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/app app \
- && mkdir -p /workspace && chown app:app /workspace
+ && mkdir -p /workspace /similar && chown app:app /workspace /similar
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=app:app feature_repo /app/feature_repo
 ENV PATH=/opt/venv/bin:$PATH \

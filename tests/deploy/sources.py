@@ -31,6 +31,7 @@ K8S_KUSTOMIZATIONS = (
     "training-multinode",
     "overlays/gpu",
     "overlays/signed-models",
+    "overlays/mtls",
 )
 
 # ${NAME:-default}, ${NAME-default}, ${NAME}, $NAME

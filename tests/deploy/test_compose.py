@@ -119,6 +119,23 @@ def test_every_userembed_service_shares_the_workspace_volume() -> None:
         assert svc["environment"]["USEREMBED_HOME"] == "/workspace", name
 
 
+def test_the_refresh_writes_the_similar_volume_that_the_servers_read() -> None:
+    """The refresh is the one writer of the similar-users indexes (docs/deploy.md); the servers
+    load them from the same root, read only."""
+    data = sources.compose()
+    assert "similar" in data["volumes"]
+    expected = {
+        "refresh": "similar:/similar",
+        "server": "similar:/similar:ro",
+        "server-gpu": "similar:/similar:ro",
+    }
+    for name, svc in data["services"].items():
+        mounts = [v for v in svc.get("volumes", []) if v.split(":")[0] == "similar"]
+        assert mounts == ([expected[name]] if name in expected else []), name
+        if name in expected:
+            assert svc["environment"]["USEREMBED_SIMILAR_ROOT"] == "/similar", name
+
+
 def test_services_use_the_image_their_dockerfile_builds() -> None:
     """Training steps run the trainer image; serving steps the torch-free server image."""
     images = sources.dockerfile_images()
@@ -130,3 +147,30 @@ def test_services_use_the_image_their_dockerfile_builds() -> None:
     for svc in s.values():
         if "build" in svc:
             assert (sources.ROOT / svc["build"]["dockerfile"]).is_file()
+
+
+def _host_ip(port: str) -> str:
+    """The host address of a published port ("127.0.0.1:50051:50051[/tcp]"; none: every one)."""
+    parts = sources.expand(port, {}).split("/")[0].split(":")
+    return parts[0] if len(parts) == 3 else "0.0.0.0"
+
+
+def test_published_ports_listen_on_loopback_only() -> None:
+    """The compose server takes calls without a token: only this host may reach it."""
+    services = sources.compose()["services"]
+    published = {n: svc["ports"] for n, svc in services.items() if "ports" in svc}
+    assert set(published) == {"server", "server-gpu"}
+    for name, ports in published.items():
+        for port in ports:
+            assert isinstance(port, str), f"{name}: {port!r} (the short syntax names the host IP)"
+            assert _host_ip(port) == "127.0.0.1", f"{name}: {port}"
+
+
+@needs_docker_compose
+def test_compose_renders_loopback_bindings() -> None:
+    proc = _config("--profile", "gpu")
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    ports = [p for svc in services.values() for p in svc.get("ports", [])]
+    assert len(ports) == 4
+    assert all(_host_ip(str(p)) == "127.0.0.1" for p in ports), ports

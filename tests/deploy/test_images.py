@@ -102,6 +102,36 @@ def test_image_runs_as_a_non_root_user_with_python_3_11(name: str) -> None:
     assert "python:3.11" in text or "python3.11" in text
 
 
+def _owned_by_user(name: str) -> set[str]:
+    """Paths the final stage of image `name` chowns to the user it runs as."""
+    final = sources.final_stage(sources.dockerfile(sources.DOCKERFILES[name]))
+    user = [i.args for i in final if i.keyword == "USER"][-1]
+    out: set[str] = set()
+    for ins in final:
+        if ins.keyword == "RUN":
+            for m in re.finditer(r"chown\s+(\S+)\s+([^&;|]+)", ins.args):
+                if m.group(1).split(":")[0] == user:
+                    out |= set(m.group(2).split())
+    return out
+
+
+def test_images_own_the_mount_points_their_compose_services_write() -> None:
+    """An empty named volume takes the owner of the image's folder it is mounted on: the
+    non-root user must own it to write there (the workspace for training, /similar for the
+    refresh)."""
+    images = sources.dockerfile_images()
+    writes = set()
+    for name, svc in sources.compose()["services"].items():
+        if "build" not in svc:
+            continue
+        for volume in svc.get("volumes", []):
+            if not volume.endswith(":ro"):
+                path = volume.split(":")[1]
+                assert path in _owned_by_user(images[svc["image"]]), (name, volume)
+                writes.add((name, path))
+    assert writes == {("init", "/workspace"), ("train", "/workspace"), ("refresh", "/similar")}
+
+
 def test_server_image_is_cuda_runtime_with_a_healthcheck() -> None:
     text = sources.DOCKERFILES["server"].read_text()
     base = re.search(r"ARG CUDA_IMAGE=(\S+)", text).group(1)  # type: ignore[union-attr]

@@ -235,3 +235,77 @@ def test_multi_node_training_master_is_pod_zero_which_exports() -> None:
     # Only pod 0, where global rank 0 wrote the model, exports it.
     script_text = c["command"][-1]
     assert re.search(r'if \[ "\$JOB_COMPLETION_INDEX" = 0 \]; then userembed export', script_text)
+
+
+# --- who may call: the token Secret, mutual TLS and the probes ------------------------------
+
+
+def _secret_behind(spec: dict, container: dict, path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file at `path`, which must come from a read-only mount of a
+    whole Secret (no subPath: an updated Secret reaches the file)."""
+    parent, key = path.rsplit("/", 1)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == parent]
+    assert mount.get("readOnly") is True and "subPath" not in mount, mount
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume["secret"]["secretName"], key
+
+
+def test_server_reads_its_grpc_token_from_a_secret_whose_placeholder_it_refuses(tmp_path) -> None:
+    from embed_server.auth import read_tokens
+    from embed_server.settings import SettingsError, load_settings
+
+    dep = _one("Deployment", "userembed-server")
+    spec = dep["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    cm = _one("ConfigMap", "userembed-config")["data"]
+    settings = load_settings(env=sources.container_env(container, {"userembed-config": cm}))
+    assert settings.auth_token_file, "the server requires a token"
+    name, key = _secret_behind(spec, container, settings.auth_token_file)
+    secret = _one("Secret", name)
+    # The placeholder fails closed: a server started with it refuses to run.
+    placeholder = tmp_path / "token"
+    placeholder.write_text(secret["stringData"][key])
+    with pytest.raises(SettingsError, match="is not a token"):
+        read_tokens(str(placeholder))
+    # Health is exempt from the token: the kubelet's native gRPC probe keeps working.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == settings.grpc_port
+    assert settings.max_concurrent_rpcs > 0
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
+def test_mtls_overlay_serves_mutual_tls_and_probes_with_userembed_health() -> None:
+    from embed_server.client import ClientSecurity
+    from embed_server.settings import load_settings
+    from tests.deploy.cli_check import parse_error
+
+    proc = subprocess.run(
+        ["kubectl", "kustomize", str(sources.K8S / "overlays" / "mtls")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    dep = next(d for d in built if d["kind"] == "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    configmaps = {d["metadata"]["name"]: d["data"] for d in built if d["kind"] == "ConfigMap"}
+    env = sources.container_env(container, configmaps)
+    settings = load_settings(env=env)
+    assert settings.tls_cert and settings.tls_key and settings.tls_client_ca
+    assert settings.auth_token_file, "mutual TLS comes on top of the token"
+    client = ClientSecurity.from_env(env)
+    assert client.tls_ca and client.tls_cert and client.tls_key and client.tls_server_name
+    for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca, client.tls_ca):
+        assert _secret_behind(spec, container, path)[0] == "userembed-server-tls"
+    for path in (client.tls_cert, client.tls_key):
+        assert _secret_behind(spec, container, path)[0] == "userembed-probe-tls"
+    # The kubelet's gRPC probe speaks no TLS: every probe runs the health command instead.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        p = container[probe]
+        assert "grpc" not in p, probe
+        argv = p["exec"]["command"]
+        assert argv[:2] == ["userembed", "health"] and parse_error(argv[1:]) is None, argv
+        assert argv[argv.index("--target") + 1] == f"127.0.0.1:{settings.grpc_port}"
+        assert p["timeoutSeconds"] >= 5, f"{probe}: a Python process per run"

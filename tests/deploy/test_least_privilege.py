@@ -1,5 +1,6 @@
 """Least privilege in the deployment files (docs/deploy.md, security): only the training Jobs
-write the workspace, every container has a read-only root file system (an emptyDir for what
+write the workspace and only the refresh writes the similar-users volume, the server writes
+nothing but its /tmp, every container has a read-only root file system (an emptyDir for what
 must be written), RuntimeDefault seccomp and no service account token, a NetworkPolicy isolates
 every workload, and the signed-models overlay hands each side only its own key."""
 
@@ -17,8 +18,11 @@ from tests.deploy import sources
 from userembed import paths
 
 DOCS = [d for _, d in sources.k8s_documents()]
+SERVER, REFRESH = "Deployment/userembed-server", "CronJob/userembed-refresh"
 WORKSPACE_WRITERS = {"Job/userembed-train", "Job/userembed-train-mn"}
-READ_ONLY_READERS = {"Deployment/userembed-server", "CronJob/userembed-refresh"}
+READ_ONLY_READERS = {SERVER, REFRESH}
+# claim -> the only workloads that mount it writable
+CLAIM_WRITERS = {"userembed-workspace": WORKSPACE_WRITERS, "userembed-similar": {REFRESH}}
 REDIS = {"app.kubernetes.io/name": "redis"}
 DNS_PORT, REDIS_PORT = 53, 6379
 
@@ -76,34 +80,79 @@ def test_every_container_has_a_read_only_root_and_a_tmp_emptydir() -> None:
             assert volumes[tmp["name"]]["emptyDir"]["sizeLimit"], (where, c["name"])
 
 
-def test_only_the_training_jobs_write_the_workspace() -> None:
-    writers = set()
-    for where, (_, spec) in WORKLOADS.items():
+def _claim_writers(workloads: dict[str, tuple[dict, dict]]) -> dict[str, set[str]]:
+    """claim -> the workloads that mount it writable; a read-only mount must come with a
+    read-only claim (no container of the pod can remount it)."""
+    writers: dict[str, set[str]] = {}
+    for where, (_, spec) in workloads.items():
         volumes = _volumes(spec)
         for c in _containers(spec):
             for m in c["volumeMounts"]:
-                source = volumes[m["name"]]
-                if "persistentVolumeClaim" not in source:
+                claim = volumes[m["name"]].get("persistentVolumeClaim")
+                if claim is None:
                     continue
+                writers.setdefault(claim["claimName"], set())
                 if not m.get("readOnly"):
-                    writers.add(where)
-                elif where in READ_ONLY_READERS:
-                    # The claim itself read-only too: no container of the pod can remount it.
-                    assert source["persistentVolumeClaim"]["readOnly"] is True, where
-    assert writers == WORKSPACE_WRITERS
+                    writers[claim["claimName"]].add(where)
+                else:
+                    assert claim["readOnly"] is True, (where, m["name"])
+    return writers
 
 
-def test_the_server_and_the_refresh_write_nothing_but_their_tmp() -> None:
+def test_only_the_training_jobs_write_the_workspace_and_the_refresh_the_similar_volume() -> None:
+    assert _claim_writers(WORKLOADS) == CLAIM_WRITERS
+
+
+def _writable_mounts(spec: dict) -> set[tuple[str, str]]:
+    """(mount path, what backs it: "emptyDir" or the claim name) of every writable mount."""
+    volumes = _volumes(spec)
+    out = set()
+    for c in _containers(spec):
+        for m in c["volumeMounts"]:
+            if not m.get("readOnly"):
+                source = volumes[m["name"]]
+                claim = source.get("persistentVolumeClaim", {}).get("claimName")
+                out.add((m["mountPath"], claim or next(k for k in source if k != "name")))
+    return out
+
+
+def test_the_server_writes_its_tmp_only_and_the_refresh_also_the_similar_volume() -> None:
+    (cm,) = [d["data"] for d in DOCS if d["kind"] == "ConfigMap"]
+    tmp = ("/tmp", "emptyDir")
+    assert _writable_mounts(WORKLOADS[SERVER][1]) == {tmp}
+    assert _writable_mounts(WORKLOADS[REFRESH][1]) == {
+        tmp,
+        (cm["USEREMBED_SIMILAR_ROOT"], "userembed-similar"),
+    }
+
+
+def test_the_similar_root_is_the_similar_volume_in_the_server_and_the_refresh(
+    monkeypatch,
+) -> None:
+    """The server loads the indexes where the refresh writes them: the ConfigMap's root (the
+    name userembed.paths reads) is where both pods mount the similar claim."""
+    (cm,) = [d["data"] for d in DOCS if d["kind"] == "ConfigMap"]
+    for name, value in cm.items():
+        monkeypatch.setenv(name, str(value))
+    root = str(paths.similar_root())
     for where in READ_ONLY_READERS:
         _, spec = WORKLOADS[where]
         volumes = _volumes(spec)
-        for c in _containers(spec):
-            for m in c["volumeMounts"]:
-                if not m.get("readOnly"):
-                    assert (m["mountPath"], list(volumes[m["name"]])) == (
-                        "/tmp",
-                        ["name", "emptyDir"],
-                    )
+        (container,) = spec["containers"]
+        assert {ref["configMapRef"]["name"] for ref in container["envFrom"]} == {"userembed-config"}
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == root]
+        claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+        assert claim == "userembed-similar", where
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
+@pytest.mark.parametrize("kustomization", sources.K8S_KUSTOMIZATIONS)
+def test_overlays_keep_who_writes_each_volume(kustomization: str) -> None:
+    workloads = _workloads(_kustomize(kustomization))
+    for claim, writers in _claim_writers(workloads).items():
+        assert writers == CLAIM_WRITERS[claim] & set(workloads), (kustomization, claim)
+    for where in READ_ONLY_READERS & set(workloads):
+        assert _writable_mounts(workloads[where][1]) == _writable_mounts(WORKLOADS[where][1])
 
 
 def test_every_workload_is_isolated_both_ways_by_a_network_policy() -> None:
@@ -153,9 +202,9 @@ def test_pods_reach_only_redis_dns_and_their_own_job() -> None:
                     assert peer == {"podSelector": p["spec"]["podSelector"]}, p["metadata"]
 
 
-def _signed_overlay() -> list[dict]:
+def _kustomize(kustomization: str) -> list[dict]:
     proc = subprocess.run(
-        ["kubectl", "kustomize", str(sources.K8S / "overlays" / "signed-models")],
+        ["kubectl", "kustomize", str(sources.K8S / kustomization)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -175,7 +224,7 @@ def _secret_file(spec: dict, container: dict, env_name: str) -> tuple[str, str]:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 def test_signed_models_overlay_gives_the_signing_key_to_the_trainer_only(monkeypatch) -> None:
-    workloads = _workloads(_signed_overlay())
+    workloads = _workloads(_kustomize("overlays/signed-models"))
     seen = {}
     for where, (_, spec) in workloads.items():
         for c in _containers(spec):
@@ -203,8 +252,10 @@ def test_signed_models_overlay_gives_the_signing_key_to_the_trainer_only(monkeyp
     assert paths.model_verify_key() and paths.model_signing_key()
 
 
-def test_compose_containers_are_hardened_and_only_training_writes_the_workspace() -> None:
+def test_compose_containers_are_hardened_and_write_only_their_own_volume() -> None:
+    """Training writes the workspace, the refresh the similar volume, the rest nothing."""
     services = sources.compose()["services"]
+    writes = {"init": "workspace", "train": "workspace", "refresh": "similar"}
     for name, svc in services.items():
         if name == "redis":
             continue
@@ -212,5 +263,5 @@ def test_compose_containers_are_hardened_and_only_training_writes_the_workspace(
         assert "/tmp" in svc["tmpfs"], name
         assert svc["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in svc["security_opt"], name
-        writable = [v for v in svc.get("volumes", []) if not v.endswith(":ro")]
-        assert bool(writable) == (name in {"init", "train"}), name
+        writable = [v.split(":")[0] for v in svc.get("volumes", []) if not v.endswith(":ro")]
+        assert writable == ([writes[name]] if name in writes else []), name
