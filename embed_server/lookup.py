@@ -3,8 +3,9 @@
 `EmbeddingLookup` validates the request, asks the version policy (version_policy.py) which model
 and embedding version answer, reads through the worker's vector cache (vector_cache.py, when on)
 and the one stored reader (stored_reader.py) and sends the misses to the compute path
-(compute.py). Single calls return an `Embedding`; batch calls a
-column-wise `BatchResult`. A forgotten user (userembed/forget.py, read at each poll) is NOT_FOUND
+(compute.py). A stored vector older than behaviour pushed since is served and recomputed in the
+background, or recomputed inline past `max_stale_s` (freshness.py); stale rows are never cached.
+Single calls return an `Embedding`; batch calls a column-wise `BatchResult`. A forgotten user (userembed/forget.py, read at each poll) is NOT_FOUND
 before any of that: no cached, stored or computed vector.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 from embed_server.compute import ComputePath
 from embed_server.embedding import COMPUTED, STORED, Embedding
 from embed_server.errors import REDIS_ERRORS, RedisReplyError, as_unavailable
+from embed_server.freshness import Freshness
 from embed_server.metrics import ServerMetrics
 from embed_server.model_manager import ModelManager, ServingModel
 from embed_server.online_features import OnlineFeatureSource
@@ -30,6 +32,7 @@ from embed_server.stored_reader import (
     StoredRow,
     open_stored_reader,
     plain_hits,
+    stale_since,
     stored_embedding,
 )
 from embed_server.vector_cache import DropBroadcast, VectorCache
@@ -129,12 +132,13 @@ class EmbeddingLookup:
             settings, self.redis, on_batch=metrics.batch_size.labels("stored_read").observe
         )
         self.compute = ComputePath(settings, features, self.versions, self.redis_sync, metrics)
+        self.freshness = Freshness(settings, self.compute, metrics)
         mb = settings.vector_cache_mb
         self.cache = VectorCache(int(mb * 2**20), metrics) if mb > 0 else None
         # forced recomputes reach the other workers' caches over pub/sub (not on a cluster
         # client, which has none: docs/serving.md, "Vector cache")
         self.drops = (
-            DropBroadcast(self.redis, self.cache)
+            DropBroadcast(self.redis, self.cache, user_keys=self._cache_keys_of)
             if self.cache is not None and hasattr(self.redis, "pubsub")
             else None
         )
@@ -152,6 +156,7 @@ class EmbeddingLookup:
         if self._drops_task is not None:
             self._drops_task.cancel()
             await asyncio.gather(self._drops_task, return_exceptions=True)
+        await self.freshness.close()
         await self.reader.close()
         await self.compute.close()
         await self.redis.aclose()
@@ -184,6 +189,15 @@ class EmbeddingLookup:
                 for key in self.versions.keys(name).vector_keys(ev, new):
                     self.cache.drop((model.version_bytes, key))
 
+    def _cache_keys_of(self, user_ids: Sequence[str]) -> list[tuple[bytes, bytes]]:
+        """This worker's cache keys of these users: each served model's serving version."""
+        out: list[tuple[bytes, bytes]] = []
+        for name, model in self.versions.manager.models.items():
+            ev = self.versions.serving_version(model)
+            keys = self.versions.keys(name).vector_keys(ev, list(user_ids))
+            out += [(model.version_bytes, key) for key in keys]
+        return out
+
     def _refuse_forgotten(self, user_id: str) -> UserNotFoundError | None:
         if user_id in self.forgotten:
             return UserNotFoundError(f"unknown user '{user_id}': forgotten")
@@ -209,11 +223,17 @@ class EmbeddingLookup:
                     row = await self.reader.read(key, deadline)
                 except REDIS_ERRORS as e:  # an error reply for this key too: UNAVAILABLE
                     raise as_unavailable("redis", e) from e
-                if cache is not None and plain_hits(model, (row,))[0]:
+                stale = stale_since(row)
+                if cache is not None and not stale and plain_hits(model, (row,))[0]:
                     cache.fill(cache_key, row, epoch)
+            else:
+                stale = 0  # a cached row is never stale
             embedding = stored_embedding(model, embedding_version, user_id, row)
-            if embedding is not None:
+            if embedding is not None and (
+                not stale or self.freshness.serve_stale(model, embedding_version, user_id, stale)
+            ):
                 self._counter(model.name, STORED).inc()
+                self.freshness.observe_age(model.name, (embedding.feature_ts_ms,))
                 return embedding
         try:
             embedding = await self.compute.submit(model, embedding_version, user_id, deadline)
@@ -282,10 +302,19 @@ class EmbeddingLookup:
         plain = plain_hits(model, rows)
         misses: list[int] = []
         failed = 0
+        inline = self._stale_inline(model, embedding_version, wanted, rows)
+        for j in inline:
+            plain[j] = False
         if all(plain) and len(todo) == len(result.vectors):  # the common case: all stored
             result.set_all_stored(embedding_version, rows)
+            self.freshness.observe_age(model.name, result.feature_ts_ms)
         else:
-            for i, user_id, row, is_plain in zip(todo, wanted, rows, plain, strict=True):
+            for j, (i, user_id, row, is_plain) in enumerate(
+                zip(todo, wanted, rows, plain, strict=True)
+            ):
+                if j in inline:  # stale past max_stale_s: recompute on this call
+                    misses.append(i)
+                    continue
                 if is_plain:
                     result.set_stored(i, embedding_version, row)
                     continue
@@ -301,8 +330,34 @@ class EmbeddingLookup:
                     misses.append(i)
                 else:
                     result.set_embedding(i, embedding)
+            missed = set(misses)
+            served = [i for i in todo if i not in missed and not result.errors[i]]
+            self.freshness.observe_age(model.name, [result.feature_ts_ms[i] for i in served])
         self._counter(model.name, STORED).inc(len(todo) - len(misses) - failed)
         return misses
+
+    def _stale_inline(
+        self,
+        model: ServingModel,
+        embedding_version: str,
+        user_ids: Sequence[str],
+        rows: Sequence[StoredRow],
+    ) -> set[int]:
+        """Rows stale since a push: served (a background recompute queued) or, past
+        `max_stale_s`, returned here to recompute inline."""
+        inline: set[int] = set()
+        # rows with a marker are few: find them in one pass (the marker is the last field)
+        marked = [j for j, row in enumerate(rows) if row.__class__ is list and row[-1] is not None]
+        for j in marked:
+            row = rows[j]
+            if row[0] is None or row[2] != model.version_bytes:
+                continue  # an error reply, no vector, another model version's: a miss anyway
+            stale = stale_since(row)
+            if stale and not self.freshness.serve_stale(
+                model, embedding_version, user_ids[j], stale
+            ):
+                inline.add(j)
+        return inline
 
     async def _read_many(self, model: ServingModel, keys: Sequence[bytes]) -> list[StoredRow]:
         """Stored rows of `keys`: cached ones from the cache, the others in one Redis read
@@ -318,7 +373,7 @@ class EmbeddingLookup:
             read = await self.reader.read_many([keys[j] for j in todo])
             for j, row, plain in zip(todo, read, plain_hits(model, read), strict=True):
                 rows[j] = row
-                if plain:
+                if plain and not stale_since(row):  # a stale row: read again until fresh
                     cache.fill(cache_keys[j], row, epoch)
         return rows  # type: ignore[return-value]  # every None replaced above
 

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# seconds: a minute to a month (a nightly refresh makes most stored vectors about a day old)
+AGE_BUCKETS = (60, 600, 3600, 6 * 3600, 86400, 2 * 86400, 7 * 86400, 30 * 86400)
 
 
 class ServerMetrics:
@@ -98,6 +100,27 @@ class ServerMetrics:
             "Bytes held by the vector cache",
             registry=r,
             multiprocess_mode="livesum",
+        )
+        # freshness (embed_server/freshness.py, docs/freshness.md)
+        self.vector_age = Histogram(
+            "userembed_vector_age_seconds",
+            "Age of served stored vectors' features (now - feature_ts), by model",
+            ["model"],
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
+        self.stale_served = Counter(
+            "userembed_stale_served",
+            "Stored vectors served while newer behaviour was pushed (a background recompute "
+            "follows)",
+            ["model"],
+            registry=r,
+        )
+        self.background_recomputes = Counter(
+            "userembed_background_recomputes",
+            "Background recomputes of stale vectors by model and outcome (ok / failed / dropped)",
+            ["model", "outcome"],
+            registry=r,
         )
         self._http: Any = None
         self.port: int | None = None

@@ -8,7 +8,8 @@ one server and does not route by slot (embed_server/stored_reader.py picks redis
 pipeline there).
 
 `ReadCoalescer` folds concurrent single-key reads into one `EVAL` of the read script (many
-keys, one round trip); a lone read goes out at once as a plain `HMGET`.
+keys, one round trip); a lone read goes out at once as a plain `HMGET`. With a `marker`, each row
+also carries the user's pushed-behaviour marker (docs/freshness.md), read in the same round trip.
 """
 
 from __future__ import annotations
@@ -39,6 +40,24 @@ READ_SCRIPT = """
 local out = {}
 for i, k in ipairs(KEYS) do
   out[i] = redis.pcall('HMGET', k, unpack(ARGV))
+end
+return out
+"""
+
+# The same with each user's pushed-behaviour marker (userembed/vectors.py `pushed_key_of`)
+# appended to its row: KEYS are n vector keys then their n marker keys (same user hash tag).
+# A marker of the wrong type reads as none.
+READ_MARKED_SCRIPT = """
+local out = {}
+local n = #KEYS / 2
+for i = 1, n do
+  local row = redis.pcall('HMGET', KEYS[i], unpack(ARGV))
+  if row.err == nil then
+    local m = redis.pcall('GET', KEYS[n + i])
+    if type(m) == 'table' then m = false end
+    row[#row + 1] = m
+  end
+  out[i] = row
 end
 return out
 """
@@ -174,6 +193,21 @@ class PipelinedRedis:
     def connected(self) -> bool:
         return self._proto is not None
 
+    def submit_pair(self, commands: bytes) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+        """Two RESP commands in one write (`connected` must be true): their replies' futures.
+        One timer, on the second: a reply missing past it drops the connection, failing both."""
+        assert self._proto is not None
+        proto = self._proto
+        loop = asyncio.get_running_loop()
+        first, second = loop.create_future(), loop.create_future()
+        proto.waiters.append(first)
+        proto.waiters.append(second)
+        assert proto.transport is not None
+        proto.transport.write(commands)
+        timer = loop.call_later(self._timeout_s, self._expire, proto, second)
+        second.add_done_callback(lambda _: timer.cancel())
+        return first, second
+
     def submit(self, command: bytes) -> asyncio.Future[Any]:
         """Send on the open connection (`connected` must be true); the future gets the reply."""
         assert self._proto is not None
@@ -222,18 +256,23 @@ class ReadCoalescer:
         on_batch: Callable[[int], None] | None = None,
         max_in_flight: int = 1,
         hold_s: float = 0.0,
+        marker: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.conn = conn
+        # vector key -> its marker key: each row then ends with the marker's value
+        self._marker = marker
         self.max_keys = max_keys
         self.max_in_flight = max_in_flight
         self.hold_s = hold_s
         self._in_flight = 0
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
-        self._head = resp.bulk(b"EVAL") + resp.bulk(READ_SCRIPT.encode())
+        script = READ_SCRIPT if marker is None else READ_MARKED_SCRIPT
+        self._head = resp.bulk(b"EVAL") + resp.bulk(script.encode())
         self._fields = b"".join(resp.bulk(f.encode()) for f in fields)
         self._n_fields = len(fields)
         self._hmget_head = resp.array_header(2 + len(fields)) + resp.bulk(b"HMGET")
+        self._get_head = resp.array_header(2) + resp.bulk(b"GET")
         self._keys: list[bytes] = []
         self._futures: list[asyncio.Future[Any]] = []
         self._on_batch = on_batch
@@ -245,7 +284,10 @@ class ReadCoalescer:
         self.clustered = 0.0  # running share of reads within the last round trip of the one before
 
     def command(self, keys: Sequence[bytes]) -> bytes:
-        """`EVAL READ_SCRIPT n key... field...` as RESP."""
+        """`EVAL READ_SCRIPT n key... field...` as RESP (with a marker: READ_MARKED_SCRIPT over
+        the keys, then their marker keys)."""
+        if self._marker is not None:
+            keys = [*keys, *[self._marker(k) for k in keys]]
         n = len(keys)
         return b"".join(
             (
@@ -327,7 +369,12 @@ class ReadCoalescer:
         if self.conn.connected:  # the common case: no task, just a reply callback
             # one key: a plain HMGET, which Redis answers without a script call
             single = len(keys) == 1
-            reply = self.conn.submit(self.hmget(keys[0]) if single else self.command(keys))
+            if not single:
+                reply = self.conn.submit(self.command(keys))
+            elif self._marker is None:
+                reply = self.conn.submit(self.hmget(keys[0]))
+            else:  # HMGET and GET of the marker, pipelined: one round trip
+                reply = self._hmget_marked(keys[0])
             reply.add_done_callback(
                 functools.partial(self._deliver, futures, time.perf_counter(), single)
             )
@@ -337,6 +384,15 @@ class ReadCoalescer:
             task.add_done_callback(self._tasks.discard)
         if self._keys:  # more than max_keys were waiting
             self._flush()
+
+    def _hmget_marked(self, key: bytes) -> asyncio.Future[Any]:
+        assert self._marker is not None
+        row, marker = self.conn.submit_pair(
+            self.hmget(key) + self._get_head + resp.bulk(self._marker(key))
+        )
+        both: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        marker.add_done_callback(functools.partial(_join_marker, row, both))
+        return both
 
     def _deliver(
         self,
@@ -384,3 +440,24 @@ class ReadCoalescer:
                 f.cancel()
             raise
         self._deliver(futures, 0.0, False, reply)  # a reconnect: no round trip to learn from
+
+
+def _join_marker(row: asyncio.Future[Any], both: asyncio.Future[Any], marker: Any) -> None:
+    """The HMGET row with the marker's value appended (replies come in order: the row's first).
+    A marker of the wrong type reads as none."""
+    if both.done():
+        return
+    if row.cancelled() or marker.cancelled():
+        both.cancel()
+        return
+    if not row.done():
+        both.set_exception(redis.TimeoutError("no redis reply to the stored read"))
+        return
+    e = row.exception()
+    m = marker.exception()
+    if e is not None:
+        both.set_exception(e)
+    elif m is not None and not isinstance(m, redis.ResponseError):
+        both.set_exception(m)
+    else:
+        both.set_result([*row.result(), None if m is not None else marker.result()])

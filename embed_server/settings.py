@@ -105,6 +105,13 @@ class ServerSettings:
     workers: int = 0
     # per worker: bytes of stored vectors kept in memory (embed_server/vector_cache.py); 0: off
     vector_cache_mb: float = 64.0
+    # freshness (docs/freshness.md): a stored vector older than behaviour pushed for its user
+    # is served and recomputed in the background, or recomputed inline once the newest pushed
+    # event is more than this many seconds old; 0: always serve the stale vector
+    max_stale_s: float = 0.0
+    # stale users being recomputed in the background at once, per worker; more are dropped
+    # (counted) and tried again at their next read
+    stale_refresh_queue: int = 1024
     # auto: uvloop when installed (less CPU per call, docs/serving.md), else asyncio's loop
     event_loop: str = "auto"
 
@@ -128,6 +135,10 @@ class ServerSettings:
             problems.append("workers must be >= 0 (0: one per usable core)")
         if self.vector_cache_mb < 0:
             problems.append("vector_cache_mb must be >= 0 (0: off)")
+        if self.max_stale_s < 0:
+            problems.append("max_stale_s must be >= 0 (0: no limit)")
+        if self.stale_refresh_queue < 1:
+            problems.append("stale_refresh_queue must be >= 1")
         if self.compute_workers < 1:
             problems.append("compute_workers must be >= 1")
         if self.batch_size < 1:

@@ -12,7 +12,8 @@
   batch's keys span slots, so one script cannot read them; the cluster pipeline sends each HMGET
   to the master of its key's slot.
 
-Every reader returns raw rows in VECTOR_FIELDS order (vector None: no stored vector) and raises
+Every reader returns raw rows in VECTOR_FIELDS order, then the user's pushed-behaviour marker
+(`pushed_ms`; docs/freshness.md), read in the same round trip (vector None: no stored vector), and raises
 redis / OS errors on an outage or an error reply to the whole command; the caller turns those
 into UNAVAILABLE. A key Redis answered with its own error reply (WRONGTYPE) is, in `read_many`,
 that error in the key's place instead of a row, and, in `read`, raised to that caller alone.
@@ -33,14 +34,24 @@ from redis.commands.core import AsyncScript
 from embed_server.batching import MicroBatcher
 from embed_server.embedding import STORED, Embedding
 from embed_server.model_manager import ServingModel
-from embed_server.redis_reads import READ_SCRIPT, PipelinedRedis, ReadCoalescer
+from embed_server.redis_reads import READ_MARKED_SCRIPT, PipelinedRedis, ReadCoalescer
 from embed_server.settings import ServerSettings
 from userembed.errors import OverloadedError
 from userembed.redis_urls import AsyncRedisClient, is_cluster
-from userembed.vectors import VECTOR_FIELDS, decode_vector
+from userembed.vectors import VECTOR_FIELDS, decode_vector, pushed_key_of
 
-# vector, dtype, model_version, computed_at, feature_ts: raw bytes as Redis returns them (a list)
+# vector, dtype, model_version, computed_at, feature_ts, pushed marker: raw bytes as Redis
+# returns them (a list)
 StoredRow = Sequence[bytes | None]
+
+
+def stale_since(row: StoredRow) -> int:
+    """The newest pushed event (epoch ms) when it is newer than the row's feature_ts (a stale
+    vector), else 0. Rows without a marker field (older callers, fakes) are never stale."""
+    if len(row) < 6 or row[5] is None:
+        return 0
+    pushed = int(row[5])
+    return pushed if pushed > int(row[4] or 0) else 0
 
 
 class StoredReader(Protocol):
@@ -73,7 +84,12 @@ class CoalescingReader:
     ) -> None:
         self.connection = PipelinedRedis(url)
         self.coalescer = ReadCoalescer(
-            self.connection, VECTOR_FIELDS, max_keys=max_keys, on_batch=on_batch, hold_s=hold_s
+            self.connection,
+            VECTOR_FIELDS,
+            max_keys=max_keys,
+            on_batch=on_batch,
+            hold_s=hold_s,
+            marker=pushed_key_of,
         )
         self.queue_size = queue_size
         self.pending = 0
@@ -142,20 +158,30 @@ class ScriptReader(_MicroBatchedReader):
     def _script(self) -> AsyncScript:
         # a single server: open_stored_reader never gives a cluster client a script reader
         assert isinstance(self._redis, aioredis.Redis)
-        return self._redis.register_script(READ_SCRIPT)
+        return self._redis.register_script(READ_MARKED_SCRIPT)
 
     async def read_many(self, keys: Sequence[bytes]) -> list[StoredRow]:
-        return list(await self._script(keys=list(keys), args=list(VECTOR_FIELDS)))
+        markers = [pushed_key_of(k) for k in keys]
+        return list(await self._script(keys=[*keys, *markers], args=list(VECTOR_FIELDS)))
 
 
 class PipelineReader(_MicroBatchedReader):
-    """One pipelined HMGET per key (on Redis Cluster, each sent to its slot's master)."""
+    """One pipelined HMGET per key, and a GET of its marker (on Redis Cluster, each sent to its
+    slot's master; a key and its marker share one)."""
 
     async def read_many(self, keys: Sequence[bytes]) -> list[StoredRow]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hmget(key.decode(), list(VECTOR_FIELDS))
-            return list(await pipe.execute(raise_on_error=False))
+                pipe.get(pushed_key_of(key).decode())
+            replies = await pipe.execute(raise_on_error=False)
+        rows: list[StoredRow] = []
+        for row, marker in zip(replies[::2], replies[1::2], strict=True):
+            if isinstance(row, Exception):
+                rows.append(row)  # type: ignore[arg-type]  # this key's error reply in its place
+            else:  # a marker of the wrong type reads as none
+                rows.append([*row, None if isinstance(marker, Exception) else marker])
+        return rows
 
 
 def open_stored_reader(
@@ -199,7 +225,7 @@ def stored_embedding(
 ) -> Embedding | None:
     """A stored row -> Embedding when the loaded model version made it (else None).
     Hot path: compares raw bytes, decodes f32 without a copy."""
-    vector_bytes, dtype, made_by, computed_at, feature_ts = row
+    vector_bytes, dtype, made_by, computed_at, feature_ts = row[:5]
     if vector_bytes is None or made_by != model.version_bytes:
         return None
     if dtype is None or dtype == b"f32":

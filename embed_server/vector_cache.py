@@ -20,18 +20,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
 from embed_server.metrics import ServerMetrics
 from embed_server.stored_reader import StoredRow
+from userembed.vectors import CACHE_DROP_CHANNEL
 
 logger = logging.getLogger(__name__)
 
-# pub/sub channel of forced recomputes: model version, then the vector keys, NUL separated
-DROP_CHANNEL = "userembed:vector-cache:drop"
+# pub/sub channel of forced recomputes: model version, then the vector keys, NUL separated; an
+# empty first field: user ids whose behaviour was pushed (userembed/freshness.py)
+DROP_CHANNEL = CACHE_DROP_CHANNEL
 _SEP = b"\0"
 RESUBSCRIBE_S = 1.0
 
@@ -160,9 +162,15 @@ class DropBroadcast:
     (a task) drops the published keys from this worker's cache. Subscribing clears the cache
     first, so drops published while this worker was not listening cannot leave a stale entry."""
 
-    def __init__(self, client: Any, cache: VectorCache) -> None:
+    def __init__(
+        self,
+        client: Any,
+        cache: VectorCache,
+        user_keys: Callable[[Sequence[str]], Sequence[Hashable]] | None = None,
+    ) -> None:
         self._redis = client  # redis.asyncio.Redis (pub/sub)
         self.cache = cache
+        self._user_keys = user_keys  # user ids -> this worker's cache keys of them (a push)
 
     async def publish(self, model_version: bytes, keys: Sequence[bytes]) -> None:
         try:
@@ -172,6 +180,11 @@ class DropBroadcast:
 
     def _apply(self, data: bytes) -> None:
         version, *keys = data.split(_SEP)
+        if not version:  # pushed behaviour: every cached row of these users
+            if self._user_keys is not None:
+                for cache_key in self._user_keys([k.decode() for k in keys]):
+                    self.cache.drop(cache_key)
+            return
         for key in keys:
             self.cache.drop((version, key))
 

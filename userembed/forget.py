@@ -36,7 +36,7 @@ from userembed.errors import InvalidInputError
 from userembed.ids import parse_user_id
 from userembed.redis_urls import AsyncRedisClient, RedisClient, open_redis
 from userembed.schema import USER_ID
-from userembed.vectors import FORGOTTEN_KEY, STATUS_BUILDING, VectorStore, now_ms
+from userembed.vectors import FORGOTTEN_KEY, STATUS_BUILDING, VectorStore, now_ms, pushed_key
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ def forget_users(
     try:
         Tombstones(client).add(users)
         rows = _unlink(client, feast_online_keys(users, feature_repo)) if features else -1
+        _unlink(client, [pushed_key(u).encode() for u in users])  # their freshness markers
         deleted = sum(delete_vectors(VectorStore(client, m), users) for m in models)
     finally:
         client.close()

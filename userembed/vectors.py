@@ -13,6 +13,9 @@ pointer flip is one MULTI in one slot; vector keys are tagged by user, so they s
                                              spaces (userembed/compat_maps.py spells the fields)
     ue:<model>:<ev>:{<user_id>}      HASH    vector, dtype, model_version, computed_at, feature_ts
     ue:forgotten                     ZSET    user id -> forgotten_at (ms): every model's tombstones
+    ue:pushed:{<user_id>}            STRING  newest event (epoch ms, whole seconds) pushed for the
+                                             user (userembed/freshness.py; PX TTL): a stored vector
+                                             whose feature_ts is older is stale (docs/freshness.md)
 
 `<user_id>` is the id's canonical decimal spelling (userembed.ids). `vector` is the raw
 little-endian float32 (dtype "f32") or float16 ("f16") bytes of the user vector; `computed_at`
@@ -110,6 +113,25 @@ def decode_vector(data: bytes, dtype: str = "f32") -> np.ndarray:
 # Users forgotten (userembed/forget.py): one set for every model, as forgetting is of a person;
 # no hash tag, a single key.
 FORGOTTEN_KEY = "ue:forgotten"
+
+# Pushed behaviour (userembed/freshness.py): one marker per user, tagged by user like the vector
+# keys so one script or one cluster slot reads a vector and its marker together.
+PUSHED_PREFIX = b"ue:pushed:"
+PUSHED_TTL_S = 7 * 24 * 3600  # like the vectors' default TTL
+# pub/sub channel of cached rows to drop (embed_server/vector_cache.py): a model version then
+# vector keys, or an empty first field then user ids (a push: every model's row of the users)
+CACHE_DROP_CHANNEL = "userembed:vector-cache:drop"
+
+
+def pushed_key(user_id: str) -> str:
+    return f"{PUSHED_PREFIX.decode()}{{{user_id}}}"
+
+
+def pushed_key_of(vector_key: bytes) -> bytes:
+    """The marker key of the user a vector key belongs to (its `{<user_id>}` tag; a key with
+    no tag, in tests, its own marker)."""
+    i = vector_key.rfind(b"{")
+    return PUSHED_PREFIX + (vector_key[i:] if i >= 0 else vector_key)
 
 
 class VectorKeys:

@@ -62,6 +62,7 @@ def _cases(home: Path) -> list[Case]:
         Case(("models",)),
         Case(("health",)),
         Case(("forget", "--release", "1"), missing=False, says=r"^released 0 of 1 users"),
+        Case(("push", f"{absent}/rows.parquet"), says=re.escape(absent)),
     ]  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from userembed.forget import (
     honour_in_refresh,
     release_users,
 )
-from userembed.vectors import STATUS_BUILDING, STATUS_READY, VectorStore
+from userembed.vectors import STATUS_BUILDING, STATUS_READY, VectorStore, pushed_key
 
 
 def test_forget_deletes_every_finished_version_and_the_refresh_pass_the_building_one(
@@ -35,8 +35,11 @@ def test_forget_deletes_every_finished_version_and_the_refresh_pass_the_building
         store.create_version(ev, "m1")
         store.mark(ev, status)
         store.write(ev, ["1", "2"], vectors, "m1")
+    for user in ("1", "2"):  # freshness markers (docs/freshness.md)
+        r.set(pushed_key(user), 1_000)
 
     report = forget_users(["1"], redis_url, models=[MODEL], features=False)
+    assert not r.exists(pushed_key("1")) and r.exists(pushed_key("2"))
     assert (report.vectors_deleted, report.feature_rows_deleted) == (2, -1)
     assert [store.read(ev, ["1", "2"])[0] is None for ev in ("v1", "online-m1", "v2")] == [
         True,

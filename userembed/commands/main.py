@@ -26,6 +26,7 @@ from userembed.commands import (
     data,
     demo,
     forget,
+    push,
     refresh,
     registry,
     serve,
@@ -50,6 +51,7 @@ COMMAND_MODULES: tuple[ModuleType, ...] = (
     check,  # check: train/serve consistency for a sample of users
     ui,  # ui: the read-only web page
     forget,  # forget: a user's vectors, online features and index entries, and a tombstone
+    push,  # push: fresh behaviour online; stored vectors recomputed at their next read
 )
 
 
