@@ -6,9 +6,10 @@ import logging
 import os
 import warnings
 
-# Libraries that log routine chatter at INFO (Feast's registry cache, TorchRec's plans and
-# fbgemm's library loads, which come through the root logger): WARNING unless --verbose.
-_CHATTY_LOGGERS = ("feast", "torchrec", "fbgemm_gpu", "ray", "urllib3")
+# Libraries that log routine chatter at INFO (Feast's registry cache, TorchRec's plans,
+# fbgemm's library loads, which come through the root logger, and faiss's search for its
+# AVX512/AVX2 builds): WARNING unless --verbose.
+_CHATTY_LOGGERS = ("feast", "torchrec", "fbgemm_gpu", "ray", "urllib3", "faiss")
 
 
 def configure_logging(verbose: bool = False) -> None:
