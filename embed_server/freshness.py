@@ -1,4 +1,5 @@
-"""Serve-stale-while-refreshing: stored vectors older than behaviour pushed since (docs/freshness.md).
+"""Serve-stale-while-refreshing: stored vectors older than behaviour pushed since
+(docs/freshness.md).
 
 A push (userembed/freshness.py) leaves a per-user marker, the newest pushed event; the stored
 read fetches it with the vector (stored_reader.stale_since). A stale vector is served at once and

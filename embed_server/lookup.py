@@ -5,8 +5,9 @@ and embedding version answer, reads through the worker's vector cache (vector_ca
 and the one stored reader (stored_reader.py) and sends the misses to the compute path
 (compute.py). A stored vector older than behaviour pushed since is served and recomputed in the
 background, or recomputed inline past `max_stale_s` (freshness.py); stale rows are never cached.
-Single calls return an `Embedding`; batch calls a column-wise `BatchResult`. A forgotten user (userembed/forget.py, read at each poll) is NOT_FOUND
-before any of that: no cached, stored or computed vector.
+Single calls return an `Embedding`; batch calls a column-wise `BatchResult`. A forgotten user
+(userembed/forget.py, read at each poll) is NOT_FOUND before any of that: no cached, stored or
+computed vector.
 """
 
 from __future__ import annotations

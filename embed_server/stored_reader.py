@@ -13,9 +13,9 @@
   to the master of its key's slot.
 
 Every reader returns raw rows in VECTOR_FIELDS order, then the user's pushed-behaviour marker
-(`pushed_ms`; docs/freshness.md), read in the same round trip (vector None: no stored vector), and raises
-redis / OS errors on an outage or an error reply to the whole command; the caller turns those
-into UNAVAILABLE. A key Redis answered with its own error reply (WRONGTYPE) is, in `read_many`,
+(`pushed_ms`; docs/freshness.md), read in the same round trip (vector None: no stored vector),
+and raises redis / OS errors on an outage or an error reply to the whole command; the caller
+turns those into UNAVAILABLE. A key Redis answered with its own error reply (WRONGTYPE) is, in `read_many`,
 that error in the key's place instead of a row, and, in `read`, raised to that caller alone.
 `stored_embedding` and `plain_hits` say which rows the loaded model version made.
 """

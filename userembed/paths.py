@@ -48,7 +48,8 @@ def registry_root() -> str:
 
 
 def similar_root() -> Path:
-    """The similar-users indexes the refresh builds and the server loads (userembed.similar_index)."""
+    """Where the refresh stores and the server loads the similar-users indexes
+    (userembed.similar_index)."""
     return Path(os.environ.get("USEREMBED_SIMILAR_ROOT", home() / "similar"))
 
 
