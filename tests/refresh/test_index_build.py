@@ -127,3 +127,18 @@ def test_read_back_refuses_a_version_missing_a_users_vector(cfg) -> None:
     store.r.delete(store.keys.vector(s.embedding_version, "5"))
     with pytest.raises(RefreshValidationError, match=r"1 users have no 8-d vector \(first: 5\)"):
         read_vectors(store, s.embedding_version, [str(u) for u in range(N_USERS)], DIM)
+
+
+def test_the_cli_refresh_can_skip_the_index(cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`userembed refresh --no-similar-index` (a huge refresh that no lookalike caller needs)
+    flips readers without building or storing an index."""
+    from userembed.commands.main import main
+
+    monkeypatch.setenv("USEREMBED_SIMILAR_ROOT", cfg.similar_root)
+    argv = ["refresh", "--model", MODEL, "--no-similar-index", "--check-sample", "0"]
+    argv += ["--offline-dir", cfg.offline_dir, "--registry-root", cfg.registry_root]
+    assert main([*argv, "--redis-url", cfg.redis_url]) == 0
+    version = store_of(cfg).current_version()
+    assert version is not None
+    with pytest.raises(IndexUnavailableError):
+        IndexStore(cfg.similar_root).load_verified(MODEL, version)

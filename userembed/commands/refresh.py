@@ -9,7 +9,7 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
-from refresh.config import ENGINES, FULL, INCREMENTAL, RefreshConfig
+from refresh.config import COMPAT_METHODS, ENGINES, FULL, INCREMENTAL, RefreshConfig
 from refresh.errors import NoVersionError
 from userembed import prerequisites
 
@@ -100,6 +100,25 @@ def register(sub: Any) -> None:
         action="store_true",
         help="a consistency mismatch fails the run and keeps readers where they are",
     )
+    p.add_argument(
+        "--similar-index",
+        action=argparse.BooleanOptionalAction,
+        default=RefreshConfig.similar_index,
+        help="build the version's similar-users index before the flip (docs/similar.md)",
+    )
+    p.add_argument(
+        "--compat-sample",
+        type=int,
+        default=RefreshConfig.compat_sample,
+        help="users the map into the previous model version's space is fitted on "
+        "(docs/compatibility.md; 0: no map)",
+    )
+    p.add_argument(
+        "--compat-method",
+        choices=COMPAT_METHODS,
+        default=RefreshConfig.compat_method,
+        help="how that map is fitted",
+    )
     p.add_argument("--offline-dir", default=None, help="default $USEREMBED_OFFLINE_DIR")
     p.add_argument("--registry-root", default=None, help="default $USEREMBED_REGISTRY_ROOT")
     p.add_argument("--redis-url", default=None, help="default $REDIS_URL")
@@ -142,6 +161,9 @@ def _refresh(args: argparse.Namespace) -> int:
         lock_wait_s=args.lock_wait_s,
         check_sample=args.check_sample,
         check_blocks_flip=args.check_blocks_flip,
+        similar_index=args.similar_index,
+        compat_sample=args.compat_sample,
+        compat_method=args.compat_method,
         **{k: v for k, v in locations.items() if v is not None},  # unset: the config's env default
     )
     prerequisites.require_offline_tables(cfg.offline_dir)
