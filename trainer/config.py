@@ -175,9 +175,9 @@ class TrainConfig:
     future_temperature: float = 0.1
     # The whole-history objective (trainer/summary_loss.py): a linear decoder of the user vector
     # reconstructs the standardised long-term features. Weight beside the task loss (0 = off;
-    # no effect on a model without the long-term input). 30: on the transfer benchmark (both
-    # sources) the probe and the labelled AUCs were higher than at 3 and 10 (docs/model.md).
-    summary_loss_weight: float = 30.0
+    # no effect on a model without the long-term input). 10: on the transfer benchmark (both
+    # sources) the probe and the labelled AUCs were higher than at 3 (docs/model.md).
+    summary_loss_weight: float = 10.0
     plots: bool = True
     log_every: int = 50
 
