@@ -185,10 +185,8 @@ class EmbeddingLookup:
         new = sorted(forgotten - self.forgotten)
         self.forgotten = forgotten
         if new and self.cache is not None:
-            for name, model in self.versions.manager.models.items():
-                ev = self.versions.serving_version(model)
-                for key in self.versions.keys(name).vector_keys(ev, new):
-                    self.cache.drop((model.version_bytes, key))
+            for cache_key in self._cache_keys_of(new):
+                self.cache.drop(cache_key)
 
     def _cache_keys_of(self, user_ids: Sequence[str]) -> list[tuple[bytes, bytes]]:
         """This worker's cache keys of these users: each served model's serving version."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from userembed import paths
 from userembed.errors import InvalidInputError
 from userembed.registry import DEFAULT_MODEL, LATEST
-from userembed.similar_index import IndexParams, default_root
+from userembed.similar_index import IndexParams
 
 FULL = "full"  # every user's vector is computed
 INCREMENTAL = "incremental"  # only users with features newer than the serving version's
@@ -65,7 +65,7 @@ class RefreshConfig:
     offline_dir: str = field(default_factory=lambda: str(paths.offline_dir()))
     # the similar-users index built for each version before the flip (refresh/index_build.py)
     similar_index: bool = True
-    similar_root: str = field(default_factory=lambda: str(default_root()))
+    similar_root: str = field(default_factory=lambda: str(paths.similar_root()))
     similar_params: IndexParams = IndexParams()
     # a map from the new version's space into the previous model version's, fitted on this
     # many shared users (refresh/compat.py; docs/compatibility.md); 0: none

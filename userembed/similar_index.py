@@ -1,6 +1,7 @@
 """Similar-user indexes: one approximate nearest-neighbour index per model and embedding version.
 
-Layout (root = `default_root()`: `$USEREMBED_SIMILAR_ROOT`, else `<USEREMBED_HOME>/similar`):
+Layout (root = `userembed.paths.similar_root()`: `$USEREMBED_SIMILAR_ROOT`, else
+`<USEREMBED_HOME>/similar`):
 
     <root>/<model>/<embedding version>/index.faiss   faiss IndexIDMap2(IndexHNSWFlat), ids = user ids
     <root>/<model>/<embedding version>/index.json    written last: an index exists once it is there
@@ -48,10 +49,6 @@ FORMAT = 1
 METRIC = "cosine"
 DEFAULT_K = 10  # FindSimilarUsers' k when the request leaves it at 0
 MAX_K = 1000  # past it a request is INVALID_ARGUMENT: HNSW answers degrade as k nears ef
-
-
-def default_root() -> Path:
-    return paths.similar_root()
 
 
 class IndexUnavailableError(UserEmbedError):
@@ -194,7 +191,7 @@ class IndexStore:
     """Indexes under `root` (local folder); the only place that spells the layout."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
+        self.root = Path(root) if root is not None else paths.similar_root()
 
     def __repr__(self) -> str:
         return f"IndexStore({str(self.root)!r})"
