@@ -178,6 +178,11 @@ class TrainConfig:
     # no effect on a model without the long-term input). 10: on the transfer benchmark (both
     # sources) the probe and the labelled AUCs were higher than at 3 (docs/model.md).
     summary_loss_weight: float = 10.0
+    # The least spread a target column of that objective is standardised by (statistics of the
+    # training split). 0.01: a genre 1 user in 50 rates (spread ~0.01-0.03) counts in full, as
+    # a team's StandardScaler sees it; at the encoder's 0.1 such columns weighed 1/100 and the
+    # vector lost the held-out gender they carry (docs/model.md).
+    summary_min_scale: float = 0.01
     plots: bool = True
     log_every: int = 50
 
@@ -198,6 +203,10 @@ class TrainConfig:
         if not (math.isfinite(self.summary_loss_weight) and self.summary_loss_weight >= 0):
             raise InvalidInputError(
                 f"summary_loss_weight {self.summary_loss_weight}: expected a weight >= 0"
+            )
+        if not (math.isfinite(self.summary_min_scale) and self.summary_min_scale > 0):
+            raise InvalidInputError(
+                f"summary_min_scale {self.summary_min_scale}: expected a spread > 0"
             )
         if not 0.0 <= self.distill_label_share <= 1.0:
             raise InvalidInputError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -187,14 +188,17 @@ class EncoderArch(nn.Module):
 
 
 class LongTermNorm(nn.Module):
-    """Standardises the long-term input (B, H) per column with the statistics of the first
-    training batch (data-dependent initialisation, as Glow's ActNorm, Kingma & Dhariwal 2018),
-    fixed from then on: no batch statistics at inference, so torch, ONNX and any batch
+    """Standardises the long-term input (B, H) per column with the statistics of the training
+    split (`fit`; train() calls it before the first step) or, unfitted, of the first training
+    batch (data-dependent initialisation, as Glow's ActNorm, Kingma & Dhariwal 2018), fixed
+    from then on: no batch statistics at inference, so torch, ONNX and any batch
     composition give the same vector, and a batch of one trains. Why: the encoded features
     sit in [0, 1] with spreads from 0.01 (a rare category's share) to 0.3; unscaled, a trait
     only they hold is barely learned in a short run (tests/trainer/test_model.py)."""
 
-    MIN_SCALE = 0.1  # a column nearly constant in the first batch is scaled at most 10x
+    # A nearly constant column is scaled at most 10x (0.01 measured worse on the transfer
+    # benchmark: docs/model.md)
+    MIN_SCALE = 0.1
     center: Tensor  # (H,) buffers: saved with the dense arch, constants in the ONNX graph
     scale: Tensor
     initialised: Tensor
@@ -202,19 +206,41 @@ class LongTermNorm(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.width = width
+        self.min_scale = self.MIN_SCALE
         self.register_buffer("center", torch.zeros(width))
         self.register_buffer("scale", torch.ones(width))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def fit(self, long_term: Tensor, min_scale: float) -> None:
+        """Fix the statistics from `long_term` (N, H): the whole training split, where the first
+        batch would misjudge a rare column's spread (a rare category's share often is 0 on
+        every row of a batch)."""
+        self.min_scale = min_scale
+        self._set(long_term.to(torch.float32))
+
+    def _set(self, x: Tensor) -> None:
+        with torch.no_grad():
+            self.center.copy_(x.mean(dim=0))
+            self.scale.copy_(x.std(dim=0, unbiased=False).clamp(min=self.min_scale))
+            self.initialised.fill_(True)
 
     def forward(self, long_term: Tensor) -> Tensor:
         """(B, H) -> (B, H) standardised."""
         x = long_term.to(torch.float32)
         if self.training and not bool(self.initialised):
-            with torch.no_grad():
-                self.center.copy_(x.mean(dim=0))
-                self.scale.copy_(x.std(dim=0, unbiased=False).clamp(min=self.MIN_SCALE))
-                self.initialised.fill_(True)
+            self._set(x)
         return (x - self.center) / self.scale
+
+
+def fit_long_term_norms(module: nn.Module, long_term: np.ndarray | None, min_scale: float) -> None:
+    """Every LongTermNorm inside `module` takes its statistics from the training split's
+    long-term input (N, H) (None: a model without it; nothing to fit)."""
+    if long_term is None or not len(long_term):
+        return
+    x = torch.from_numpy(np.asarray(long_term, dtype=np.float32))
+    for m in module.modules():
+        if isinstance(m, LongTermNorm):
+            m.fit(x, min_scale)
 
 
 def long_term_parts(norm: LongTermNorm | None, long_term: Tensor | None) -> list[Tensor]:

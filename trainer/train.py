@@ -33,6 +33,7 @@ from trainer.distributed import (
     init_distributed,
     unwrap,
 )
+from trainer.encoder import LongTermNorm, fit_long_term_norms
 from trainer.evaluate import Metrics, final_metrics, one_class_tasks, validate
 from trainer.future_loss import FUTURE_KINDS, FutureTotals, encode_future, future_loss_of
 from trainer.loss import LossOutput, TaskLoss, labelled_weights
@@ -407,11 +408,14 @@ def train(
     weights = _task_weights(cfg, splits.train.labels, ctx)
     torch.manual_seed(cfg.seed)
     task_loss = TaskLoss(len(tasks), cfg.loss, cfg.task_weighting, weights)
-    model, optim = prepare(
-        SuperMoEModel(cfg.model, task_loss, ctx.device, future_loss_of(cfg), summary_loss_of(cfg)),
-        cfg,
-        ctx,
+    inner = SuperMoEModel(
+        cfg.model, task_loss, ctx.device, future_loss_of(cfg), summary_loss_of(cfg)
     )
+    # statistics of the whole training split, before the replicas copy the dense arch
+    fit_long_term_norms(inner.dense_arch, splits.train.long_term, LongTermNorm.MIN_SCALE)
+    if inner.summary_loss is not None:
+        fit_long_term_norms(inner.summary_loss, splits.train.long_term, cfg.summary_min_scale)
+    model, optim = prepare(inner, cfg, ctx)
 
     state = _initial_state(cfg)
     ckpt = run.checkpoint(ctx.rank)
