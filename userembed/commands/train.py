@@ -78,6 +78,11 @@ _OPTIONS: dict[str, tuple[type, str]] = {
         "weight of the whole-history objective (a linear read-out of the user vector rebuilds "
         f"the user's long-term features; default {TrainConfig.summary_loss_weight:g}, 0 = off)",
     ),
+    "summary_min_scale": (
+        float,
+        "least spread its target columns are standardised by (default "
+        f"{TrainConfig.summary_min_scale:g}: a rare genre's share counts in full)",
+    ),
     "embedding_dim": (int, "table and transformer width D"),
     "num_layers": (int, "transformer blocks"),
     "user_dim": (int, "universal user vector size"),
