@@ -4,12 +4,15 @@ Items wait in a bounded queue (full: OverloadedError -> RESOURCE_EXHAUSTED). A w
 first item, then whatever else is queued, waiting at most `max_wait_s` for the batch to fill
 (0: take only what is already there, so a lone request never waits). Items whose caller gave up
 (cancelled, e.g. client deadline) or whose deadline passed are dropped before the work starts.
+A worker filling a batch sleeps on one future per wait, woken by the next submit or by the
+batch's deadline: no task and no timer per item (asyncio.wait_for on Queue.get costs both).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -48,7 +51,9 @@ class MicroBatcher(Generic[T, R]):
         self._process = process
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[_Item[T, R]] = asyncio.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._queue: deque[_Item[T, R]] = deque()
+        self._waiters: list[asyncio.Future[None]] = []  # idle workers, woken by a submit
         self._workers = workers
         self._tasks: list[asyncio.Task[None]] = []
         self._on_batch = on_batch
@@ -65,53 +70,72 @@ class MicroBatcher(Generic[T, R]):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
+        while self._queue:
+            item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(OverloadedError(f"{self.name}: server shutting down"))
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def submit_many(
         self, values: Sequence[T], deadline: float | None = None
     ) -> list[asyncio.Future[R]]:
         """Queue all `values` or none (OverloadedError when they do not all fit)."""
-        free = self._queue.maxsize - self._queue.qsize()
-        if len(values) > free:
+        queue = self._queue
+        if len(values) > self.queue_size - len(queue):
             raise OverloadedError(
-                f"{self.name}: queue full ({self._queue.qsize()}/{self._queue.maxsize} pending)"
+                f"{self.name}: queue full ({len(queue)}/{self.queue_size} pending)"
             )
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[R]] = []
         for v in values:
             fut: asyncio.Future[R] = loop.create_future()
-            self._queue.put_nowait(_Item(v, fut, deadline))
+            queue.append(_Item(v, fut, deadline))
             futures.append(fut)
+        self._wake()
         return futures
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until the next submit, or `timeout` seconds (None: no limit)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _set_done, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if waiter in self._waiters:  # cancelled, or woken by the timer
+                self._waiters.remove(waiter)
 
     async def submit(self, value: T, deadline: float | None = None) -> R:
         (fut,) = self.submit_many([value], deadline)
         return await fut  # cancelling the caller cancels fut: the worker then skips it
 
     async def _collect(self) -> list[_Item[T, R]]:
-        batch = [await self._queue.get()]
+        queue = self._queue
+        while not queue:
+            await self._wait(None)
+        batch = [queue.popleft()]
         loop = asyncio.get_running_loop()
         until = loop.time() + self.max_wait_s
         while len(batch) < self.max_batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
+            if queue:
+                batch.append(queue.popleft())
                 continue
-            except asyncio.QueueEmpty:
-                pass
             left = until - loop.time()
             if left <= 0:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), left))
-            except TimeoutError:
-                break
+            await self._wait(left)
         return batch
 
     async def _run(self) -> None:
@@ -147,3 +171,8 @@ class MicroBatcher(Generic[T, R]):
                     it.future.set_exception(r)
                 else:
                     it.future.set_result(r)
+
+
+def _set_done(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

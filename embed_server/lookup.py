@@ -36,7 +36,7 @@ from embed_server.stored_reader import (
     stale_since,
     stored_embedding,
 )
-from embed_server.vector_cache import DropBroadcast, VectorCache
+from embed_server.vector_cache import CacheEntry, DropBroadcast, VectorCache
 from embed_server.version_policy import VersionPolicy
 from userembed.errors import (
     BackendUnavailableError,
@@ -112,6 +112,18 @@ class BatchResult:
             feature_ts_ms=self.feature_ts_ms[i],
             source=self.sources[i],
         )
+
+
+@dataclass(slots=True)
+class SingleRead:
+    """A single-id read after `EmbeddingLookup.start_get`: what it reads, and the cache entry
+    that answers it (None: `finish_get` reads Redis or computes)."""
+
+    model: ServingModel
+    embedding_version: str
+    user_id: str
+    key: bytes  # the vector's Redis key
+    hit: CacheEntry | None
 
 
 class EmbeddingLookup:
@@ -205,28 +217,60 @@ class EmbeddingLookup:
     async def get(
         self, model_name: str, user_id: str, force: bool, deadline: float | None
     ) -> Embedding:
+        read = self.start_get(model_name, user_id, force)
+        if read.hit is not None:
+            return self.hit_embedding(read)
+        return await self.finish_get(read, force, deadline)
+
+    def start_get(self, model_name: str, user_id: str, force: bool) -> SingleRead:
+        """Validate a single-id read and look it up in the cache (not when forced), without
+        awaiting anything: a hit is served (and counted) here, the rest by `finish_get`."""
         model, embedding_version = self.versions.resolve(model_name)
         self.check_user_id(user_id)
-        forgotten = self._refuse_forgotten(user_id)
-        if forgotten is not None:
-            raise forgotten
+        if self.forgotten:
+            forgotten = self._refuse_forgotten(user_id)
+            if forgotten is not None:
+                raise forgotten
         key = self.versions.keys(model.name).vector(embedding_version, user_id).encode()
-        cache = self.cache
+        read = SingleRead(model, embedding_version, user_id, key, None)
         # the Redis key names model, embedding version and user; the loaded version completes it
+        if not force and self.cache is not None:
+            hit = read.hit = self.cache.entry((model.version_bytes, key))
+            if hit is not None:  # a cached row is never stale, and the loaded version's
+                self._counter(model.name, STORED).inc()
+                self.freshness.observe_age(model.name, (int(hit.row[4] or 0),))
+        return read
+
+    def hit_embedding(self, read: SingleRead) -> Embedding:
+        """The Embedding of a cache hit (`read.hit` set)."""
+        row = read.hit.row  # type: ignore[union-attr]  # a hit
+        embedding = stored_embedding(read.model, read.embedding_version, read.user_id, row)
+        return embedding  # type: ignore[return-value]  # cached rows are plain: never None
+
+    def keep_reply(self, hit: CacheEntry, reply: bytes) -> None:
+        """Keep the serialized single-id reply of a cache hit with its entry."""
+        if self.cache is not None:
+            self.cache.set_reply(hit, reply)
+
+    async def finish_get(self, read: SingleRead, force: bool, deadline: float | None) -> Embedding:
+        """A single-id read the cache did not answer: Redis, then the compute path."""
+        model, embedding_version, user_id, key = (
+            read.model,
+            read.embedding_version,
+            read.user_id,
+            read.key,
+        )
+        cache = self.cache
         cache_key = (model.version_bytes, key)
         if not force:
-            row = cache.lookup(cache_key) if cache is not None else None
-            if row is None:
-                epoch = cache.epoch if cache is not None else 0
-                try:
-                    row = await self.reader.read(key, deadline)
-                except REDIS_ERRORS as e:  # an error reply for this key too: UNAVAILABLE
-                    raise as_unavailable("redis", e) from e
-                stale = stale_since(row)
-                if cache is not None and not stale and plain_hits(model, (row,))[0]:
-                    cache.fill(cache_key, row, epoch)
-            else:
-                stale = 0  # a cached row is never stale
+            epoch = cache.epoch if cache is not None else 0
+            try:
+                row = await self.reader.read(key, deadline)
+            except REDIS_ERRORS as e:  # an error reply for this key too: UNAVAILABLE
+                raise as_unavailable("redis", e) from e
+            stale = stale_since(row)
+            if cache is not None and not stale and plain_hits(model, (row,))[0]:
+                cache.fill(cache_key, row, epoch)
             embedding = stored_embedding(model, embedding_version, user_id, row)
             if embedding is not None and (
                 not stale or self.freshness.serve_stale(model, embedding_version, user_id, stale)

@@ -21,14 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embed_server._proto import embedding_service_pb2 as pb
-from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
 from embed_server.auth import BearerTokenInterceptor, TokenFile
-from embed_server.call_limit import CallLimitInterceptor
+from embed_server.call_limit import CallLimit
 from embed_server.lookup import EmbeddingLookup
 from embed_server.metrics import ServerMetrics
 from embed_server.model_manager import ModelManager
 from embed_server.online_features import FeastFeatureSource, OnlineFeatureSource
-from embed_server.servicer import UserEmbeddingServicer
+from embed_server.servicer import UserEmbeddingServicer, add_to_server
 from embed_server.settings import ServerSettings
 from embed_server.similar import SimilarSearch
 from embed_server.version_policy import WRITER_TTL_S
@@ -79,13 +78,11 @@ class EmbeddingServer:
         self.tokens = TokenFile(settings.auth_token_file) if settings.auth_token_file else None
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Token check first (a refused call takes no slot of the cap), then the cap."""
+        """The token check (a refused call takes no slot of the cap, which the servicer
+        holds: call_limit.py)."""
         out: list[grpc.aio.ServerInterceptor] = []
         if self.tokens is not None:
             out.append(BearerTokenInterceptor(self.tokens, self._count_refused("UNAUTHENTICATED")))
-        if self.settings.max_concurrent_rpcs > 0:
-            limit = self.settings.max_concurrent_rpcs
-            out.append(CallLimitInterceptor(limit, self._count_refused("RESOURCE_EXHAUSTED")))
         return out
 
     def _count_refused(self, code: str) -> Callable[[str], None]:
@@ -110,9 +107,14 @@ class EmbeddingServer:
         )
         self.similar = SimilarSearch(IndexStore(), self.lookup.versions, self.manager)
         servicer = UserEmbeddingServicer(
-            self.lookup, self.manager, self.metrics, lambda: self._draining, self.similar
+            self.lookup,
+            self.manager,
+            self.metrics,
+            lambda: self._draining,
+            self.similar,
+            CallLimit(s.max_concurrent_rpcs),
         )
-        pb_grpc.add_UserEmbeddingServiceServicer_to_server(servicer, self.server)
+        add_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

@@ -1,4 +1,9 @@
-"""The gRPC servicer: proto <-> lookup, and the one place exceptions become gRPC statuses."""
+"""The gRPC servicer: proto <-> lookup, and the one place exceptions become gRPC statuses.
+
+A stored vector served from the vector cache is answered with its serialized response, built
+once per cache entry (`add_to_server` registers a serializer that passes bytes through): the
+hot path of a cache hit builds no message and no Embedding.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import grpc
 
 from embed_server._proto import embedding_service_pb2 as pb
 from embed_server._proto import embedding_service_pb2_grpc as pb_grpc
+from embed_server.call_limit import CallLimit
 from embed_server.compat import CompatMaps
 from embed_server.embedding import COMPUTED, STORED, Embedding
 from embed_server.errors import NotReadyError, grpc_code, status_of
@@ -31,14 +37,20 @@ _SOURCE = {STORED: pb.STORED, COMPUTED: pb.COMPUTED}  # anything else: SOURCE_UN
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Count and time the call; turn any exception into its gRPC status (errors.status_of).
-    No request can crash the server: unexpected errors become INTERNAL with a log line."""
+    """Hold a slot of the call limit (past it: RESOURCE_EXHAUSTED, counted), count and time
+    the call; turn any exception into its gRPC status (errors.status_of). No request can
+    crash the server: unexpected errors become INTERNAL with a log line."""
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(
         self: UserEmbeddingServicer, request: Req, context: grpc.aio.ServicerContext
     ) -> Resp:
+        limit = self.call_limit
+        if limit.full:
+            self._count(name, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, limit.refusal())
+        limit.in_flight += 1
         t0 = time.perf_counter()
         try:
             response = await method(self, request, context)
@@ -50,6 +62,8 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             self._count(name, code.name).inc()
             self._timer(name).observe(time.perf_counter() - t0)
             await context.abort(code, message)
+        finally:
+            limit.in_flight -= 1
         self._count(name, "OK").inc()
         self._timer(name).observe(time.perf_counter() - t0)
         return response
@@ -105,6 +119,42 @@ def _pack(p: pb.PackedEmbeddings, r: BatchResult) -> None:
     p.messages.extend(["" if e is None else str(e) for e in r.errors])
 
 
+def _reply(e: Embedding) -> bytes:
+    resp = pb.GetUserEmbeddingResponse()
+    _fill(resp.embedding, e)
+    return resp.SerializeToString()
+
+
+def _serializer(message: Any) -> Callable[[Any], bytes]:
+    """Serialize a response, or pass one already serialized (bytes) through."""
+    serialize = message.SerializeToString
+
+    def serialized(response: Any) -> bytes:
+        return response if response.__class__ is bytes else serialize(response)
+
+    return serialized
+
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["UserEmbeddingService"]
+
+
+def add_to_server(servicer: UserEmbeddingServicer, server: grpc.aio.Server) -> None:
+    """The generated registration (add_UserEmbeddingServiceServicer_to_server), except that a
+    method may answer with its serialized response."""
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=getattr(pb, m.input_type.name).FromString,
+            response_serializer=_serializer(getattr(pb, m.output_type.name)),
+        )
+        for m in _SERVICE.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(_SERVICE.full_name, handlers)
+
+
 class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
     def __init__(
         self,
@@ -113,8 +163,10 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
         metrics: ServerMetrics,
         is_draining: Callable[[], bool],
         similar: SimilarSearch,
+        call_limit: CallLimit | None = None,
     ) -> None:
         self.lookup = lookup
+        self.call_limit = call_limit or CallLimit(0)  # held per call by `rpc`
         self.similar = similar  # FindSimilarUsers (embed_server/similar.py)
         self.compat = CompatMaps(lookup.redis, lookup.versions)  # `compatible_with`
         self.manager = manager
@@ -148,12 +200,19 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
         target = request.compatible_with
         if target:  # refused before any work when there is no map
             await self.compat.prepare(request.model_name, target)
-        emb = await self.lookup.get(
-            request.model_name,
-            request.user_id,
-            request.prefer == pb.FORCE_RECOMPUTE,
-            _deadline(context),
-        )
+        force = request.prefer == pb.FORCE_RECOMPUTE
+        read = self.lookup.start_get(request.model_name, request.user_id, force)
+        hit = read.hit
+        if hit is None:
+            emb = await self.lookup.finish_get(read, force, _deadline(context))
+        elif target:
+            emb = self.lookup.hit_embedding(read)
+        else:  # the serialized reply, built once per cache entry
+            reply = hit.reply
+            if reply is None:
+                reply = _reply(self.lookup.hit_embedding(read))
+                self.lookup.keep_reply(hit, reply)
+            return reply  # type: ignore[return-value]  # bytes: see add_to_server
         if target:
             emb = await self.compat.map_one(emb, target)
         resp = pb.GetUserEmbeddingResponse()

@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,17 +78,30 @@ class FrequencySketch:
         return min(t[i] for i in self._slots(key))
 
 
+@dataclass(slots=True)
+class CacheEntry:
+    """A cached row, and the single-id reply built from it once (the servicer's, serialized)."""
+
+    row: StoredRow
+    reply: bytes | None = None
+
+
+def _size(entry: CacheEntry) -> int:
+    return len(entry.row[0] or b"") + len(entry.reply or b"") + ENTRY_OVERHEAD
+
+
 class VectorCache:
     """key -> stored row (StoredRow: a plain f32 row the loaded model version made).
 
-    `lookup` counts every request (hit or miss) in the sketch; `fill(key, row, epoch)` offers a
-    row read from Redis, with the `epoch` taken before the read began."""
+    `lookup` (the row) and `entry` (its CacheEntry) count every request (hit or miss) in the
+    sketch; `fill(key, row, epoch)` offers a row read from Redis, with the `epoch` taken before
+    the read began."""
 
     def __init__(self, max_bytes: int, metrics: ServerMetrics | None = None) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.epoch = 0  # bumped by every drop: fills of reads that began earlier are refused
-        self._rows: OrderedDict[Hashable, StoredRow] = OrderedDict()
+        self._rows: OrderedDict[Hashable, CacheEntry] = OrderedDict()
         # about one counter per vector the cache could hold at 256 floats, at least 1024
         self.sketch = FrequencySketch(max(1024, max_bytes // (1024 + ENTRY_OVERHEAD)))
         m = metrics
@@ -101,16 +115,20 @@ class VectorCache:
         return len(self._rows)
 
     def lookup(self, key: Hashable) -> StoredRow | None:
+        entry = self.entry(key)
+        return None if entry is None else entry.row
+
+    def entry(self, key: Hashable) -> CacheEntry | None:
         self.sketch.add(key)
-        row = self._rows.get(key)
-        if row is None:
+        entry = self._rows.get(key)
+        if entry is None:
             if self._misses is not None:
                 self._misses.inc()
             return None
         self._rows.move_to_end(key)
         if self._hits is not None:
             self._hits.inc()
-        return row
+        return entry
 
     def fill(self, key: Hashable, row: StoredRow, epoch: int) -> bool:
         """Offer a row read from Redis; returns whether it is now cached."""
@@ -127,16 +145,33 @@ class VectorCache:
                 if self._rejections is not None:
                     self._rejections.inc()
                 return False
-            while rows and self.bytes + size > self.max_bytes:
-                _, old = rows.popitem(last=False)
-                self.bytes -= len(old[0] or b"") + ENTRY_OVERHEAD
-                if self._evictions is not None:
-                    self._evictions.inc()
-        rows[key] = row
+            self._evict(size)
+        rows[key] = CacheEntry(row)
         self.bytes += size
         if self._bytes_gauge is not None:
             self._bytes_gauge.set(self.bytes)
         return True
+
+    def set_reply(self, entry: CacheEntry, reply: bytes) -> None:
+        """Keep the reply built from `entry`'s row with it, its bytes counted (the least
+        recently used entries make room; a hit entry is the most recent, so it stays)."""
+        size = len(reply)
+        if entry.reply is not None or _size(entry) + size > self.max_bytes:
+            return
+        self._evict(size)
+        entry.reply = reply
+        self.bytes += size
+        if self._bytes_gauge is not None:
+            self._bytes_gauge.set(self.bytes)
+
+    def _evict(self, size: int) -> None:
+        """Evict least recently used entries until `size` more bytes fit."""
+        rows = self._rows
+        while rows and self.bytes + size > self.max_bytes:
+            _, old = rows.popitem(last=False)
+            self.bytes -= _size(old)
+            if self._evictions is not None:
+                self._evictions.inc()
 
     def clear(self) -> None:
         """Forget everything (drops may have been missed), refusing in-flight fills."""
@@ -152,7 +187,7 @@ class VectorCache:
         self.epoch += 1
         old = self._rows.pop(key, None)
         if old is not None:
-            self.bytes -= len(old[0] or b"") + ENTRY_OVERHEAD
+            self.bytes -= _size(old)
             if self._bytes_gauge is not None:
                 self._bytes_gauge.set(self.bytes)
 
@@ -171,12 +206,44 @@ class DropBroadcast:
         self._redis = client  # redis.asyncio.Redis (pub/sub)
         self.cache = cache
         self._user_keys = user_keys  # user ids -> this worker's cache keys of them (a push)
+        # keys of the publishes asked for in this event-loop turn, by model version
+        self._queued: dict[bytes, list[bytes]] = {}
+        self._sent: asyncio.Future[None] | None = None  # done when they are published
+        self._sending: set[asyncio.Task[None]] = set()  # sends in flight (tasks need a ref)
 
     async def publish(self, model_version: bytes, keys: Sequence[bytes]) -> None:
+        """Publish after the write-back; returns once published (or failed: logged, never
+        raised: the call already has its vector). The publishes of one event-loop turn go out
+        as one message per model version: a micro-batch of forced single-id calls ends in one
+        turn, so it costs one PUBLISH, not one per call."""
+        self._queued.setdefault(model_version, []).extend(keys)
+        sent = self._sent
+        if sent is None:
+            loop = asyncio.get_running_loop()
+            sent = self._sent = loop.create_future()
+            loop.call_soon(self._send_queued)
+        await asyncio.shield(sent)  # one caller cancelled: the others' keys still go out
+
+    def _send_queued(self) -> None:
+        queued, sent = self._queued, self._sent
+        self._queued, self._sent = {}, None
+        if sent is not None:
+            task = asyncio.get_running_loop().create_task(self._send(queued, sent))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, queued: dict[bytes, list[bytes]], sent: asyncio.Future[None]) -> None:
         try:
-            await self._redis.publish(DROP_CHANNEL, _SEP.join([model_version, *keys]))
-        except Exception as e:  # the call already has its vector: log, never fail it
-            logger.warning("vector cache: could not publish %d dropped keys: %s", len(keys), e)
+            for model_version, keys in queued.items():
+                try:
+                    await self._redis.publish(DROP_CHANNEL, _SEP.join([model_version, *keys]))
+                except Exception as e:  # the call already has its vector: log, never fail it
+                    logger.warning(
+                        "vector cache: could not publish %d dropped keys: %s", len(keys), e
+                    )
+        finally:
+            if not sent.done():
+                sent.set_result(None)
 
     def _apply(self, data: bytes) -> None:
         version, *keys = data.split(_SEP)

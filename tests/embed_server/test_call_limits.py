@@ -57,6 +57,16 @@ def test_calls_past_max_concurrent_rpcs_are_resource_exhausted_and_health_answer
     assert refused == 1
 
 
+def test_a_failed_call_gives_its_slot_back(start_server, v1):
+    srv = start_server(max_concurrent_rpcs=1)
+    with EmbeddingClient(f"127.0.0.1:{srv.port}", security=ClientSecurity()) as c:
+        for _ in range(3):  # INVALID_ARGUMENT each time, never RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.RpcError) as ei:
+                c.get("042")
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert c.get("4").source == "computed"
+
+
 def test_stored_reads_past_queue_size_are_refused_while_redis_does_not_answer():
     """A Redis that accepts and never answers: reads wait, up to queue_size of them."""
 

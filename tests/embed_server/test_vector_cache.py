@@ -3,6 +3,7 @@ embedding version or one a forced recompute replaced (unit, then end to end over
 
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.request
 
@@ -11,7 +12,7 @@ import pytest
 import redis
 
 from embed_server.client import EmbeddingClient
-from embed_server.vector_cache import ENTRY_OVERHEAD, VectorCache
+from embed_server.vector_cache import DROP_CHANNEL, ENTRY_OVERHEAD, DropBroadcast, VectorCache
 from tests.embed_server.conftest import DIM, MODEL, publish_tiny
 from userembed.vectors import VectorStore
 
@@ -169,3 +170,84 @@ def test_a_forced_recompute_on_one_server_drops_the_vector_on_another(
         ):
             time.sleep(0.02)
         np.testing.assert_array_equal(v, bf.vector)
+
+
+def test_a_kept_reply_counts_in_the_byte_bound_and_goes_with_its_entry():
+    entry = 16 + ENTRY_OVERHEAD
+    cache = VectorCache(3 * entry + 100)
+    for i in range(3):
+        cache.lookup(i)
+        assert cache.fill(i, row(i), cache.epoch)
+    hit = cache.entry(0)
+    assert hit is not None and hit.reply is None
+    cache.set_reply(hit, b"r" * 200)  # 1, the least recently used, makes room
+    assert hit.reply == b"r" * 200 and cache.lookup(1) is None
+    assert cache.bytes == 2 * entry + 200 <= cache.max_bytes
+    cache.drop(0)  # its reply goes with it
+    assert cache.entry(0) is None and cache.bytes == entry
+    big = cache.entry(2)
+    assert big is not None
+    cache.set_reply(big, b"r" * (3 * entry))  # never fits beside its own row: not kept
+    assert big.reply is None and cache.bytes == entry
+
+
+def test_a_cached_reply_answers_as_the_uncached_path_does(start_server, v1, redis_url):
+    store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
+    store.create_version("ev1", v1)
+    store.write("ev1", ["7"], np.arange(DIM, dtype=np.float32)[None], v1, [1234])
+    store.publish("ev1")
+    cached, plain = start_server(vector_cache_mb=1), start_server(vector_cache_mb=0)
+    with (
+        EmbeddingClient(f"127.0.0.1:{cached.port}") as cc,
+        EmbeddingClient(f"127.0.0.1:{plain.port}") as cp,
+    ):
+        want = cp.get("7")
+        for _ in range(3):  # a miss, then hits: the first builds the reply, the next reuse it
+            got = cc.get("7")
+            assert got._replace(vector=None) == want._replace(vector=None)
+            np.testing.assert_array_equal(got.vector, want.vector)
+        assert cached.lookup is not None and cached.lookup.cache is not None
+        (entry,) = cached.lookup.cache._rows.values()
+        assert entry.reply is not None
+
+
+class _Publisher:
+    """redis.asyncio's publish, recorded; the first `failures` calls fail."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.sent: list[bytes] = []
+        self.failures = failures
+
+    async def publish(self, channel: str, data: bytes) -> int:
+        assert channel == DROP_CHANNEL
+        await asyncio.sleep(0)
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("redis away")
+        self.sent.append(data)
+        return 1
+
+
+def test_drops_published_in_one_loop_turn_share_one_message_per_model_version():
+    async def main() -> list[bytes]:
+        client = _Publisher()
+        drops = DropBroadcast(client, VectorCache(1 << 20))
+        # a micro-batch of forced single-id calls ends in one turn: one PUBLISH per version
+        await asyncio.gather(
+            *(drops.publish(b"v1", [b"k%d" % i]) for i in range(5)),
+            drops.publish(b"v2", [b"k9"]),
+        )
+        assert sorted(client.sent) == [b"v1\0k0\0k1\0k2\0k3\0k4", b"v2\0k9"]
+        await drops.publish(b"v1", [b"k5"])  # a later turn: a message of its own
+        client.failures = 1
+        await drops.publish(b"v1", [b"k6"])  # a failed publish is logged, never raised
+        return client.sent
+
+    sent = asyncio.run(main())
+    assert sent[-1] == b"v1\0k5"
+    # every message applies as one drop per key on the workers that hear it
+    cache = VectorCache(1 << 20)
+    for key in (b"k0", b"k4"):
+        cache.fill((b"v1", key), row(1), cache.epoch)
+    DropBroadcast(None, cache)._apply(sent[0] if sent[0].startswith(b"v1") else sent[1])
+    assert len(cache) == 0
