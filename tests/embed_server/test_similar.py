@@ -20,7 +20,7 @@ from embed_server.server import EmbeddingServer
 from refresh.config import RefreshConfig
 from refresh.index_build import read_vectors
 from refresh.job import refresh
-from tests.refresh.support import offline_tables, write_offline
+from tests.refresh.support import offline_tables, refresh_config, write_offline
 from tests.tiny_model import DIM, MODEL, publish_tiny
 from userembed.commands.main import main
 from userembed.registry import Registry
@@ -38,16 +38,14 @@ def cfg(
     offline = write_offline(tmp_path / "offline", behavior, profile)
     similar_root = tmp_path / "similar"
     monkeypatch.setenv("USEREMBED_SIMILAR_ROOT", str(similar_root))  # where the server looks
-    return RefreshConfig(
-        model=MODEL,
+    return refresh_config(
+        registry,
+        redis_url,
+        offline,
         part_rows=400,
         batch_size=128,
         drift_sample=50,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline),
         similar_root=str(similar_root),
-        progress_every_s=0.0,
     )
 
 

@@ -1,10 +1,11 @@
-"""Test data for the refresh: offline parquet files in the Feast offline layout, and encoders
+"""Test data for the refresh: offline parquet files in the Feast offline layout, encoders
 (the tiny ONNX encoder of tests/tiny_model.py, optionally poisoned so some users get NaN
-vectors)."""
+vectors), and the RefreshConfig the tests start from."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from onnx import numpy_helper
 
+from refresh.config import RefreshConfig
 from tests.tiny_model import DIM, MODEL, SPEC, tiny_encoder
 from userembed.features import hash_ids
 from userembed.manifest import single_onnx_manifest
@@ -70,6 +72,21 @@ def write_offline(
     pq.write_table(behavior, directory / BEHAVIOR_FILE, row_group_size=row_group_size)
     pq.write_table(profile, directory / PROFILE_FILE)
     return directory
+
+
+def refresh_config(
+    registry: Registry, redis_url: str, offline_dir: Path, **overrides: Any
+) -> RefreshConfig:
+    """A refresh of the tiny model over `offline_dir`, no progress log; `overrides`: the fields
+    a test is about (parts, batch size, drift sample, similar index, ...)."""
+    return RefreshConfig(
+        model=MODEL,
+        registry_root=registry.root,
+        redis_url=redis_url,
+        offline_dir=str(offline_dir),
+        progress_every_s=0.0,
+        **overrides,
+    )
 
 
 def latest_rows_python(behavior: pa.Table) -> dict[int, dict]:

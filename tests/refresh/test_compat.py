@@ -15,8 +15,8 @@ import redis
 from refresh.compat import COMPAT_FIELD, fit_matrix, mean_cosine, stored_maps
 from refresh.config import LSTSQ, PROCRUSTES, RefreshConfig
 from refresh.job import refresh
-from tests.refresh.support import offline_tables, write_offline
-from tests.tiny_model import MODEL, publish_tiny
+from tests.refresh.support import offline_tables, refresh_config, write_offline
+from tests.tiny_model import publish_tiny
 from userembed.registry import Registry
 from userembed.vectors import VectorStore
 
@@ -26,16 +26,14 @@ N_USERS = 400
 @pytest.fixture
 def cfg(redis_url: str, registry: Registry, tmp_path: Path) -> RefreshConfig:
     behavior, profile = offline_tables(N_USERS, seed=1)
-    return RefreshConfig(
-        model=MODEL,
+    return refresh_config(
+        registry,
+        redis_url,
+        write_offline(tmp_path / "offline", behavior, profile),
         batch_size=128,
         drift_sample=50,
         check_sample=0,
         similar_index=False,  # not what these tests are about
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(write_offline(tmp_path / "offline", behavior, profile)),
-        progress_every_s=0.0,
     )
 
 

@@ -15,7 +15,7 @@ from refresh.config import RefreshConfig
 from refresh.errors import RefreshValidationError
 from refresh.index_build import read_vectors
 from refresh.job import refresh
-from tests.refresh.support import offline_tables, write_offline
+from tests.refresh.support import offline_tables, refresh_config, write_offline
 from tests.tiny_model import DIM, MODEL, publish_tiny
 from userembed.registry import Registry
 from userembed.similar_index import (
@@ -38,16 +38,14 @@ def cfg(redis_url: str, registry: Registry, tmp_path: Path) -> RefreshConfig:
     behavior, profile = offline_tables(N_USERS, seed=3)
     offline = write_offline(tmp_path / "offline", behavior, profile)
     publish_tiny(registry, tmp_path / "staging", seed=0)
-    return RefreshConfig(
-        model=MODEL,
+    return refresh_config(
+        registry,
+        redis_url,
+        offline,
         part_rows=400,
         batch_size=128,
         drift_sample=50,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline),
         similar_root=str(tmp_path / "similar"),
-        progress_every_s=0.0,
     )
 
 

@@ -33,6 +33,7 @@ from tests.refresh.support import (
     offline_tables,
     poisoned_encoder,
     publish_model,
+    refresh_config,
     write_offline,
 )
 from tests.tiny_model import DIM, LT_SPEC, MODEL, SPEC, publish_tiny
@@ -55,15 +56,13 @@ def offline(tmp_path: Path) -> tuple[Path, pa.Table, pa.Table]:
 def cfg(
     redis_url: str, registry: Registry, offline: tuple[Path, pa.Table, pa.Table]
 ) -> RefreshConfig:
-    return RefreshConfig(
-        model=MODEL,
+    return refresh_config(
+        registry,
+        redis_url,
+        offline[0],
         part_rows=400,  # row groups of 1000 rows: parts of 400, 400, 200
         batch_size=64,
         drift_sample=200,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline[0]),
-        progress_every_s=0.0,
     )
 
 

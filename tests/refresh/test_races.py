@@ -23,7 +23,7 @@ from refresh.config import RefreshConfig
 from refresh.errors import RefreshLockedError, StaleFlipError
 from refresh.lock import RefreshLock, lock_holder
 from refresh.versions import expire_old
-from tests.refresh.support import offline_tables, write_offline
+from tests.refresh.support import offline_tables, refresh_config, write_offline
 from tests.tiny_model import DIM, MODEL, publish_tiny
 from userembed.registry import Registry
 from userembed.vectors import STATUS_BUILDING, STATUS_FAILED, STATUS_READY, VectorStore
@@ -36,15 +36,8 @@ def cfg(redis_url: str, registry: Registry, tmp_path: Path) -> RefreshConfig:
     behavior, profile = offline_tables(N_USERS, seed=1)
     offline = write_offline(tmp_path / "offline", behavior, profile)
     publish_tiny(registry, tmp_path / "staging", seed=0)
-    return RefreshConfig(
-        model=MODEL,
-        part_rows=400,
-        batch_size=64,
-        drift_sample=100,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline),
-        progress_every_s=0.0,
+    return refresh_config(
+        registry, redis_url, offline, part_rows=400, batch_size=64, drift_sample=100
     )
 
 

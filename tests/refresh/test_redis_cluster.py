@@ -19,7 +19,7 @@ from refresh.job import refresh
 from refresh.lock import RefreshLock, lock_holder
 from refresh.versions import expire_old, rollback
 from tests.redis_cluster import RedisClusterServers
-from tests.refresh.support import DAY_MS, T0_MS, offline_tables, write_offline
+from tests.refresh.support import DAY_MS, T0_MS, offline_tables, refresh_config, write_offline
 from tests.refresh.test_job import expected_vectors
 from tests.tiny_model import MODEL, publish_tiny
 from userembed.redis_urls import open_redis
@@ -39,16 +39,14 @@ def offline(tmp_path: Path) -> tuple[Path, pa.Table, pa.Table]:
 def cfg(
     redis_cluster_url: str, registry: Registry, offline: tuple[Path, pa.Table, pa.Table]
 ) -> RefreshConfig:
-    return RefreshConfig(
-        model=MODEL,
+    return refresh_config(
+        registry,
+        redis_cluster_url,
+        offline[0],
         part_rows=150,  # several parts: each one's checkpoint goes to the model's slot
         batch_size=64,
         drift_sample=100,
         keep=2,
-        registry_root=registry.root,
-        redis_url=redis_cluster_url,
-        offline_dir=str(offline[0]),
-        progress_every_s=0.0,
     )
 
 
