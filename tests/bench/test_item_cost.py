@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bench import item_cost
+from bench import item_cost_models, item_cost_report
 from userembed.paths import BEHAVIOR_FILE, PROFILE_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,9 +47,9 @@ def test_quick_run_measures_both_models_which_differ_only_by_the_items_table() -
 
     assert report["users"] == 2 * 943  # --quick: MovieLens' users twice
     assert report["miss_errors"] == {}
-    assert set(report["figures"]) == {key for key, _ in item_cost.ROWS}
+    assert set(report["figures"]) == {key for key, _ in item_cost_report.ROWS}
     for key, f in report["figures"].items():
-        for side in item_cost.SIDES:
+        for side in item_cost_models.SIDES:
             assert f[side] > 0 and f["cpu_us_per_user"][side] > 0, key
             assert len(f["runs"][side]) == report["config"]["rounds"], key
         assert math.isfinite(f["ratio"]) and f["ratio"] > 0, key
@@ -73,7 +73,7 @@ def test_tiling_keeps_each_users_latest_row_and_numbers_the_copies(tmp_path: Pat
         pa.table({"user_id": [3, 7, 8], "event_timestamp": ts, "gender": [0, 1, 2]}),
         tmp_path / PROFILE_FILE,
     )
-    assert item_cost.tile_offline(tmp_path, 3) == 6
+    assert item_cost_models.tile_offline(tmp_path, 3) == 6
     behavior = pq.read_table(tmp_path / BEHAVIOR_FILE).to_pydict()
     assert sorted(behavior["user_id"]) == [0, 1, 2, 3, 4, 5]
     rows = dict(zip(behavior["user_id"], behavior["item_seq"], strict=True))
@@ -89,7 +89,7 @@ def test_figure_takes_medians_per_side_and_ratios_with_over_without() -> None:
         "with_items": [(100.0, 10.0), (300.0, 30.0), (200.0, 20.0)],
         "without_items": [(400.0, 5.0), (500.0, 4.0), (300.0, 6.0)],
     }
-    f = item_cost.figure(runs)
+    f = item_cost_report.figure(runs)
     assert (f["with_items"], f["without_items"]) == (200.0, 400.0)
     assert f["ratio"] == 0.5
     assert f["cpu_us_per_user"] == {"with_items": 20.0, "without_items": 5.0}
