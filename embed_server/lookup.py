@@ -214,14 +214,6 @@ class EmbeddingLookup:
             return UserNotFoundError(f"unknown user '{user_id}': forgotten")
         return None
 
-    async def get(
-        self, model_name: str, user_id: str, force: bool, deadline: float | None
-    ) -> Embedding:
-        read = self.start_get(model_name, user_id, force)
-        if read.hit is not None:
-            return self.hit_embedding(read)
-        return await self.finish_get(read, force, deadline)
-
     def start_get(self, model_name: str, user_id: str, force: bool) -> SingleRead:
         """Validate a single-id read and look it up in the cache (not when forced), without
         awaiting anything: a hit is served (and counted) here, the rest by `finish_get`."""

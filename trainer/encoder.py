@@ -206,7 +206,6 @@ class LongTermNorm(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.width = width
-        self.min_scale = self.MIN_SCALE
         self.register_buffer("center", torch.zeros(width))
         self.register_buffer("scale", torch.ones(width))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
@@ -215,20 +214,19 @@ class LongTermNorm(nn.Module):
         """Fix the statistics from `long_term` (N, H): the whole training split, where the first
         batch would misjudge a rare column's spread (a rare category's share often is 0 on
         every row of a batch)."""
-        self.min_scale = min_scale
-        self._set(long_term.to(torch.float32))
+        self._set(long_term.to(torch.float32), min_scale)
 
-    def _set(self, x: Tensor) -> None:
+    def _set(self, x: Tensor, min_scale: float) -> None:
         with torch.no_grad():
             self.center.copy_(x.mean(dim=0))
-            self.scale.copy_(x.std(dim=0, unbiased=False).clamp(min=self.min_scale))
+            self.scale.copy_(x.std(dim=0, unbiased=False).clamp(min=min_scale))
             self.initialised.fill_(True)
 
     def forward(self, long_term: Tensor) -> Tensor:
         """(B, H) -> (B, H) standardised."""
         x = long_term.to(torch.float32)
         if self.training and not bool(self.initialised):
-            self._set(x)
+            self._set(x, self.MIN_SCALE)
         return (x - self.center) / self.scale
 
 

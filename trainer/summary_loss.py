@@ -11,9 +11,10 @@ measures it). The decoder trains with the model and is not exported.
 
 Targets: the long-term input standardised by the objective's own LongTermNorm (statistics of
 the training split, spreads floored at TrainConfig.summary_min_scale), so every column counts
-about equally, a rare genre's share included, and the target never moves with the model. The vector is scaled by sqrt(V) before the decoder, so
-unit-variance targets need weights of order one (AdamW's weight decay would otherwise hold a
-decoder of a unit vector below the targets' scale).
+about equally, a rare genre's share included, and the target never moves with the model. The
+vector is scaled by sqrt(V) before the decoder, so unit-variance targets need weights of order
+one (AdamW's weight decay would otherwise hold a decoder of a unit vector below the targets'
+scale).
 """
 
 from __future__ import annotations
