@@ -21,9 +21,9 @@ import pytest
 from embed_server.client import EmbeddingClient
 from embed_server.online_features import FeastFeatureSource, FeatureRows, check_long_term_present
 from embed_server.server import EmbeddingServer
-from refresh.config import RefreshConfig
 from refresh.job import refresh
 from tests.embed_server.conftest import MODEL, SPEC, LoopThread, publish_tiny
+from tests.refresh.support import refresh_config
 from tests.tiny_model import DIM, LT_SPEC
 from userembed import feast_ops
 from userembed.datasets import generate_synthetic
@@ -230,16 +230,7 @@ def test_recomputed_vectors_equal_the_refreshed_ones_with_long_term_features(
     feast_ops.materialize(store)
     publish_tiny(registry, tmp_path / "staging", seed=1, spec=LT_SPEC)
     publish_tiny(registry, tmp_path / "staging", seed=2, model="old")  # no long-term input
-    refreshed = refresh(
-        RefreshConfig(
-            model=MODEL,
-            part_rows=50,
-            batch_size=16,
-            registry_root=registry.root,
-            redis_url=redis_url,
-            offline_dir=str(offline),
-        )
-    )
+    refreshed = refresh(refresh_config(registry, redis_url, offline, part_rows=50, batch_size=16))
     assert refreshed.users == 120
     latest = offline_latest(offline).set_index("user_id")
     ids = ["0", "7", "33", "101"]

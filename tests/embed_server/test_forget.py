@@ -21,10 +21,10 @@ from embed_server.client import EmbeddingClient, ItemError
 from embed_server.embedding import Embedding
 from embed_server.online_features import FeastFeatureSource
 from embed_server.server import EmbeddingServer
-from refresh.config import RefreshConfig
 from refresh.job import refresh
 from tests.embed_server.conftest import MODEL, SPEC, LoopThread, publish_tiny
 from tests.embed_server.test_feast_integration import feast_store  # noqa: F401 (fixture)
+from tests.refresh.support import refresh_config
 from userembed import feast_ops
 from userembed.commands.main import main
 from userembed.forget import Tombstones, release_users
@@ -63,16 +63,8 @@ def test_a_forgotten_user_is_not_found_on_every_path_and_stays_out_of_refreshes(
 ) -> None:
     publish_tiny(registry, tmp_path / "staging", seed=1)
     offline = tmp_path / "offline"  # the fixture's offline files: both users
-    cfg = RefreshConfig(
-        model=MODEL,
-        part_rows=50,
-        batch_size=16,
-        drift_sample=2,
-        check_sample=0,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline),
-        progress_every_s=0.0,
+    cfg = refresh_config(
+        registry, redis_url, offline, part_rows=50, batch_size=16, drift_sample=2, check_sample=0
     )
     first = refresh(cfg)
     r = redis.Redis.from_url(redis_url)

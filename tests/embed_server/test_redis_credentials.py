@@ -20,11 +20,10 @@ import pytest
 import redis
 
 from embed_server.client import EmbeddingClient
-from refresh.config import RefreshConfig
 from refresh.job import refresh
 from tests.conftest import free_port
 from tests.embed_server.conftest import DIM, MODEL, publish_tiny
-from tests.refresh.support import offline_tables, write_offline
+from tests.refresh.support import offline_tables, refresh_config, write_offline
 from userembed import feast_ops, paths
 from userembed import status as st
 from userembed.errors import BackendUnavailableError, InvalidInputError
@@ -86,11 +85,10 @@ def test_the_stored_path_works_with_an_acl_user(
 
     behavior, profile = offline_tables(50, seed=1)
     summary = refresh(
-        RefreshConfig(
-            model=MODEL,
-            registry_root=registry.root,
-            redis_url=url,
-            offline_dir=str(write_offline(tmp_path / "offline", behavior, profile)),
+        refresh_config(
+            registry,
+            url,
+            write_offline(tmp_path / "offline", behavior, profile),
             drift_sample=10,
         )
     )

@@ -78,14 +78,10 @@ def refresh_config(
     registry: Registry, redis_url: str, offline_dir: Path, **overrides: Any
 ) -> RefreshConfig:
     """A refresh of the tiny model over `offline_dir`, no progress log; `overrides`: the fields
-    a test is about (parts, batch size, drift sample, similar index, ...)."""
+    a test is about (parts, batch size, drift sample, similar index, another model, ...)."""
+    fields: dict[str, Any] = {"model": MODEL, "progress_every_s": 0.0, **overrides}
     return RefreshConfig(
-        model=MODEL,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline_dir),
-        progress_every_s=0.0,
-        **overrides,
+        registry_root=registry.root, redis_url=redis_url, offline_dir=str(offline_dir), **fields
     )
 
 

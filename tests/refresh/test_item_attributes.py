@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from embed_server.model_manager import load_serving_model
-from refresh.config import RefreshConfig
 from refresh.job import refresh
+from tests.refresh.support import refresh_config
 from tests.trainer.frames import tiny_frame
 from tests.trainer.test_item_attributes import _config, item_map
 from trainer.export import export_model
@@ -41,14 +41,7 @@ def test_refresh_and_server_model_use_the_shipped_map(
     offline = tmp_path / "offline"
     spec = published.read_manifest("m").input_spec
     write_feature_tables(events, users, dataset, offline, sequence_length=spec.sequence_length)
-    cfg = RefreshConfig(
-        model="m",
-        part_rows=50,
-        batch_size=16,
-        registry_root=published.root,
-        redis_url=redis_url,
-        offline_dir=str(offline),
-    )
+    cfg = refresh_config(published, redis_url, offline, model="m", part_rows=50, batch_size=16)
     summary = refresh(cfg)
     latest = offline_latest(offline)
     served = load_serving_model(published, "m", "latest", 1)

@@ -294,14 +294,7 @@ def _refresh_built_offline_files(
     offline = tmp_path / "offline"
     write_feature_tables(events, users, dataset, offline, sequence_length=spec.sequence_length)
     publish_tiny(registry, tmp_path / "staging", seed=0, spec=spec)
-    cfg = RefreshConfig(
-        model=MODEL,
-        part_rows=70,
-        batch_size=32,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline),
-    )
+    cfg = refresh_config(registry, redis_url, offline, part_rows=70, batch_size=32)
     return cfg, refresh(cfg), offline_latest(offline)
 
 

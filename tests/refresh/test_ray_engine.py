@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import redis
 
-from refresh.config import RAY, RefreshConfig
+from refresh.config import RAY
 from refresh.job import refresh
-from tests.refresh.support import offline_tables, write_offline
+from tests.refresh.support import offline_tables, refresh_config, write_offline
 from tests.tiny_model import MODEL, publish_tiny
 from userembed.registry import Registry
 from userembed.vectors import VectorStore
@@ -45,14 +45,7 @@ def test_ray_engine_gives_the_local_engines_vectors(
     behavior, profile = offline_tables(N_USERS, seed=3)
     offline = write_offline(tmp_path / "offline", behavior, profile, row_group_size=400)
     publish_tiny(registry, tmp_path / "staging", seed=0)
-    cfg = RefreshConfig(
-        model=MODEL,
-        part_rows=150,
-        batch_size=64,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline),
-    )
+    cfg = refresh_config(registry, redis_url, offline, part_rows=150, batch_size=64)
     local = refresh(cfg)
     remote = refresh(replace(cfg, engine=RAY, ray_actors=2))
     store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
