@@ -11,7 +11,10 @@ volume:
     watermark_ms, drift, seconds, compute_seconds, finished_at     set when the run completes
 
 A part is marked done only after its vectors are written, so a run killed in between redoes
-that part; vector writes are idempotent per key, so nothing is duplicated.
+that part; vector writes are idempotent per key, so nothing is duplicated. A run's checkpoint
+writes carry its fencing token (refresh/lock.py): Redis writes only while that token holds the
+lock, so a run that stalled past its lock (a stopped process) never brings back a version the
+next run's garbage collection removed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from refresh.errors import RefreshLockLostError
 from userembed.vectors import STATUS_BUILDING, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,15 @@ MODE_FIELD = "mode"
 ENGINE_FIELD = "engine"
 WATERMARK_FIELD = "watermark_ms"
 PART_PREFIX = "part:"
+
+# KEYS: meta(version), refresh lock (one slot: {<model>}). ARGV: fencing token, then field,
+# value pairs. Writes and returns 1 only while the token holds the lock; 0 otherwise.
+_FENCED_HSET = """
+local held = redis.call('GET', KEYS[2]) or ''
+if string.match(held, '^%d+') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -80,22 +93,38 @@ class RunPlan:
 
 
 class Checkpoint:
-    """Read and write one embedding version's resume state."""
+    """Read and write one embedding version's resume state. `fence`: the writing run's
+    fencing token (0: unfenced, for readers)."""
 
-    def __init__(self, store: VectorStore, version: str) -> None:
+    def __init__(self, store: VectorStore, version: str, fence: int = 0) -> None:
         self.store = store
         self.version = version
         self.key = store.keys.meta(version)
+        self.fence = fence
+
+    def _write(self, mapping: Mapping[str, Any]) -> None:
+        """HSET, refused with RefreshLockLostError once the run's token no longer holds the
+        lock (checked by Redis in the same step as the write)."""
+        if not self.fence:
+            self.store.r.hset(self.key, mapping=dict(mapping))
+            return
+        pairs = [x for kv in mapping.items() for x in kv]
+        lock = self.store.keys.refresh_lock
+        if not self.store.r.eval(_FENCED_HSET, 2, self.key, lock, self.fence, *pairs):
+            raise RefreshLockLostError(
+                f"model {self.store.keys.model}: refresh lock (token {self.fence}) expired or "
+                "was taken by another run; this run stops without writing its checkpoint"
+            )
 
     def save_plan(self, plan: RunPlan) -> None:
-        self.store.r.hset(self.key, PLAN_FIELD, plan.to_json())
+        self._write({PLAN_FIELD: plan.to_json()})
 
     def load_plan(self) -> RunPlan | None:
         raw: Any = self.store.r.hget(self.key, PLAN_FIELD)  # sync client: bytes | None
         return RunPlan.from_json(raw) if raw else None
 
     def mark_done(self, result: PartResult) -> None:
-        self.store.r.hset(self.key, PART_PREFIX + result.part_id, result.to_json())
+        self._write({PART_PREFIX + result.part_id: result.to_json()})
 
     def done(self) -> dict[str, PartResult]:
         """Finished parts by id."""
@@ -109,8 +138,9 @@ class Checkpoint:
 
     def set_fields(self, fields: Mapping[str, Any]) -> None:
         """Extra metadata (drift report, watermark, timings); dicts are stored as JSON."""
-        mapping = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in fields.items()}
-        self.store.r.hset(self.key, mapping=mapping)
+        self._write(
+            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in fields.items()}
+        )
 
     def get_field(self, name: str) -> str | None:
         raw: Any = self.store.r.hget(self.key, name)

@@ -211,11 +211,11 @@ def _open_version(
     either is stamped with this run's fencing token."""
     version = find_resumable(start.store, plan) if cfg.resume else None
     if version is not None:
-        Checkpoint(start.store, version).set_fields({"fence": fence})
+        Checkpoint(start.store, version, fence).set_fields({"fence": fence})
         return version
     version = new_embedding_version(start.model_version)
     start.store.create_version(version, start.model_version, fence=fence)
-    Checkpoint(start.store, version).save_plan(plan)
+    Checkpoint(start.store, version, fence).save_plan(plan)
     logger.info(
         "refresh %s: new version %s (%s, %d users, %d to compute, %d parts)",
         cfg.model,
@@ -388,7 +388,7 @@ def _refresh_locked(cfg: RefreshConfig, store: VectorStore, lock: RefreshLock) -
         parts=len(source_plan.parts),
     )
     version = _open_version(cfg, start, plan, source_plan, lock.token)
-    checkpoint = Checkpoint(start.store, version)
+    checkpoint = Checkpoint(start.store, version, lock.token)
     done = checkpoint.done()
     if done:
         logger.info(

@@ -164,3 +164,26 @@ def test_the_cli_says_in_one_line_that_the_lock_is_held(cfg, capsys):
         assert main([*args, *paths]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "another refresh holds the lock" in err
+
+
+def test_a_checkpoint_write_is_refused_once_the_token_no_longer_holds_the_lock(cfg):
+    """The check and the write are one step in Redis: a run stopped between its own lock check
+    and a checkpoint write (the stalled run above) cannot recreate a collected version."""
+    from refresh.checkpoint import Checkpoint
+    from refresh.errors import RefreshLockLostError
+
+    store = store_of(cfg)
+    lock = RefreshLock(store, ttl_s=30)
+    token = lock.acquire()
+    Checkpoint(store, "v1", fence=token).set_fields({"mode": "full"})
+    assert store.r.hget(store.keys.meta("v1"), "mode") == b"full"
+    lock.release()
+    later = RefreshLock(store, ttl_s=30)
+    later.acquire()  # the next run, with a larger token
+    with pytest.raises(RefreshLockLostError, match=f"refresh lock \\(token {token}\\)"):
+        Checkpoint(store, "v2", fence=token).set_fields({"mode": "full"})
+    assert not store.r.exists(store.keys.meta("v2"))
+    later.release()
+    with pytest.raises(RefreshLockLostError):  # no holder at all: refused as well
+        Checkpoint(store, "v2", fence=token).set_fields({"mode": "full"})
+    assert not store.r.exists(store.keys.meta("v2"))
