@@ -100,8 +100,7 @@ class MicroBatcher(Generic[T, R]):
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for w in waiters:
-            if not w.done():
-                w.set_result(None)
+            _set_done(w)
 
     async def _wait(self, timeout: float | None) -> None:
         """Until the next submit, or `timeout` seconds (None: no limit)."""

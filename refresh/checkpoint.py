@@ -94,7 +94,7 @@ class RunPlan:
 
 class Checkpoint:
     """Read and write one embedding version's resume state. `fence`: the writing run's
-    fencing token (0: unfenced, for readers)."""
+    fencing token (a reader leaves it 0 and writes nothing)."""
 
     def __init__(self, store: VectorStore, version: str, fence: int = 0) -> None:
         self.store = store
@@ -105,9 +105,6 @@ class Checkpoint:
     def _write(self, mapping: Mapping[str, Any]) -> None:
         """HSET, refused with RefreshLockLostError once the run's token no longer holds the
         lock (checked by Redis in the same step as the write)."""
-        if not self.fence:
-            self.store.r.hset(self.key, mapping=dict(mapping))
-            return
         pairs = [x for kv in mapping.items() for x in kv]
         lock = self.store.keys.refresh_lock
         if not self.store.r.eval(_FENCED_HSET, 2, self.key, lock, self.fence, *pairs):

@@ -251,15 +251,14 @@ def _compute(
     checkpoint: Checkpoint,
     bounds: NormBounds,
     progress: Progress,
-    lock: RefreshLock,
 ) -> tuple[int, int]:
-    """Run the parts on the engine, checkpointing and checking each as it arrives.
+    """Run the parts on the engine, checkpointing and checking each as it arrives (a run that
+    lost its lock stops at its next checkpoint write: Checkpoint is fenced).
     Returns (computed, copied) users."""
     computed = copied = 0
     results = _run_parts(cfg, job, parts)
     try:
         for result in results:
-            lock.check()  # a run that lost its lock stops writing checkpoints
             checkpoint.mark_done(result)
             problems = part_problems(result, bounds)
             if problems:  # fail fast: a broken model shows in the first part
@@ -426,7 +425,7 @@ def _refresh_locked(cfg: RefreshConfig, store: VectorStore, lock: RefreshLock) -
     )
     t_compute = time.monotonic()
     todo = [p for p in source_plan.parts if p.id not in done]
-    computed, copied = _compute(cfg, job, todo, checkpoint, bounds, progress, lock)
+    computed, copied = _compute(cfg, job, todo, checkpoint, bounds, progress)
     compute_s = time.monotonic() - t_compute
 
     # Validate, then switch readers and drop the versions no longer kept.

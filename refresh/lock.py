@@ -2,7 +2,7 @@
 
     with RefreshLock(store, ttl_s=60, wait_s=0).held() as lock:
         ... lock.token ...            # stamped on the version the run builds (`fence`)
-        lock.check()                  # between parts: RefreshLockLostError once it is lost
+        lock.check()                  # before the index and the flip: RefreshLockLostError once lost
 
 The lock is `ue:{<model>}:refresh_lock` = "<token> <holder>" with a PX TTL; tokens come from
 the `ue:{<model>}:fence` counter, so a later holder always has a larger one (key layout:
