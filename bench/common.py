@@ -40,9 +40,12 @@ def free_port() -> int:
 
 @contextmanager
 def private_redis(workdir: Path) -> Iterator[str]:
-    """A redis-server of its own on a free port (nothing kept on disk); yields its URL."""
+    """A redis-server of its own on a free port (nothing kept on disk); yields its URL.
+    `workdir` is made if missing: redis-server refuses a `dir` that does not exist, which
+    would surface only as "no Redis answers"."""
     from userembed.local_redis import redis_server_argv, wait_until_up
 
+    workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = subprocess.Popen(redis_server_argv(port, workdir), stdout=subprocess.DEVNULL)
     try:

@@ -1,4 +1,5 @@
-"""Crafted inputs that route real tokens to every expert of every MoE layer.
+"""Routing seen from outside the model: crafted inputs that route real tokens to every expert
+of every MoE layer, and how near each row's routing is to a tie.
 
 A trace can silently lose an expert the example input never reached, so parity runs on rows
 that reach them all: random pools first (cheap; enough unless a router has collapsed), then a
@@ -71,6 +72,24 @@ def _routing(enc: ExportableEncoder, arrays: Mapping[str, np.ndarray]) -> list[n
         hit &= valid.reshape(-1)[:, None]
         result.append(np.asarray(hit.reshape(b, -1, layer.num_experts).any(axis=1)))
     return result
+
+
+@torch.no_grad()
+def routing_tie_margin(enc: ExportableEncoder, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per row (B,), the smallest gap over MoE layers and real tokens between the k-th and the
+    (k+1)-th router logit: how far the row's top-k choice is from a tie. +inf without a
+    choice to make (no MoE layer, or k = number of experts)."""
+    out = enc.dense_forward(*torch_inputs(enc, arrays))
+    valid = _valid_tokens(enc, arrays)
+    margin = np.full(valid.shape[0], np.inf)
+    for layer, stats in zip(moe_layers(enc), out.router_stats, strict=True):
+        k = layer.num_experts_per_tok
+        if k >= layer.num_experts:
+            continue
+        top = torch.topk(stats.router_logits, k + 1, dim=-1).values.numpy()  # (B*S, k+1)
+        gap = np.where(valid, (top[:, k - 1] - top[:, k]).reshape(valid.shape), np.inf)
+        margin = np.minimum(margin, gap.min(axis=1))
+    return margin
 
 
 @torch.no_grad()

@@ -272,6 +272,7 @@ def _export(args: argparse.Namespace) -> int:
         )
     quiet_libraries()
     from trainer.export import export_model
+    from trainer.export.parity import FP32_CASES
 
     variants = ("fp32",) + (("fp16",) if args.fp16 else ()) + (("int8",) if args.int8 else ())
     result = export_model(
@@ -290,9 +291,14 @@ def _export(args: argparse.Namespace) -> int:
     )
     fp32 = result.parity["fp32"]
     print(f"published {result.manifest.model_name}/{result.version} to {result.registry_root}")
-    for case in ("heldout", "crafted", "batch1", "half_length"):
+    for case in FP32_CASES:
+        ties = fp32[case]["near_tie_rows"]
+        left_out = (
+            f" ({ties} of {fp32[case]['rows']} rows on a routing tie left out)" if ties else ""
+        )
         print(
-            f"  fp32 {case}: max |onnxruntime - torch| {fp32[case]['user_vector_max_abs_diff']:.2e}"
+            f"  fp32 {case}: max |onnxruntime - torch|"
+            f" {fp32[case]['user_vector_max_abs_diff']:.2e}{left_out}"
         )
     print(f"  torchrec vs exported encoder: {fp32['torchrec_vs_export_max_abs_diff']:.2e}")
     for name in variants[1:]:
