@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* as a script
 
 from bench.common import ROOT, log, write_section
+from bench.transfer_data import load_probe_inputs, load_vectors
 from bench.transfer_probe import FOLDS, PROBE_CS, stratified_folds
 from refresh.compat import fit_map, mean_cosine
 from refresh.config import COMPAT_METHODS
@@ -47,14 +48,7 @@ REPS = (OLD, RAW, *(f"new_{m}" for m in COMPAT_METHODS))
 
 def load(folder: Path, model: str) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
     """Targets by task and each seed's vectors (rows in user_ids.npy order)."""
-    tasks = json.loads((folder / "tasks.json").read_text())
-    npz = np.load(folder / "targets.npz")
-    targets = {t: npz[f"arr_{i}"] for i, t in enumerate(tasks)}
-    vectors = {
-        int(p.stem.rsplit("_s", 1)[1]): np.load(p)
-        for p in sorted(folder.glob(f"vectors_{model}_s*.npy"))
-    }
-    return targets, vectors
+    return load_probe_inputs(folder).targets, load_vectors(folder, model)
 
 
 def fitted_probes(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> list[Any]:

@@ -47,7 +47,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* as a script
 
 from bench.common import ROOT, log, private_redis
-from bench.transfer_data import FUTURE_WEEKS, ProbeData
+from bench.transfer_data import FUTURE_WEEKS, ProbeData, save_probe_inputs, vectors_path
 from bench.transfer_probe import FOLDS, probe_all, stratified_folds
 from bench.transfer_report import (
     MODELS,
@@ -287,7 +287,7 @@ def run(cfg: TransferConfig, workdir: Path) -> dict[str, Any]:
             for model in cfg.models:
                 rec, vectors = run_model(model, seed, cfg, home, redis_url, data)
                 if cfg.save_vectors is not None:
-                    np.save(cfg.save_vectors / f"vectors_{model}_s{seed}.npy", vectors)
+                    np.save(vectors_path(cfg.save_vectors, model, seed), vectors)
                 rec["probe_auc"] = probe_all(vectors, data, folds)
                 records.append(rec)
                 log(
@@ -313,18 +313,6 @@ def run(cfg: TransferConfig, workdir: Path) -> dict[str, Any]:
         "records": records,
         "summary": summarise(records, reps, tasks, list(built["tasks"])),
     }
-
-
-def save_probe_inputs(folder: Path, data: ProbeData) -> None:
-    """user_ids.npy, profile.npy (columns in profile_columns.json) and targets.npz (arr_i =
-    tasks.json's i-th task; NaN = no label) under `folder`; each run's vectors go beside
-    them, rows in user_ids order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "user_ids.npy", np.asarray(data.user_ids))
-    np.save(folder / "profile.npy", data.profile)
-    (folder / "profile_columns.json").write_text(json.dumps(list(data.profile_columns)))
-    np.savez(folder / "targets.npz", *data.targets.values())  # arr_0.. in task order
-    (folder / "tasks.json").write_text(json.dumps(list(data.targets)))
 
 
 def code_version() -> str | None:

@@ -18,6 +18,7 @@ Only users with history before T are probed (a user without one has no vector).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +52,51 @@ class ProbeData:
     definitions: dict[str, str]
     profile: np.ndarray
     profile_columns: tuple[str, ...]
+
+
+# --- saved probe inputs (bench/transfer.py --save-vectors) -------------------------------------
+
+
+def save_probe_inputs(folder: Path, data: ProbeData) -> None:
+    """user_ids.npy, profile.npy (columns in profile_columns.json) and targets.npz (arr_i =
+    tasks.json's i-th task; NaN = no label) under `folder`; each run's vectors go beside
+    them (`vectors_path`), rows in user_ids order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "user_ids.npy", np.asarray(data.user_ids))
+    np.save(folder / "profile.npy", data.profile)
+    (folder / "profile_columns.json").write_text(json.dumps(list(data.profile_columns)))
+    np.savez(folder / "targets.npz", *data.targets.values())  # arr_0.. in task order
+    (folder / "tasks.json").write_text(json.dumps(list(data.targets)))
+
+
+def vectors_path(folder: Path, model: str, seed: int) -> Path:
+    return folder / f"vectors_{model}_s{seed}.npy"
+
+
+def load_probe_inputs(folder: Path) -> ProbeData:
+    """What save_probe_inputs wrote (definitions left empty: they are not saved)."""
+    if not (folder / "tasks.json").exists():
+        raise FileNotFoundError(
+            f"{folder}: no saved probe inputs (bench/transfer.py --save-vectors)"
+        )
+    tasks = json.loads((folder / "tasks.json").read_text())
+    with np.load(folder / "targets.npz") as z:
+        targets = {t: z[f"arr_{i}"] for i, t in enumerate(tasks)}
+    return ProbeData(
+        user_ids=np.load(folder / "user_ids.npy"),
+        targets=targets,
+        definitions={t: "" for t in tasks},
+        profile=np.load(folder / "profile.npy"),
+        profile_columns=tuple(json.loads((folder / "profile_columns.json").read_text())),
+    )
+
+
+def load_vectors(folder: Path, model: str) -> dict[int, np.ndarray]:
+    """Each saved seed's vectors of `model`, by seed."""
+    prefix = vectors_path(folder, model, 0).name.rsplit("_s", 1)[0]
+    return {
+        int(p.stem.rsplit("_s", 1)[1]): np.load(p) for p in sorted(folder.glob(f"{prefix}_s*.npy"))
+    }
 
 
 # --- the hand-made profile ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bench.compat import main
+from bench.transfer_data import ProbeData, save_probe_inputs, vectors_path
 
 
 def test_compat_bench_keeps_the_auc_a_rotation_loses(tmp_path: Path, capsys) -> None:
@@ -18,12 +19,10 @@ def test_compat_bench_keeps_the_auc_a_rotation_loses(tmp_path: Path, capsys) -> 
     old = rng.normal(size=(n, d)).astype(np.float32)
     rotation = np.linalg.qr(rng.normal(size=(d, d)))[0].astype(np.float32)
     new = old @ rotation + 0.01 * rng.normal(size=(n, d)).astype(np.float32)
-    targets = [(old[:, 0] + old[:, 1] > 0).astype(np.float64)]
-    np.save(tmp_path / "user_ids.npy", np.arange(n))
-    np.savez(tmp_path / "targets.npz", *targets)
-    (tmp_path / "tasks.json").write_text(json.dumps(["a"]))
-    np.save(tmp_path / "vectors_supermoe_s0.npy", old)
-    np.save(tmp_path / "vectors_supermoe_s1.npy", new)
+    targets = {"a": (old[:, 0] + old[:, 1] > 0).astype(np.float64)}
+    save_probe_inputs(tmp_path, ProbeData(np.arange(n), targets, {"a": ""}, np.zeros((n, 0)), ()))
+    np.save(vectors_path(tmp_path, "supermoe", 0), old)
+    np.save(vectors_path(tmp_path, "supermoe", 1), new)
 
     assert main(["--vectors", str(tmp_path), "--folds", "3", "--out", str(tmp_path)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -13,9 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench import transfer_append, transfer_report
 from bench import transfer_probe as probe
-from bench import transfer_report
-from bench.transfer_data import hand_profile, movielens_team_files
+from bench.transfer_data import (
+    ProbeData,
+    hand_profile,
+    load_probe_inputs,
+    movielens_team_files,
+    save_probe_inputs,
+    vectors_path,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -187,3 +194,29 @@ def test_each_source_has_its_own_section_replaced_on_rerun(tmp_path: Path) -> No
     text = doc.read_text()
     assert "hand-written verdict" in text and "first" not in text
     assert "movielens second" in text and "synthetic second" in text
+
+
+def test_appending_the_column_a_vector_blurs_closes_its_gap_to_the_profile(tmp_path: Path) -> None:
+    """bench/transfer_append.py on inputs saved as bench/transfer.py --save-vectors saves them:
+    a task set by one profile column, a vector that holds it weakly."""
+    rng = np.random.default_rng(0)
+    n = 400
+    y = (rng.random(n) < 0.4).astype(np.float64)
+    columns = ("category_0", "log_count", "region_1")
+    profile = np.c_[rng.normal(size=n), 2.0 * y + rng.normal(size=n), rng.normal(size=n)]
+    data = ProbeData(np.arange(n), {"active": y}, {"active": "x"}, profile, columns)
+    save_probe_inputs(tmp_path, data)
+    for seed in range(2):
+        vec = rng.normal(size=(n, 8))
+        vec[:, 0] += 0.5 * y
+        np.save(vectors_path(tmp_path, "supermoe", seed), vec)
+    back = load_probe_inputs(tmp_path)
+    assert back.profile_columns == columns and np.array_equal(back.targets["active"], y)
+    assert transfer_append.columns_of(back, "counts") == [1]
+    assert transfer_append.columns_of(back, "attributes") == [2]
+    assert transfer_append.columns_of(back, "profile,log_count") == [0, 1, 2]
+
+    result = transfer_append.run(tmp_path, "supermoe", 2, {"count": "log_count"})
+    alone = result["summary"]["supermoe"]["delta_vs_profile"]["mean"]
+    appended = result["summary"]["supermoe+count"]["delta_vs_profile"]["mean"]
+    assert alone < -0.1 and abs(appended) < 0.02
