@@ -47,7 +47,7 @@ from userembed.errors import (
 )
 from userembed.forget import read_forgotten
 from userembed.ids import parse_user_id
-from userembed.redis_urls import open_async_redis, open_redis
+from userembed.redis_urls import is_cluster, open_async_pubsub, open_async_redis, open_redis
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +148,18 @@ class EmbeddingLookup:
         self.freshness = Freshness(settings, self.compute, metrics)
         mb = settings.vector_cache_mb
         self.cache = VectorCache(int(mb * 2**20), metrics) if mb > 0 else None
-        # forced recomputes reach the other workers' caches over pub/sub (not on a cluster
-        # client, which has none: docs/serving.md, "Vector cache")
+        # forced recomputes reach the other workers' caches over pub/sub; on a cluster through
+        # a plain client of the seed node (docs/serving.md, "Vector cache")
+        self._pubsub_redis = (
+            open_async_pubsub(settings.redis_url, **REDIS_TIMEOUTS)
+            if self.cache is not None and is_cluster(settings.redis_url)
+            else None
+        )
         self.drops = (
-            DropBroadcast(self.redis, self.cache, user_keys=self._cache_keys_of)
-            if self.cache is not None and hasattr(self.redis, "pubsub")
+            DropBroadcast(
+                self._pubsub_redis or self.redis, self.cache, user_keys=self._cache_keys_of
+            )
+            if self.cache is not None
             else None
         )
         self._drops_task: asyncio.Task[None] | None = None
@@ -173,6 +180,8 @@ class EmbeddingLookup:
         await self.reader.close()
         await self.compute.close()
         await self.redis.aclose()
+        if self._pubsub_redis is not None:
+            await self._pubsub_redis.aclose()
         self.redis_sync.close()
 
     def check_user_id(self, user_id: str) -> None:

@@ -64,6 +64,13 @@ def open_async_redis(url: str, **options: Any) -> AsyncRedisClient:
     return aioredis.Redis.from_url(url, **options)
 
 
+def open_async_pubsub(url: str, **options: Any) -> aioredis.Redis:
+    """An asyncio client for pub/sub on `url`. On a cluster: a plain client of the URL's seed
+    node, since redis-py's async cluster client has neither PUBLISH nor SUBSCRIBE, and a
+    PUBLISH on any node reaches the subscribers of every node (the cluster bus carries it)."""
+    return aioredis.Redis.from_url(node_url(url), **options)
+
+
 MASK = "***"
 _QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
 

@@ -3,6 +3,7 @@ write-backs and the pointer, and the Feast online store (`redis_cluster` type) i
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from tests.embed_server.test_feast_integration import FEATURE_TIME, USERS, write
 from tests.redis_cluster import RedisClusterServers
 from userembed import feast_ops
 from userembed.features import encode_inputs
+from userembed.freshness import mark_pushed
 from userembed.redis_urls import open_redis
 from userembed.registry import Registry
 from userembed.vectors import VectorStore
@@ -170,3 +172,43 @@ def test_a_slot_no_master_serves_is_an_outage_not_an_internal_error():
     """redis-py's cluster errors that are not RedisErrors (a slot without a reachable master)."""
     code, message = status_of(SlotNotCoveredError("slot 42 is not covered by the cluster"))
     assert code == grpc.StatusCode.UNAVAILABLE and "slot 42" in message
+
+
+@pytest.mark.timeout(120)
+def test_cache_drops_reach_a_replica_seeded_on_another_node(
+    start_server,
+    registry: Registry,
+    tmp_path: Path,
+    redis_cluster: RedisClusterServers,
+    redis_cluster_url: str,
+):
+    """A forced recompute on replica A and a behaviour push each drop the vector replica B
+    cached, though A and B (and the push) talk to different nodes: pub/sub crosses the
+    cluster bus."""
+    v1 = publish_tiny(registry, tmp_path / "staging", seed=1)
+    store = VectorStore(open_redis(redis_cluster_url), MODEL)
+    store.create_version("ev1", v1)
+    store.write("ev1", ["7"], np.full((1, DIM), 1.0, np.float32), v1)
+    assert store.publish_if("ev1", None).done
+    other_seed = redis_cluster_url.replace(str(redis_cluster.ports[0]), str(redis_cluster.ports[1]))
+    a = start_server(redis_url=redis_cluster_url, vector_cache_mb=1)
+    b = start_server(redis_url=other_seed, vector_cache_mb=1)
+    assert b.lookup is not None and b.lookup.cache is not None and b.lookup.drops is not None
+    with EmbeddingClient(f"127.0.0.1:{a.port}") as ca, EmbeddingClient(f"127.0.0.1:{b.port}") as cb:
+        for _ in range(2):
+            old = cb.get("7").vector
+        assert len(b.lookup.cache) == 1
+        forced = ca.get("7", force=True).vector
+        assert not np.array_equal(forced, old)
+        deadline = time.monotonic() + 30  # the drop message is on its way (pub/sub)
+        while not np.array_equal(v := cb.get("7").vector, forced) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        np.testing.assert_array_equal(v, forced)
+        assert len(b.lookup.cache) == 1  # cached again, the new value
+
+        # a push through the blocking cluster client publishes from whichever node it picks
+        mark_pushed(open_redis(redis_cluster.url), {"7": int(time.time() * 1000)})
+        deadline = time.monotonic() + 30
+        while len(b.lookup.cache) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(b.lookup.cache) == 0

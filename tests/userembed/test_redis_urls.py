@@ -7,12 +7,13 @@ import socket
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from redis.cluster import RedisCluster
 
 from userembed import feast_ops, status
 from userembed.errors import InvalidInputError
 from userembed.local_redis import wait_until_up
-from userembed.redis_urls import is_cluster, node_url, open_redis, redacted
+from userembed.redis_urls import is_cluster, node_url, open_async_pubsub, open_redis, redacted
 
 
 def test_the_scheme_says_cluster_and_nothing_else_does() -> None:
@@ -44,6 +45,16 @@ def test_open_redis_gives_a_cluster_client_that_sees_every_master(redis_cluster_
     for i in range(30):
         client.set(f"t:{{{i}}}", i)
     assert status.redis_check(client, redacted(redis_cluster_url)).details == {"keys": 30}
+
+
+def test_pubsub_of_a_cluster_url_is_a_plain_client_of_its_seed_node() -> None:
+    """redis-py's async cluster client has no pub/sub: the seed node's own client, with the
+    URL's credentials and TLS (it connects at its first command)."""
+    client = open_async_pubsub("rediss+cluster://app:s3cret@seed:7000?socket_timeout=3")
+    kw = client.connection_pool.connection_kwargs
+    assert type(client) is aioredis.Redis and (kw["host"], kw["port"]) == ("seed", 7000)
+    assert (kw["username"], kw["password"], kw["socket_timeout"]) == ("app", "s3cret", 3.0)
+    assert client.connection_pool.connection_class is aioredis.SSLConnection
 
 
 def test_open_redis_of_a_plain_url_is_one_server(redis_url) -> None:
