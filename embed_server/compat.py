@@ -62,6 +62,11 @@ class CompatMaps:
             )
         return m
 
+    async def targets(self, model_name: str) -> list[str]:
+        """The model versions the serving embedding version of `model_name` has maps into."""
+        model, ev = self._versions.resolve(model_name)
+        return sorted(await self._maps(model.name, ev))
+
     async def prepare(self, model_name: str, target: str) -> int:
         """Before any work: refuse a `target` the serving version has no map into. Returns the
         dim of the answer."""

@@ -271,6 +271,7 @@ class UserEmbeddingServicer(pb_grpc.UserEmbeddingServiceServicer):
                 serving_embedding_version=self.lookup.versions.serving_version(m),
                 loaded_at_ms=m.loaded_at_ms,
                 execution_provider=m.encoder.provider,
+                compatible_with=await self.compat.targets(name),
             )
         return resp
 

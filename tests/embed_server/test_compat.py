@@ -5,6 +5,7 @@ FAILED_PRECONDITION naming the maps there are, and without the field nothing cha
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -68,6 +69,29 @@ def test_compatible_with_a_mapped_version_returns_the_mapped_vector(start_server
         np.testing.assert_allclose(first.vector, e.vector, atol=1e-6)
         np.testing.assert_allclose(third.vector, computed.vector, atol=1e-6)
     np.testing.assert_array_equal(itself.vector, vec)
+
+
+def test_list_models_names_the_versions_compatible_with_accepts(start_server, v1, redis_url):
+    srv = start_server()  # nothing refreshed: the server's own online version, no maps
+    with EmbeddingClient(f"127.0.0.1:{srv.port}") as c:
+        (info,) = c.list_models().models
+        assert (info.version, list(info.compatible_with)) == (v1, [])
+    store = VectorStore(redis.Redis.from_url(redis_url), MODEL)
+    store.create_version("ev1", v1)
+    matrix = np.eye(DIM, OUT_DIM, dtype=np.float32)
+    info_ = CompatInfo(dim_in=DIM, dim_out=OUT_DIM, method="lstsq", normalize=True)
+    for old in (OLD, "an-older-version"):
+        store.r.hset(store.keys.compat("ev1"), mapping=encode_map(CompatMap(old, matrix, info_)))
+    store.publish("ev1")
+    with EmbeddingClient(f"127.0.0.1:{srv.port}") as c:
+        deadline = time.monotonic() + 30  # the next pointer poll serves ev1
+        while (info := c.list_models().models[0]).serving_embedding_version != "ev1":
+            assert time.monotonic() < deadline, "the pointer poll never served ev1"
+            time.sleep(0.05)
+        assert list(info.compatible_with) == sorted([OLD, "an-older-version"])
+        np.testing.assert_array_equal(
+            c.get("7", compatible_with="an-older-version").vector.shape, (OUT_DIM,)
+        )
 
 
 def test_a_version_without_a_map_is_failed_precondition(start_server, stored):
