@@ -12,9 +12,8 @@ from pathlib import Path
 
 import onnx
 
-from refresh.config import RefreshConfig
 from refresh.job import refresh
-from tests.refresh.support import offline_tables, write_offline
+from tests.refresh.support import offline_tables, refresh_config, write_offline
 from tests.tiny_model import DIM, MODEL, SPEC, tiny_encoder
 from trainer.run_dir import REPORT_FILE
 from userembed.manifest import FileEntry, single_onnx_manifest
@@ -104,16 +103,14 @@ def build(root: Path, redis_url: str, users: int = 300) -> Demo:
     """Two model versions, four refreshes (two per model version), a transfer report."""
     registry = Registry(root / "models")
     offline = write_offline(root / "offline", *offline_tables(users, seed=1))
-    cfg = RefreshConfig(
-        model=MODEL,
+    cfg = refresh_config(
+        registry,
+        redis_url,
+        offline,
         part_rows=200,
         batch_size=128,
         keep=5,
         drift_sample=100,
-        registry_root=registry.root,
-        redis_url=redis_url,
-        offline_dir=str(offline),
-        progress_every_s=0.0,
         intra_op_threads=1,
     )
     versions, evs = [], []

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import redis
 
-from refresh.config import RefreshConfig
 from refresh.job import refresh
-from tests.refresh.support import offline_tables, write_offline
+from tests.refresh.support import offline_tables, refresh_config, write_offline
 from tests.tiny_model import MODEL
 from tests.ui import demo
 from userembed.registry import Registry
@@ -58,15 +57,7 @@ def main() -> None:
     t0 = time.perf_counter()
     registry = Registry(root / "models")
     offline = write_offline(root / "offline", *offline_tables(args.users, seed=1), 50_000)
-    cfg = RefreshConfig(
-        model=MODEL,
-        part_rows=50_000,
-        drift_sample=1000,
-        registry_root=registry.root,
-        redis_url=args.redis_url,
-        offline_dir=str(offline),
-        progress_every_s=0.0,
-    )
+    cfg = refresh_config(registry, args.redis_url, offline, part_rows=50_000, drift_sample=1000)
     for seed in range(args.versions):
         demo.publish(registry, root / "staging", seed)
         if seed >= args.versions - 2:  # the last two versions: one refresh each (drift)
