@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.output import last_json
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
@@ -40,7 +42,7 @@ def _run(args: list[str], timeout: int) -> dict[str, Any]:
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json(proc.stdout)
 
 
 def test_quality_smoke_reports_every_model_with_seesaw_and_probes(tmp_path: Path) -> None:

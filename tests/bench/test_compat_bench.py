@@ -3,7 +3,6 @@ object, and a rotated copy of the old space is recovered by the maps but not fed
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from bench.compat import main
 from bench.transfer_data import ProbeData, save_probe_inputs, vectors_path
+from tests.output import last_json
 
 
 def test_compat_bench_keeps_the_auc_a_rotation_loses(tmp_path: Path, capsys) -> None:
@@ -25,7 +25,7 @@ def test_compat_bench_keeps_the_auc_a_rotation_loses(tmp_path: Path, capsys) -> 
     np.save(vectors_path(tmp_path, "supermoe", 1), new)
 
     assert main(["--vectors", str(tmp_path), "--folds", "3", "--out", str(tmp_path)]) == 0
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    last = last_json(capsys.readouterr().out)
     assert last["pairs"] == 2
     kept = {rep: v["mean"] for rep, v in last["kept"].items()}
     assert kept["new_procrustes"] == pytest.approx(1.0, abs=0.05)

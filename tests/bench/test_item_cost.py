@@ -4,7 +4,6 @@ the offline files and its figures."""
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench import item_cost_models, item_cost_report
+from tests.output import last_json
 from userembed.paths import BEHAVIOR_FILE, PROFILE_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def test_quick_run_measures_both_models_which_differ_only_by_the_items_table() -
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = last_json(proc.stdout)
 
     with_items, without = report["models"]["with_items"], report["models"]["without_items"]
     assert with_items["item_attributes"] == ["categories", "release_year_bucket"]

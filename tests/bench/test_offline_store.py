@@ -3,12 +3,13 @@ and materialize writes every user online (no assertion on speed)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.output import last_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +25,7 @@ def test_offline_store_bench_paths_agree_and_materialize_writes_every_user(
         [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = last_json(proc.stdout)
     size = out["frames"]["400"]
     for path in ("duckdb", "dask", "merge_asof"):
         assert size[path]["rows"] == size["label_rows"] == 400, path

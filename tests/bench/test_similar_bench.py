@@ -4,12 +4,13 @@ and the HNSW answer is close to the exact one."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.output import last_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +23,7 @@ def test_similar_bench_reports_recall_and_speed_beside_brute_force() -> None:
         [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    (result,) = last_json(proc.stdout)["results"]
     assert result["users"] == 1000 and result["brute_qps_one"] > 0 < result["brute_qps_batched"]
     assert result["build_s"] >= 0 and result["index_mb"] > 0 and result["peak_rss_mb"] > 0
     rows = {r["ef_search"]: r for r in result["by_ef_search"]}

@@ -23,6 +23,7 @@ from bench.transfer_data import (
     save_probe_inputs,
     vectors_path,
 )
+from tests.output import last_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def test_quick_run_probes_vectors_read_back_from_redis_beside_the_profile(tmp_pa
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    head = json.loads(proc.stdout.strip().splitlines()[-1])
+    head = last_json(proc.stdout)
     assert set(head["mean_auc"]) == {"profile", "supermoe", "mmoe"}
     assert all(0.0 <= a <= 1.0 for a in head["mean_auc"].values())
     assert set(head["delta_vs_profile"]) == {"supermoe", "mmoe"}

@@ -14,6 +14,7 @@ import pytest
 from embed_server.settings import ENV_PREFIX, ServerSettings, load_settings
 from tests.deploy import sources
 from tests.deploy.cli_check import CLI, TORCHRUN, parse_error, torchrun_split
+from tests.output import last_json
 
 ALL_COMMANDS = (
     sources.compose_commands()
@@ -139,7 +140,7 @@ print(json.dumps({"bad": bad, "torch": [m for m in sys.modules if m.startswith("
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = last_json(proc.stdout)
     assert result["bad"] == {}
     assert result["torch"] == []
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from tests.output import last_json
 from tests.trainer.frames import tiny_frame
 from trainer.batches import build_input_spec, task_names_of
 from trainer.config import ModelConfig, MoEConfig, TrainConfig
@@ -124,7 +124,7 @@ def test_cli_export_with_external_data_is_hashed_verified_and_loaded(
     argv = ["export", "--run", str(run_dir), "--registry-root", str(tmp_path / "reg")]
     rc = cli.main([*argv, "--model-name", "m", "--external-data-threshold-mb", "0"])
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = last_json(capsys.readouterr().out)
     assert summary["user_vector_max_abs_diff"] <= 1e-4
     reg = Registry(tmp_path / "reg")
     loaded = reg.load_verified("m")

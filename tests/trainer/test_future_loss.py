@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.output import last_json
 from tests.trainer.frames import tiny_frame
 from trainer.batches import build_input_spec, task_names_of
 from trainer.config import ModelConfig, MoEConfig, TrainConfig
@@ -285,7 +286,7 @@ def test_labels_without_task_columns_build_train_and_export(
     assert "ssl: 12 steps" in capsys.readouterr().out
 
     assert cli.main(["export", "--run", str(run)]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = last_json(capsys.readouterr().out)
     assert summary["user_vector_max_abs_diff"] < 1e-4
     manifest = Registry().read_manifest(DEFAULT_MODEL, summary["version"])
     assert manifest.task_names == () and manifest.variants[0].outputs == ("user_vector",)

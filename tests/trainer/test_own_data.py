@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.output import last_json
 from userembed import processes
 from userembed.commands import main as cli
 from userembed.datasets.parquet import load_parquet
@@ -142,7 +143,7 @@ def test_own_parquet_files_train_export_refresh_and_serve(
     assert all(np.isfinite(m["auc"]) for m in report["test"].values())
 
     assert cli.main(["export", "--run", str(home / "runs" / "own")]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = last_json(capsys.readouterr().out)
     assert summary["user_vector_max_abs_diff"] < 1e-4
     manifest = Registry().read_manifest(DEFAULT_MODEL, summary["version"])
     # No profile feature, no profile input: the graph would not have one to feed.
