@@ -5,7 +5,6 @@ until the offline files no longer hold the user, and another user is untouched."
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from refresh.job import refresh
 from tests.embed_server.conftest import MODEL, SPEC, LoopThread, publish_tiny
 from tests.embed_server.test_feast_integration import feast_store  # noqa: F401 (fixture)
 from tests.refresh.support import refresh_config
+from tests.waiting import wait_for
 from userembed import feast_ops
 from userembed.commands.main import main
 from userembed.forget import Tombstones, release_users
@@ -33,13 +33,6 @@ from userembed.snapshots import BEHAVIOR_FILE, PROFILE_FILE
 from userembed.vectors import VectorStore
 
 GONE, KEPT = "11", "12"  # the users of test_feast_integration's offline files
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def code_of(call: Callable[[], object]) -> grpc.StatusCode:

@@ -23,7 +23,7 @@ import pytest
 from embed_server.client import EmbeddingClient
 from tests.embed_server.conftest import MODEL, publish_tiny
 from tests.embed_server.test_feast_integration import feast_store  # noqa: F401 (fixture)
-from tests.embed_server.test_server import wait_for
+from tests.waiting import wait_for
 from userembed.registry import Registry
 from userembed.similar_index import IndexStore
 

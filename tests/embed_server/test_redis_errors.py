@@ -24,7 +24,8 @@ from embed_server.client import EmbeddingClient, ItemError
 from embed_server.version_policy import online_version
 from tests.conftest import free_port
 from tests.embed_server.conftest import MODEL, FakeFeatures, publish_tiny
-from tests.embed_server.test_server import expected_vector, wait_for
+from tests.embed_server.test_server import expected_vector
+from tests.waiting import wait_for
 from userembed.local_redis import redis_server_argv, wait_until_up
 from userembed.registry import Registry
 

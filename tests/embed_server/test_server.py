@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,18 +14,10 @@ import redis
 from embed_server.client import EmbeddingClient, ItemError
 from embed_server.version_policy import online_version
 from tests.embed_server.conftest import DIM, MODEL, SPEC, FakeFeatures, publish_tiny
+from tests.waiting import wait_for
 from userembed.features import encode_inputs
 from userembed.registry import Registry
 from userembed.vectors import VectorStore
-
-
-def wait_for(cond, what: str, timeout: float = 30.0) -> None:
-    """Poll a condition (bounded); not a timing assertion, only a guard against hanging."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def expected_vector(srv, user_id: str, features: FakeFeatures) -> np.ndarray:

@@ -11,8 +11,8 @@ import pytest
 
 from embed_server.client import EmbeddingClient
 from tests.embed_server.conftest import MODEL, publish_tiny
-from tests.embed_server.test_server import wait_for
 from tests.signing_keys import write_keypair
+from tests.waiting import wait_for
 from userembed.manifest import MANIFEST_FILE
 from userembed.registry import Registry
 

@@ -5,7 +5,6 @@ together with the vector pointer."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from refresh.index_build import read_vectors
 from refresh.job import refresh
 from tests.refresh.support import offline_tables, refresh_config, write_offline
 from tests.tiny_model import DIM, MODEL, publish_tiny
+from tests.waiting import wait_for
 from userembed.commands.main import main
 from userembed.registry import Registry
 from userembed.similar_index import MAX_K, SimilarUsers, unit_rows
@@ -62,13 +62,6 @@ def stored_vector(cfg: RefreshConfig, version: str, user: str) -> np.ndarray:
     got = store.read(version, [user])[0]
     assert got is not None
     return got.vector
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:

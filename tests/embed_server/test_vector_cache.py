@@ -14,6 +14,7 @@ import redis
 from embed_server.client import EmbeddingClient
 from embed_server.vector_cache import DROP_CHANNEL, ENTRY_OVERHEAD, DropBroadcast, VectorCache
 from tests.embed_server.conftest import DIM, MODEL, publish_tiny
+from tests.waiting import wait_for
 from userembed.vectors import VectorStore
 
 
@@ -156,20 +157,13 @@ def test_a_forced_recompute_on_one_server_drops_the_vector_on_another(
         assert b.lookup is not None and b.lookup.cache is not None and len(b.lookup.cache) == 1
         forced = ca.get("7", force=True).vector
         assert not np.array_equal(forced, old)
-        deadline = time.monotonic() + 30  # the drop message is on its way (pub/sub)
-        while not np.array_equal(v := cb.get("7").vector, forced) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        np.testing.assert_array_equal(v, forced)
+        # the drop message is on its way (pub/sub)
+        wait_for(lambda: np.array_equal(cb.get("7").vector, forced), "A's drop to reach B")
         # the same through a forced batch call, after the user's features changed
         features.add("7", items=[11, 12, 13, 14])
         (bf,) = ca.batch_get(["7"], packed=True, force=True)
         assert not np.array_equal(bf.vector, forced)
-        deadline = time.monotonic() + 30
-        while (
-            not np.array_equal(v := cb.get("7").vector, bf.vector) and time.monotonic() < deadline
-        ):
-            time.sleep(0.02)
-        np.testing.assert_array_equal(v, bf.vector)
+        wait_for(lambda: np.array_equal(cb.get("7").vector, bf.vector), "A's batch drop to reach B")
 
 
 def test_a_kept_reply_counts_in_the_byte_bound_and_goes_with_its_entry():

@@ -10,9 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from embed_server.settings import ServerSettings, load_settings
 from embed_server.workers import PortInUseError, WorkerPool, reserve_port
 from tests.conftest import RedisServer
 from tests.embed_server.conftest import FakeFeatures, LoopThread, publish_tiny
+from tests.waiting import wait_for
 from userembed.processes import LISTENING, listening_address
 from userembed.registry import Registry
 
@@ -36,16 +36,6 @@ def fake_features(settings: ServerSettings) -> FakeFeatures:
     for uid in range(1, 21):
         f.add(str(uid), items=[uid, uid + 1, uid + 2])
     return f
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    """Poll a condition (bounded); a guard against hanging, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def health(port: int) -> str:

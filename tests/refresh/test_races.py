@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -25,6 +24,7 @@ from refresh.lock import RefreshLock, lock_holder
 from refresh.versions import expire_old
 from tests.refresh.support import offline_tables, refresh_config, write_offline
 from tests.tiny_model import DIM, MODEL, publish_tiny
+from tests.waiting import wait_for
 from userembed.registry import Registry
 from userembed.vectors import STATUS_BUILDING, STATUS_FAILED, STATUS_READY, VectorStore
 
@@ -43,15 +43,6 @@ def cfg(redis_url: str, registry: Registry, tmp_path: Path) -> RefreshConfig:
 
 def store_of(cfg: RefreshConfig) -> VectorStore:
     return VectorStore(redis.Redis.from_url(cfg.redis_url), cfg.model)
-
-
-def wait_for(cond, what: str, timeout: float = 60.0) -> None:
-    """Poll a condition (bounded); a guard against hanging, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @contextmanager
