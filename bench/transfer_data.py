@@ -19,6 +19,7 @@ Only users with history before T are probed (a user without one has no vector).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,10 +94,10 @@ def load_probe_inputs(folder: Path) -> ProbeData:
 
 def load_vectors(folder: Path, model: str) -> dict[int, np.ndarray]:
     """Each saved seed's vectors of `model`, by seed."""
-    prefix = vectors_path(folder, model, 0).name.rsplit("_s", 1)[0]
-    return {
-        int(p.stem.rsplit("_s", 1)[1]): np.load(p) for p in sorted(folder.glob(f"{prefix}_s*.npy"))
-    }
+    # exact names only: another model's name may start with this one's and "_s"
+    name = re.compile(re.escape(vectors_path(folder, model, 0).stem[:-1]) + r"(\d+)")
+    seeds = sorted(int(m[1]) for p in folder.glob("*.npy") if (m := name.fullmatch(p.stem)))
+    return {s: np.load(vectors_path(folder, model, s)) for s in seeds}
 
 
 # --- the hand-made profile ----------------------------------------------------------------------

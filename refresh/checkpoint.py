@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from refresh.errors import RefreshLockLostError
+from refresh.lock import unless_token_holds
 from userembed.vectors import STATUS_BUILDING, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -42,12 +43,13 @@ PART_PREFIX = "part:"
 
 # KEYS: meta(version), refresh lock (one slot: {<model>}). ARGV: fencing token, then field,
 # value pairs. Writes and returns 1 only while the token holds the lock; 0 otherwise.
-_FENCED_HSET = """
-local held = redis.call('GET', KEYS[2]) or ''
-if string.match(held, '^%d+') ~= ARGV[1] then return 0 end
+_FENCED_HSET = (
+    unless_token_holds("KEYS[2]", "ARGV[1]")
+    + """
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
+)
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,26 @@ local token = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], token .. ' ' .. ARGV[1], 'PX', ARGV[2])
 return {token, ''}
 """
+
+
+def unless_token_holds(lock_key: str, token: str) -> str:
+    """Lua that returns 0 unless the lock (`lock_key`, e.g. "KEYS[1]") is held by the fencing
+    token `token` (e.g. "ARGV[1]"): the one reading of the lock's "<token> <holder>" value in
+    a script."""
+    return (
+        f"local held = redis.call('GET', {lock_key}) or ''\n"
+        f"if string.match(held, '^%d+') ~= {token} then return 0 end\n"
+    )
+
+
 # KEYS: lock. ARGV: token, ttl ms ("" = release). Returns 1 while the token holds the lock.
-_RENEW = """
-local held = redis.call('GET', KEYS[1])
-if not held or string.match(held, '^%d+') ~= ARGV[1] then return 0 end
+_RENEW = (
+    unless_token_holds("KEYS[1]", "ARGV[1]")
+    + """
 if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
+)
 
 
 @dataclass(frozen=True)
