@@ -16,7 +16,9 @@ on standardised inputs, C picked by an inner cross-validation, mean AUC over the
 folds are fixed per seed and task, and shared by every representation: the hand-made profile
 of the whole history (the reference), and each model's vectors. Also reported: each model's
 labelled-task test AUCs (a transfer gain bought with a seesaw shows there), and the CPU time
-of each training run. Differences are paired by seed, with standard errors over seeds.
+of each training run. Differences to the profile are paired by seed, with standard errors
+over seeds (training and folds) and over users (a bootstrap of the probe users: on a window
+task of a hundred users the larger of the two).
 
 Writes bench/results/transfer/transfer_<source>.json and .png; --write-md writes the
 generated section of BENCHMARKS.md. The last line printed is one JSON object.
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* as a 
 
 from bench.common import ROOT, log, private_redis
 from bench.transfer_data import FUTURE_WEEKS, ProbeData, save_probe_inputs, vectors_path
-from bench.transfer_probe import FOLDS, probe_all, stratified_folds
+from bench.transfer_probe import FOLDS, aucs_of, score_all, stratified_folds, user_bootstrap_se
 from bench.transfer_report import (
     MODELS,
     PROFILE,
@@ -279,16 +281,22 @@ def run(cfg: TransferConfig, workdir: Path) -> dict[str, Any]:
         )
         if cfg.save_vectors is not None:
             save_probe_inputs(cfg.save_vectors, data)
+        # out-of-fold probe scores per representation, seed and task: the SE over users
+        scores: dict[str, dict[int, dict[str, np.ndarray]]] = {PROFILE: {}}
+        folds_by_seed: dict[int, dict[str, np.ndarray]] = {}
         for seed in range(cfg.seeds):
             folds = {t: stratified_folds(y, seed, cfg.folds) for t, y in data.targets.items()}
-            aucs = probe_all(data.profile, data, folds)
+            folds_by_seed[seed] = folds
+            scores[PROFILE][seed] = score_all(data.profile, data, folds)
+            aucs = aucs_of(scores[PROFILE][seed], data, folds)
             records.append({"model": PROFILE, "seed": seed, "probe_auc": aucs})
             log(f"seed {seed}: profile mean probe AUC {np.nanmean(list(aucs.values())):.4f}")
             for model in cfg.models:
                 rec, vectors = run_model(model, seed, cfg, home, redis_url, data)
                 if cfg.save_vectors is not None:
                     np.save(vectors_path(cfg.save_vectors, model, seed), vectors)
-                rec["probe_auc"] = probe_all(vectors, data, folds)
+                scores.setdefault(model, {})[seed] = score_all(vectors, data, folds)
+                rec["probe_auc"] = aucs_of(scores[model][seed], data, folds)
                 records.append(rec)
                 log(
                     f"seed {seed} {model}: mean probe AUC "
@@ -297,6 +305,9 @@ def run(cfg: TransferConfig, workdir: Path) -> dict[str, Any]:
                 )
     reps = (PROFILE, *cfg.models)
     tasks = list(data.targets)
+    se_users = {
+        m: user_bootstrap_se(scores[m], scores[PROFILE], data, folds_by_seed) for m in cfg.models
+    }
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(["python bench/transfer.py", *sys.argv[1:]]),
@@ -311,7 +322,7 @@ def run(cfg: TransferConfig, workdir: Path) -> dict[str, Any]:
         "profile_columns": list(data.profile_columns),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "records": records,
-        "summary": summarise(records, reps, tasks, list(built["tasks"])),
+        "summary": summarise(records, reps, tasks, list(built["tasks"]), se_users),
     }
 
 

@@ -13,7 +13,8 @@ attributes one-hot) and `profile` (every column)), probed exactly as bench/trans
 task's gap to the profile, the vector holds that column's information only approximately; if
 a representation that holds strictly more than the vector probes lower, the probe pays for
 width there. Reported: mean probe AUC and the paired difference to the profile (± SE over
-seeds), the worst task. The last line printed is one JSON object.
+seeds, and over users: bench.transfer_probe.user_bootstrap_se), the worst task. The last line
+printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* as a 
 
 from bench.common import log
 from bench.transfer_data import ProbeData, load_probe_inputs, load_vectors
-from bench.transfer_probe import probe_all, stratified_folds
+from bench.transfer_probe import aucs_of, score_all, stratified_folds, user_bootstrap_se
 from bench.transfer_report import PROFILE, paired
 
 DEFAULT_APPENDS = (
@@ -69,26 +70,33 @@ def run(folder: Path, model: str, seeds: int, appends: dict[str, str]) -> dict[s
         raise SystemExit(f"{folder}: no {model} vectors of seeds {missing}")
     cols = {name: columns_of(data, spec) for name, spec in appends.items()}
     reps = (PROFILE, model, *(f"{model}+{name}" for name in appends))
+    scores: dict[str, dict[int, dict[str, np.ndarray]]] = {r: {} for r in reps}
     aucs: dict[str, dict[int, dict[str, float]]] = {r: {} for r in reps}
+    folds_by_seed = {}
     for seed in range(seeds):
         folds = {t: stratified_folds(y, seed) for t, y in data.targets.items()}
+        folds_by_seed[seed] = folds
         vec = vectors[seed]
-        aucs[PROFILE][seed] = probe_all(data.profile, data, folds)
-        aucs[model][seed] = probe_all(vec, data, folds)
+        scores[PROFILE][seed] = score_all(data.profile, data, folds)
+        scores[model][seed] = score_all(vec, data, folds)
         for name, idx in cols.items():
             x = np.concatenate([vec, data.profile[:, idx]], axis=1)
-            aucs[f"{model}+{name}"][seed] = probe_all(x, data, folds)
+            scores[f"{model}+{name}"][seed] = score_all(x, data, folds)
+        for rep in reps:
+            aucs[rep][seed] = aucs_of(scores[rep][seed], data, folds)
         log(f"seed {seed}: {len(reps)} representations probed")
     tasks = list(data.targets)
     summary = {}
     for rep in reps[1:]:
         d = paired(aucs[rep], aucs[PROFILE], tasks)
+        se_users = user_bootstrap_se(scores[rep], scores[PROFILE], data, folds_by_seed)
         worst = min(tasks, key=lambda t: d[t]["mean"] if not math.isnan(d[t]["mean"]) else 1.0)
         summary[rep] = {
             "mean_auc": float(np.mean([np.nanmean(list(a.values())) for a in aucs[rep].values()])),
-            "delta_vs_profile": d["mean"],
+            "delta_vs_profile": {**d["mean"], "se_users": se_users["mean"]},
             "worst_task": {"task": worst, "delta": d[worst]["mean"]},
             "per_task": {t: d[t]["mean"] for t in tasks},
+            "per_task_se_users": {t: se_users[t] for t in tasks},
         }
     return {"model": model, "seeds": seeds, "appended": appends, "summary": summary}
 
@@ -106,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         d, w = s["delta_vs_profile"], s["worst_task"]
         print(
             f"{rep:32s} mean {s['mean_auc']:.4f}  vs profile {d['mean']:+.4f} ± {d['se']:.4f}"
-            f"  worst {w['task']} {w['delta']:+.4f}"
+            f" (users ± {d['se_users']:.4f})  worst {w['task']} {w['delta']:+.4f}"
+            f" (users ± {s['per_task_se_users'][w['task']]:.4f})"
         )
     print(json.dumps(result))
     return 0

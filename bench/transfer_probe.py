@@ -1,5 +1,6 @@
-"""The transfer benchmark's probes (bench/transfer.py): folds fixed per seed and task, and a
-cross-validated logistic regression scored by AUC, the same for every representation."""
+"""The transfer benchmark's probes (bench/transfer.py): folds fixed per seed and task, a
+cross-validated logistic regression scored by AUC, the same for every representation, and the
+standard error of a paired difference over users (a bootstrap of the probe users)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from bench.transfer_data import ProbeData
 
 FOLDS = 5
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths the inner cross-validation picks from
+BOOTSTRAP_REPLICATES = 1000  # user resamples behind the standard error over users
 
 
 def stratified_folds(y: np.ndarray, seed: int, k: int = FOLDS) -> np.ndarray:
@@ -30,18 +32,17 @@ def stratified_folds(y: np.ndarray, seed: int, k: int = FOLDS) -> np.ndarray:
     return fold
 
 
-def probe_auc(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> float:
-    """Mean over folds of the test AUC of a logistic regression fitted on the other folds:
-    standardised inputs, the L2 strength picked among PROBE_CS by a 3-fold inner
-    cross-validation (a 64-d vector and a 30-d profile each get their best). NaN when the
-    folds are empty (a task with too few of one class)."""
+def probe_scores(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Out-of-fold decision values: each fold's rows scored by a logistic regression fitted on
+    the other folds (standardised inputs, the L2 strength picked among PROBE_CS by a 3-fold
+    inner cross-validation, so a 64-d vector and a 30-d profile each get their best); NaN
+    outside the folds."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    aucs = []
+    scores = np.full(len(y), np.nan)
     for f in range(int(fold.max()) + 1):
         fit, ev = (fold >= 0) & (fold != f), fold == f
         clf = GridSearchCV(
@@ -51,10 +52,99 @@ def probe_auc(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> float:
             scoring="roc_auc",
         )
         clf.fit(x[fit], y[fit].astype(np.int64))
-        aucs.append(roc_auc_score(y[ev].astype(np.int64), clf.decision_function(x[ev])))
+        scores[ev] = clf.decision_function(x[ev])
+    return scores
+
+
+def fold_auc(scores: np.ndarray, y: np.ndarray, fold: np.ndarray) -> float:
+    """Mean over folds of the AUC of the out-of-fold scores; NaN when the folds are empty."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [
+        roc_auc_score(y[fold == f].astype(np.int64), scores[fold == f])
+        for f in range(int(fold.max()) + 1)
+    ]
     return float(np.mean(aucs)) if aucs else math.nan
+
+
+def probe_auc(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> float:
+    """Mean over folds of the test AUC of the probe (probe_scores); NaN when the folds are
+    empty (a task with too few of one class)."""
+    return fold_auc(probe_scores(x, y, fold), y, fold)
+
+
+def score_all(
+    x: np.ndarray, data: ProbeData, folds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Out-of-fold probe scores of representation `x` (rows in data.user_ids order), per task."""
+    return {t: probe_scores(x, data.targets[t], folds[t]) for t in data.targets}
+
+
+def aucs_of(
+    scores: dict[str, np.ndarray], data: ProbeData, folds: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Probe AUC per task of score_all's scores."""
+    return {t: fold_auc(s, data.targets[t], folds[t]) for t, s in scores.items()}
 
 
 def probe_all(x: np.ndarray, data: ProbeData, folds: dict[str, np.ndarray]) -> dict[str, float]:
     """Probe AUC of representation `x` (rows in data.user_ids order) on every task."""
-    return {t: probe_auc(x, data.targets[t], folds[t]) for t in data.targets}
+    return aucs_of(score_all(x, data, folds), data, folds)
+
+
+# --- standard error over users ------------------------------------------------------------------
+
+
+def weighted_auc(scores: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC of `scores` (n,) for labels `y` (n,) under each row of `weights` (R, n): the
+    weighted share of (positive, negative) pairs ordered right, ties counting half (with unit
+    weights, exactly roc_auc_score). (R,); NaN where a class has no weight."""
+    order = np.argsort(scores, kind="stable")
+    s, pos = scores[order], y[order] == 1
+    w = weights[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first row of each tied group
+    neg_g = np.add.reduceat(w * ~pos, starts, axis=1)  # (R, G) negative weight per group
+    pos_g = np.add.reduceat(w * pos, starts, axis=1)
+    below = np.cumsum(neg_g, axis=1) - neg_g  # negatives strictly below each group
+    pairs = pos_g.sum(axis=1) * neg_g.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, (pos_g * (below + 0.5 * neg_g)).sum(axis=1) / pairs, np.nan)
+
+
+def user_bootstrap_se(
+    a: dict[int, dict[str, np.ndarray]],
+    b: dict[int, dict[str, np.ndarray]],
+    data: ProbeData,
+    folds: dict[int, dict[str, np.ndarray]],
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Standard error over users of the paired difference a minus b (probe AUC averaged over
+    seeds, per task and for the mean over tasks): the probe users resampled (Poisson(1)
+    weights, one draw per user shared by every seed, task and both representations) and the
+    out-of-fold scores of score_all re-scored. The SE over seeds says how much training and
+    folds move a difference; this one how much the choice of users does, which on a task of
+    a hundred users is the larger."""
+    rng = np.random.default_rng(seed)
+    weights = rng.poisson(1.0, size=(replicates, len(data.user_ids))).astype(np.float64)
+    seeds = sorted(set(a) & set(b))
+    diffs = {}
+    for t, y in data.targets.items():
+        per_seed = []
+        for s in seeds:
+            fold = folds[s][t]
+            per_fold = [
+                weighted_auc(a[s][t][rows], y[rows], weights[:, rows])
+                - weighted_auc(b[s][t][rows], y[rows], weights[:, rows])
+                for rows in (fold == f for f in range(int(fold.max()) + 1))
+            ]
+            per_seed.append(np.mean(per_fold, axis=0) if per_fold else np.full(replicates, np.nan))
+        diffs[t] = np.mean(per_seed, axis=0)  # (R,)
+    out = {t: _nanstd(d) for t, d in diffs.items()}
+    out["mean"] = _nanstd(np.nanmean(np.stack(list(diffs.values())), axis=0))
+    return out
+
+
+def _nanstd(values: np.ndarray) -> float:
+    v = values[~np.isnan(values)]
+    return float(v.std(ddof=1)) if len(v) > 1 else math.nan

@@ -12,6 +12,7 @@ import numpy as np
 
 from bench.common import doc_path, write_section
 from bench.quality_report import MODEL_LABELS
+from bench.transfer_probe import BOOTSTRAP_REPLICATES
 
 SOURCES = ("movielens", "synthetic")
 MODELS: tuple[str, ...] = ("supermoe", "mmoe", "ple", "shared_bottom")  # ModelConfig.dense_arch
@@ -93,11 +94,16 @@ def paired(
 
 
 def summarise(
-    records: list[dict], reps: tuple[str, ...], tasks: list[str], labelled: list[str]
+    records: list[dict],
+    reps: tuple[str, ...],
+    tasks: list[str],
+    labelled: list[str],
+    se_users: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Per representation: probe AUC per task and mean (mean, SE over seeds); per model: the
-    paired difference to the profile (and its worst task), SUPERMOE minus each baseline,
-    labelled test AUCs and training cost."""
+    paired difference to the profile (and its worst task; with `se_users`, per model the
+    bench.transfer_probe.user_bootstrap_se of each task and the mean, as `se_users`),
+    SUPERMOE minus each baseline, labelled test AUCs and training cost."""
     out: dict[str, Any] = {"probe": {}, "vs_profile": {}, "supermoe_minus": {}, "labelled": {}}
     for rep in reps:
         by_seed = _by_seed(records, rep, "probe_auc")
@@ -112,6 +118,8 @@ def summarise(
         worst = min(tasks, key=lambda t: d[t]["mean"] if not math.isnan(d[t]["mean"]) else 1.0)
         d["worst_task"] = {"task": worst, "delta": d[worst]["mean"]}
         d["tasks_behind"] = [t for t in tasks if d[t]["mean"] < -TASK_MARGIN]
+        for key, se in (se_users or {}).get(m, {}).items():
+            d[key]["se_users"] = se
         out["vs_profile"][m] = d
         runs = [r for r in records if r["model"] == m]
         lab = _by_seed(records, m, "labelled_auc")
@@ -149,7 +157,11 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "probe_users": report["probe_users"],
         "mean_auc": {k: r4(v["mean"]["mean"]) for k, v in s["probe"].items()},
         "delta_vs_profile": {
-            m: {"mean": r4(d["mean"]["mean"]), "se": r4(d["mean"]["se"])}
+            m: {
+                "mean": r4(d["mean"]["mean"]),
+                "se": r4(d["mean"]["se"]),
+                **({"se_users": r4(d["mean"]["se_users"])} if "se_users" in d["mean"] else {}),
+            }
             for m, d in s["vs_profile"].items()
         },
         "worst_task_vs_profile": {
@@ -182,6 +194,10 @@ def _delta(e: dict[str, float]) -> str:
         return "n/a"
     se = "" if math.isnan(e["se"]) else f" ± {e['se']:.3f}"
     return f"{e['mean']:+.3f}{se}"
+
+
+def _se(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -254,6 +270,23 @@ def markdown(report: dict[str, Any]) -> str:
             + " | ".join(_delta(d[t]) for t in [*tasks, "mean"])
             + f" | {d['worst_task']['task']} | {len(d['tasks_behind'])} of {len(tasks)} |"
         )
+    if with_users := [m for m in models if "se_users" in s["vs_profile"][m]["mean"]]:
+        lines += [
+            "",
+            "Standard error of the same differences over users (the probe users resampled, "
+            f"{BOOTSTRAP_REPLICATES:,} replicates, each user's draw shared by every seed and "
+            "task; the ± above is over seeds):",
+            "",
+            head,
+            rule,
+        ]
+        for m in with_users:
+            d = s["vs_profile"][m]
+            lines.append(
+                f"| {LABELS[m]} | "
+                + " | ".join(_se(d[t].get("se_users", math.nan)) for t in [*tasks, "mean"])
+                + " |"
+            )
     if s["supermoe_minus"]:
         lines += [
             "",

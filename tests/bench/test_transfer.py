@@ -67,6 +67,8 @@ def test_quick_run_probes_vectors_read_back_from_redis_beside_the_profile(tmp_pa
     section = transfer_report.markdown(report)
     assert section.startswith(transfer_report.begin_marker("synthetic"))
     assert "hand-made profile" in section and "Bayes-optimal" in section
+    assert "over users" in section
+    assert report["summary"]["vs_profile"]["supermoe"]["mean"]["se_users"] > 0
     assert md.read_text() == before  # --quick never edits the doc
 
 
@@ -95,6 +97,52 @@ def test_folds_are_stratified_fixed_by_seed_and_leave_unlabelled_users_out() -> 
     few = np.r_[np.ones(3), np.zeros(100)]  # fewer positives than folds: task skipped
     assert np.all(probe.stratified_folds(few, seed=0) == -1)
     assert np.isnan(probe.probe_auc(rng.normal(size=(103, 2)), few, np.full(103, -1)))
+
+
+def test_weighted_auc_is_roc_auc_under_each_weighting_ties_included() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(2)
+    y = (rng.random(300) < 0.4).astype(np.float64)
+    scores = rng.integers(0, 6, 300).astype(np.float64) + y  # many ties
+    weights = np.vstack([np.ones(300), rng.poisson(1.0, 300)])
+    got = probe.weighted_auc(scores, y, weights)
+    assert got[0] == pytest.approx(roc_auc_score(y, scores))
+    assert got[1] == pytest.approx(roc_auc_score(y, scores, sample_weight=weights[1]))
+    assert np.isnan(probe.weighted_auc(scores, np.zeros(300), weights)).all()  # one class
+
+
+def _two_scorers(n: int, rng: np.random.Generator) -> tuple[ProbeData, np.ndarray, np.ndarray]:
+    """n users, one task, and two out-of-fold scorings of it, one sharper than the other."""
+    y = (rng.random(n) < 0.5).astype(np.float64)
+    signal = rng.normal(size=n) + 0.8 * y
+    data = ProbeData(np.arange(n), {"t": y}, {"t": "planted"}, np.zeros((n, 1)), ("c",))
+    return data, signal + 0.5 * rng.normal(size=n), signal + rng.normal(size=n)
+
+
+def test_the_standard_error_over_users_is_the_spread_over_fresh_users() -> None:
+    # What the bootstrap estimates from one sample of users: how far the paired AUC
+    # difference moves when another sample of the same size is drawn.
+    rng = np.random.default_rng(3)
+
+    def difference_and_se(n: int) -> tuple[float, float]:
+        data, a, b = _two_scorers(n, rng)
+        folds = {0: {"t": probe.stratified_folds(data.targets["t"], seed=0)}}
+        y, fold = data.targets["t"], folds[0]["t"]
+        diff = probe.fold_auc(a, y, fold) - probe.fold_auc(b, y, fold)
+        se = probe.user_bootstrap_se({0: {"t": a}}, {0: {"t": b}}, data, folds, replicates=300)
+        assert se["mean"] == pytest.approx(se["t"])  # one task: its mean is itself
+        return diff, se["t"]
+
+    fresh = [difference_and_se(150) for _ in range(200)]
+    spread = float(np.std([d for d, _ in fresh], ddof=1))
+    estimate = float(np.mean([se for _, se in fresh]))
+    assert 0.75 * spread < estimate < 1.33 * spread, (spread, estimate)
+    larger = float(np.mean([difference_and_se(600)[1] for _ in range(20)]))
+    assert 0.35 < larger / estimate < 0.65  # four times the users: about half the error
+    data, a, _ = _two_scorers(150, rng)
+    folds = {0: {"t": probe.stratified_folds(data.targets["t"], seed=0)}}
+    assert probe.user_bootstrap_se({0: {"t": a}}, {0: {"t": a}}, data, folds)["t"] == 0.0
 
 
 def test_differences_to_the_profile_and_between_models_are_paired_by_seed() -> None:
@@ -221,3 +269,5 @@ def test_appending_the_column_a_vector_blurs_closes_its_gap_to_the_profile(tmp_p
     alone = result["summary"]["supermoe"]["delta_vs_profile"]["mean"]
     appended = result["summary"]["supermoe+count"]["delta_vs_profile"]["mean"]
     assert alone < -0.1 and abs(appended) < 0.02
+    users = result["summary"]["supermoe"]["delta_vs_profile"]["se_users"]
+    assert 0.0 < users < 0.1 and result["summary"]["supermoe"]["per_task_se_users"]["active"] > 0
