@@ -58,6 +58,7 @@ from bench.transfer_report import (
     SOURCES,
     headline,
     print_table,
+    se_users_of,
     summarise,
     write_outputs,
 )
@@ -414,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             (PROFILE, *report["config"]["models"]),
             list(report["definitions"]),
             list(report["built"]["tasks"]),
+            se_users_of(report["summary"]),  # needs the runs' scores: kept, not recomputed
         )
         write_outputs(report, args.out or args.from_json.parent, args.write_md)
         print_table(report)

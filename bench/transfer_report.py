@@ -143,6 +143,15 @@ def summarise(
     return out
 
 
+def se_users_of(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The `se_users` of a saved summary, in summarise's argument form ({} for a report of
+    before them)."""
+    return {
+        m: {k: e["se_users"] for k, e in d.items() if isinstance(e, dict) and "se_users" in e}
+        for m, d in summary.get("vs_profile", {}).items()
+    }
+
+
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The last-line JSON: mean probe AUC per representation, paired deltas, worst task vs the
     profile, labelled AUCs and training CPU minutes."""

@@ -68,7 +68,14 @@ def test_quick_run_probes_vectors_read_back_from_redis_beside_the_profile(tmp_pa
     assert section.startswith(transfer_report.begin_marker("synthetic"))
     assert "hand-made profile" in section and "Bayes-optimal" in section
     assert "over users" in section
-    assert report["summary"]["vs_profile"]["supermoe"]["mean"]["se_users"] > 0
+    se_users = report["summary"]["vs_profile"]["supermoe"]["mean"]["se_users"]
+    assert se_users > 0
+    # --from-json renders the saved report again: the SE over users needs the runs, so it stays
+    from bench import transfer
+
+    assert transfer.main(["--from-json", str(tmp_path / "transfer_synthetic.json")]) == 0
+    again = json.loads((tmp_path / "transfer_synthetic.json").read_text())
+    assert again["summary"]["vs_profile"]["supermoe"]["mean"]["se_users"] == se_users
     assert md.read_text() == before  # --quick never edits the doc
 
 
