@@ -7,9 +7,10 @@ appended, on the transfer benchmark's own folds.
 
 For each seed, the saved vectors of one model (`--model`), alone and with columns of the
 hand-made profile appended (`--append NAME=COLUMNS`, repeatable; COLUMNS is a comma list of
-profile column names or of the groups `counts` (its log_* columns), `attributes` (the profile
-attributes one-hot) and `profile` (every column)), probed exactly as bench/transfer.py probes
-(bench/transfer_probe.py, the same folds per seed and task). If appending a column closes a
+profile column names or of the groups `counts` (its log_* columns), `categories` (its category
+histogram), `attributes` (the profile attributes one-hot) and `profile` (every column)),
+probed exactly as bench/transfer.py probes (bench/transfer_probe.py, the same folds per seed
+and task). If appending a column closes a
 task's gap to the profile, the vector holds that column's information only approximately; if
 a representation that holds strictly more than the vector probes lower, the probe pays for
 width there. Reported: mean probe AUC and the paired difference to the profile (± SE over
@@ -53,6 +54,8 @@ def columns_of(data: ProbeData, spec: str) -> list[int]:
             out += names
         elif name == "counts":
             out += [c for c in names if c.startswith("log_")]
+        elif name == "categories":
+            out += [c for c in names if c.startswith("category_")]
         elif name == "attributes":
             out += [c for c in names if not c.startswith(HISTORY_PREFIXES)]
         elif name in names:

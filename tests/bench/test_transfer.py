@@ -269,6 +269,7 @@ def test_appending_the_column_a_vector_blurs_closes_its_gap_to_the_profile(tmp_p
     back = load_probe_inputs(tmp_path)
     assert back.profile_columns == columns and np.array_equal(back.targets["active"], y)
     assert transfer_append.columns_of(back, "counts") == [1]
+    assert transfer_append.columns_of(back, "categories") == [0]
     assert transfer_append.columns_of(back, "attributes") == [2]
     assert transfer_append.columns_of(back, "profile,log_count") == [0, 1, 2]
 
