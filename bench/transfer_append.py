@@ -10,10 +10,9 @@ hand-made profile appended (`--append NAME=COLUMNS`, repeatable; COLUMNS is a co
 profile column names or of the groups `counts` (its log_* columns), `categories` (its category
 histogram), `attributes` (the profile attributes one-hot) and `profile` (every column)),
 probed exactly as bench/transfer.py probes (bench/transfer_probe.py, the same folds per seed
-and task). If appending a column closes a
-task's gap to the profile, the vector holds that column's information only approximately; if
-a representation that holds strictly more than the vector probes lower, the probe pays for
-width there. Reported: mean probe AUC and the paired difference to the profile (± SE over
+and task). If appending a column closes a task's gap to the profile, the vector holds that
+column's information only approximately; if a representation that holds strictly more than
+the vector probes lower, the probe pays for width there. Reported: mean probe AUC and the paired difference to the profile (± SE over
 seeds, and over users: bench.transfer_probe.user_bootstrap_se), the worst task. The last line
 printed is one JSON object.
 """
