@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* as a 
 
 from bench.common import ROOT, log, write_section
 from bench.transfer_data import load_probe_inputs, load_vectors
-from bench.transfer_probe import FOLDS, PROBE_CS, stratified_folds
+from bench.transfer_probe import FOLDS, fitted_probes, fold_auc, scores_of, stratified_folds
 from refresh.compat import fit_map, mean_cosine
 from refresh.config import COMPAT_METHODS
 
@@ -49,38 +49,6 @@ REPS = (OLD, RAW, *(f"new_{m}" for m in COMPAT_METHODS))
 def load(folder: Path, model: str) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
     """Targets by task and each seed's vectors (rows in user_ids.npy order)."""
     return load_probe_inputs(folder).targets, load_vectors(folder, model)
-
-
-def fitted_probes(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> list[Any]:
-    """One probe per fold, trained on the other folds (bench/transfer_probe.probe_auc's)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    out = []
-    for f in range(int(fold.max()) + 1):
-        fit = (fold >= 0) & (fold != f)
-        clf = GridSearchCV(
-            make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
-            {"logisticregression__C": list(PROBE_CS)},
-            cv=StratifiedKFold(3),
-            scoring="roc_auc",
-        )
-        clf.fit(x[fit], y[fit].astype(np.int64))
-        out.append(clf)
-    return out
-
-
-def scored(probes: list[Any], x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> float:
-    """Mean over folds of the test AUC of each fold's probe fed `x`."""
-    from sklearn.metrics import roc_auc_score
-
-    aucs = [
-        roc_auc_score(y[fold == f].astype(np.int64), clf.decision_function(x[fold == f]))
-        for f, clf in enumerate(probes)
-    ]
-    return float(np.mean(aucs)) if aucs else math.nan
 
 
 def _mean_se(values: list[float]) -> dict[str, float]:
@@ -112,7 +80,10 @@ def run(folder: Path, model: str, folds: int) -> dict[str, Any]:
             inputs[f"new_{method}"] = m.apply(new)
             fit_cos[method] = m.info.fit_cosine
         auc = {
-            rep: {t: scored(probes[old_s, t], x, targets[t], fold_of[t]) for t in tasks}
+            rep: {
+                t: fold_auc(scores_of(probes[old_s, t], x, fold_of[t]), targets[t], fold_of[t])
+                for t in tasks
+            }
             for rep, x in inputs.items()
         }
         lift = {rep: float(np.mean([a[t] - 0.5 for t in tasks])) for rep, a in auc.items()}

@@ -5,6 +5,7 @@ standard error of a paired difference over users (a bootstrap of the probe users
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -32,19 +33,18 @@ def stratified_folds(y: np.ndarray, seed: int, k: int = FOLDS) -> np.ndarray:
     return fold
 
 
-def probe_scores(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
-    """Out-of-fold decision values: each fold's rows scored by a logistic regression fitted on
-    the other folds (standardised inputs, the L2 strength picked among PROBE_CS by a 3-fold
-    inner cross-validation, so a 64-d vector and a 30-d profile each get their best); NaN
-    outside the folds."""
+def fitted_probes(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> list[Any]:
+    """One probe per fold, a logistic regression fitted on the other folds: standardised
+    inputs, the L2 strength picked among PROBE_CS by a 3-fold inner cross-validation (so a
+    64-d vector and a 30-d profile each get their best)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    scores = np.full(len(y), np.nan)
+    out = []
     for f in range(int(fold.max()) + 1):
-        fit, ev = (fold >= 0) & (fold != f), fold == f
+        fit = (fold >= 0) & (fold != f)
         clf = GridSearchCV(
             make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
             {"logisticregression__C": list(PROBE_CS)},
@@ -52,8 +52,22 @@ def probe_scores(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
             scoring="roc_auc",
         )
         clf.fit(x[fit], y[fit].astype(np.int64))
-        scores[ev] = clf.decision_function(x[ev])
+        out.append(clf)
+    return out
+
+
+def scores_of(probes: list[Any], x: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Out-of-fold decision values: each fold's rows of `x` scored by that fold's probe; NaN
+    outside the folds."""
+    scores = np.full(len(x), np.nan)
+    for f, clf in enumerate(probes):
+        scores[fold == f] = clf.decision_function(x[fold == f])
     return scores
+
+
+def probe_scores(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Out-of-fold decision values of representation `x` for labels `y` (fitted_probes)."""
+    return scores_of(fitted_probes(x, y, fold), x, fold)
 
 
 def fold_auc(scores: np.ndarray, y: np.ndarray, fold: np.ndarray) -> float:
@@ -85,11 +99,6 @@ def aucs_of(
 ) -> dict[str, float]:
     """Probe AUC per task of score_all's scores."""
     return {t: fold_auc(s, data.targets[t], folds[t]) for t, s in scores.items()}
-
-
-def probe_all(x: np.ndarray, data: ProbeData, folds: dict[str, np.ndarray]) -> dict[str, float]:
-    """Probe AUC of representation `x` (rows in data.user_ids order) on every task."""
-    return aucs_of(score_all(x, data, folds), data, folds)
 
 
 # --- standard error over users ------------------------------------------------------------------
