@@ -12,7 +12,8 @@ materialise into a private Redis -> `userembed train` (trainer.feast_run.train_f
 read back from Redis as a downstream team reads it (userembed.vectors: the `current` pointer,
 then the user hashes) -> linear probes on user-level tasks the model never trained on
 (bench/transfer_data.py defines them): 5-fold stratified cross-validated logistic regression
-on standardised inputs, C picked by an inner cross-validation, mean AUC over the folds. The
+on standardised inputs, C picked by a 3-fold inner cross-validation among the powers of ten
+from 1e-4 to 1e4 (bench/transfer_probe.py), mean AUC over the folds. The
 folds are fixed per seed and task, and shared by every representation: the hand-made profile
 of the whole history (the reference), and each model's vectors. Also reported: each model's
 labelled-task test AUCs (a transfer gain bought with a seesaw shows there), and the CPU time
